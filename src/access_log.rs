@@ -1,0 +1,362 @@
+//! Request ids and the access log: the outermost layer, wrapped around every
+//! request the server answers.
+//!
+//! The layer gives each request llmproxy's own id (echoed to the client as
+//! `x-llmproxy-request-id`), counts bytes in and out, and writes one log line
+//! per request when the response is really over: at the end of a streamed
+//! body, when it fails, or when the client goes away. The record logs itself
+//! on `Drop`, so every path that ends a request (including the future being
+//! dropped before a response existed) writes exactly one line.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::hash::BuildHasher;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::Instant;
+
+use crate::error::ErrorKind;
+use crate::stream::BoxError;
+
+/// The response header carrying llmproxy's request id.
+pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-llmproxy-request-id");
+
+/// llmproxy's id for one request, in the request extensions for handlers.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub HeaderValue);
+
+/// What the forwarding handler learned from the upstream, left in the
+/// response extensions for the log line.
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamInfo {
+    /// The upstream's status.
+    pub status: StatusCode,
+    /// From sending the request to receiving the upstream's response headers.
+    pub headers_after: Duration,
+}
+
+/// Makes unique, unguessable-looking request ids without a lock or a syscall.
+///
+/// An id is a per-process random prefix and a counter pushed through a
+/// bijective mixer (so ids never repeat within a process and do not reveal
+/// the request count), as 32 hex digits.
+pub struct RequestIds {
+    prefix: u64,
+    key: u64,
+    counter: AtomicU64,
+}
+
+impl Default for RequestIds {
+    fn default() -> Self {
+        let random = std::collections::hash_map::RandomState::new();
+        Self {
+            prefix: random.hash_one(0x5eed_u64),
+            key: random.hash_one(0xfeed_u64),
+            counter: AtomicU64::new(0),
+        }
+    }
+}
+
+impl RequestIds {
+    /// The next id.
+    pub fn next_id(&self) -> HeaderValue {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let mixed = splitmix64(n.wrapping_add(self.key));
+        let mut text = [0u8; 32];
+        hex(self.prefix, &mut text[..16]);
+        hex(mixed, &mut text[16..]);
+        // Hex digits are always a valid header value; the fallback is unreachable.
+        HeaderValue::from_bytes(&text).unwrap_or(HeaderValue::from_static("0"))
+    }
+}
+
+/// splitmix64's finalizer: a bijection on u64, so distinct inputs stay distinct.
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+fn hex(value: u64, out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (i, byte) in out.iter_mut().enumerate() {
+        let shift = 60 - 4 * i;
+        *byte = DIGITS[((value >> shift) & 0xf) as usize];
+    }
+}
+
+/// How a request ended, as written in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// The response body was delivered to its end.
+    Complete,
+    /// The response body failed (upstream died, idle timeout).
+    Failed,
+    /// The client went away before the response was over.
+    ClientClosed,
+}
+
+/// One request's log line, written when it is dropped.
+struct Record {
+    id: HeaderValue,
+    method: Method,
+    uri: Uri,
+    start: Instant,
+    bytes_in: Arc<AtomicU64>,
+    status: Option<StatusCode>,
+    upstream: Option<UpstreamInfo>,
+    error: Option<&'static str>,
+    first_byte: Option<Instant>,
+    bytes_out: u64,
+    outcome: Outcome,
+}
+
+impl Drop for Record {
+    fn drop(&mut self) {
+        let end = Instant::now();
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        tracing::info!(
+            target: "llmproxy::access",
+            request_id = self.id.to_str().unwrap_or_default(),
+            method = self.method.as_str(),
+            // The path only: a query string may carry credentials.
+            path = self.uri.path(),
+            status = self.status.map(|s| s.as_u16()),
+            upstream_status = self.upstream.map(|u| u.status.as_u16()),
+            latency_ms = ms(end - self.start),
+            ttfb_ms = self.first_byte.map(|t| ms(t - self.start)),
+            upstream_ms = self.upstream.map(|u| ms(u.headers_after)),
+            bytes_in = self.bytes_in.load(Ordering::Relaxed),
+            bytes_out = self.bytes_out,
+            outcome = match self.outcome {
+                Outcome::Complete => "complete",
+                Outcome::Failed => "failed",
+                Outcome::ClientClosed => "client_closed",
+            },
+            error = self.error,
+        );
+    }
+}
+
+/// The access-log service around the router.
+#[derive(Clone)]
+pub struct AccessLog<S> {
+    inner: S,
+    ids: Arc<RequestIds>,
+}
+
+impl<S> AccessLog<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S) -> Self {
+        Self {
+            inner,
+            ids: Arc::new(RequestIds::default()),
+        }
+    }
+}
+
+impl<S, B, RB> tower::Service<Request<B>> for AccessLog<S>
+where
+    S: tower::Service<Request<Counted<B>>, Response = Response<RB>, Error = Infallible>,
+    RB: Body,
+{
+    type Response = Response<Logged<RB>>;
+    type Error = Infallible;
+    type Future = AccessLogFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let id = self.ids.next_id();
+        let bytes_in = Arc::new(AtomicU64::new(0));
+        let record = Record {
+            id: id.clone(),
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+            start: Instant::now(),
+            bytes_in: bytes_in.clone(),
+            status: None,
+            upstream: None,
+            error: None,
+            first_byte: None,
+            bytes_out: 0,
+            outcome: Outcome::ClientClosed,
+        };
+        let (mut parts, body) = request.into_parts();
+        parts.extensions.insert(RequestId(id));
+        let request = Request::from_parts(
+            parts,
+            Counted {
+                inner: body,
+                count: bytes_in,
+            },
+        );
+        AccessLogFuture {
+            inner: self.inner.call(request),
+            record: Some(record),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Waits for the response head, then moves the log record into the body.
+    pub struct AccessLogFuture<F> {
+        #[pin]
+        inner: F,
+        record: Option<Record>,
+    }
+}
+
+impl<F, RB> Future for AccessLogFuture<F>
+where
+    F: Future<Output = Result<Response<RB>, Infallible>>,
+    RB: Body,
+{
+    type Output = Result<Response<Logged<RB>>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Ok(mut response) = std::task::ready!(this.inner.poll(cx));
+        let record = this.record.take().map(|mut record| {
+            record.status = Some(response.status());
+            record.upstream = response.extensions().get::<UpstreamInfo>().copied();
+            record.error = response.extensions().get::<ErrorKind>().map(|k| k.0);
+            // hyper never polls a body that is empty from the start, so it is
+            // complete now rather than when it is dropped.
+            if response.body().is_end_stream() {
+                record.outcome = Outcome::Complete;
+            }
+            response
+                .headers_mut()
+                .insert(REQUEST_ID_HEADER, record.id.clone());
+            record
+        });
+        Poll::Ready(Ok(response.map(|inner| Logged { inner, record })))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The request body, counting the bytes the client sent.
+    pub struct Counted<B> {
+        #[pin]
+        inner: B,
+        count: Arc<AtomicU64>,
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for Counted<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            this.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response body, carrying the log record until the response is over.
+    pub struct Logged<B> {
+        #[pin]
+        inner: B,
+        record: Option<Record>,
+    }
+}
+
+impl<B> Body for Logged<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let Some(record) = this.record.as_mut() {
+            match &polled {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(data) = frame.data_ref() {
+                        record.first_byte.get_or_insert_with(Instant::now);
+                        record.bytes_out += data.len() as u64;
+                    }
+                }
+                Poll::Ready(Some(Err(_))) => {
+                    record.outcome = Outcome::Failed;
+                    record.error.get_or_insert("upstream_body");
+                    *this.record = None;
+                }
+                Poll::Ready(None) => {
+                    record.outcome = Outcome::Complete;
+                    *this.record = None;
+                }
+                Poll::Pending => {}
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_unique_hex_of_fixed_length() {
+        let ids = RequestIds::default();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..10_000 {
+            let id = ids.next_id();
+            let text = id.to_str().unwrap().to_owned();
+            assert_eq!(text.len(), 32);
+            assert!(text.bytes().all(|b| b.is_ascii_hexdigit()));
+            assert!(seen.insert(text), "duplicate id");
+        }
+    }
+
+    #[test]
+    fn two_processes_get_different_prefixes() {
+        let a = RequestIds::default().next_id();
+        let b = RequestIds::default().next_id();
+        assert_ne!(a, b);
+    }
+}

@@ -1,0 +1,829 @@
+//! Configuration: the YAML file (or the quick-start flags), `${VAR}`
+//! interpolation, and validation into the runtime [`Config`].
+//!
+//! Parsing happens in two steps. The `*File` structs mirror the YAML exactly
+//! (unknown keys rejected, every error names the field path). [`resolve`]
+//! then interpolates secrets, parses URLs and header names, and produces the
+//! types the proxy runs on, so nothing on the request path re-validates.
+//! Environment lookups go through [`Lookup`], so tests never touch the
+//! process environment.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use http::header::{HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
+use serde::Deserialize;
+
+use crate::headers::DefaultHeaders;
+
+/// Where configuration values that name `${VAR}` are looked up.
+pub trait Lookup {
+    /// The variable's value, or `None` when it is not set.
+    fn get(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+pub struct Env;
+
+impl Lookup for Env {
+    fn get(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl<F: Fn(&str) -> Option<String>> Lookup for F {
+    fn get(&self, name: &str) -> Option<String> {
+        self(name)
+    }
+}
+
+/// A configuration problem, always naming where it is (file or flag) and which field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The path given.
+        path: String,
+        /// The I/O failure.
+        source: std::io::Error,
+    },
+    /// A field is missing, unknown, or has a bad value.
+    #[error("{origin}: {field}: {message}")]
+    Invalid {
+        /// The file path, or `command line`.
+        origin: String,
+        /// The field path, e.g. `upstream.default_headers.Authorization`.
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+// ---------------------------------------------------------------------------
+// The file format
+// ---------------------------------------------------------------------------
+
+/// The YAML file, as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Address to listen on.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// The provider requests are forwarded to.
+    pub upstream: UpstreamFile,
+    /// Protection limits.
+    #[serde(default)]
+    pub limits: LimitsFile,
+    /// How long in-flight requests may run after SIGTERM/SIGINT.
+    #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// Log output.
+    #[serde(default)]
+    pub log: LogFile,
+}
+
+/// One upstream provider. Later, a map of these under `upstreams`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamFile {
+    /// Base URL in the OpenAI SDK convention, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    /// Headers set on every upstream request, replacing the client's.
+    #[serde(default)]
+    pub default_headers: HeaderList,
+    /// Upstream timeouts.
+    #[serde(default)]
+    pub timeouts: TimeoutsFile,
+}
+
+/// Upstream timeouts. LLM answers can take minutes, so the defaults are long.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeoutsFile {
+    /// TCP + TLS connect.
+    #[serde(with = "humantime_serde")]
+    pub connect: Duration,
+    /// From sending the request to receiving response headers (a non-streamed
+    /// completion only answers when it is finished).
+    #[serde(with = "humantime_serde")]
+    pub response_headers: Duration,
+    /// Longest silence between two body chunks.
+    #[serde(with = "humantime_serde")]
+    pub idle: Duration,
+}
+
+impl Default for TimeoutsFile {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(10),
+            response_headers: Duration::from_secs(600),
+            idle: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Limits that protect a public-facing gateway.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsFile {
+    /// Largest request body accepted; base64 images need tens of MiB.
+    pub max_body_size: ByteSize,
+    /// Connections served at once; further ones wait in the listen backlog.
+    pub max_connections: usize,
+    /// Time a client has to send its request headers (slowloris guard).
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+}
+
+impl Default for LimitsFile {
+    fn default() -> Self {
+        Self {
+            max_body_size: ByteSize(32 * 1024 * 1024),
+            max_connections: 10_000,
+            header_read_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Log settings.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogFile {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `llmproxy=debug`; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for LogFile {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable `key=value` lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// A size in bytes, written as a number or with a unit: `32MiB`, `512 KB`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// Parses `1024`, `64KiB`, `32 MiB`, `1GB` (KB = 1000, KiB = 1024).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (digits, unit) = text.split_at(split);
+        let number: u64 = digits
+            .parse()
+            .map_err(|_| format!("`{text}` is not a size (e.g. 1048576, 512KiB, 32MiB)"))?;
+        let factor: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KB" => 1000,
+            "KiB" => 1 << 10,
+            "MB" => 1000 * 1000,
+            "MiB" => 1 << 20,
+            "GB" => 1000 * 1000 * 1000,
+            "GiB" => 1 << 30,
+            other => return Err(format!("unknown size unit `{other}` (use B, KB, KiB, MB, MiB, GB or GiB)")),
+        };
+        number
+            .checked_mul(factor)
+            .map(ByteSize)
+            .ok_or_else(|| format!("`{text}` is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Number(n) => Ok(ByteSize(n)),
+            Raw::Text(text) => ByteSize::parse(&text).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// A YAML mapping of header name to value, kept in the order written.
+#[derive(Debug, Default)]
+pub struct HeaderList(pub Vec<(String, String)>);
+
+impl<'de> Deserialize<'de> for HeaderList {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = HeaderList;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a mapping of header name to string value")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<HeaderList, A::Error> {
+                let mut list = Vec::with_capacity(map.size_hint().unwrap_or(0));
+                while let Some(entry) = map.next_entry::<String, String>()? {
+                    list.push(entry);
+                }
+                Ok(HeaderList(list))
+            }
+        }
+        deserializer.deserialize_map(Visitor)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The runtime configuration
+// ---------------------------------------------------------------------------
+
+/// Validated configuration the proxy runs on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Where requests go.
+    pub upstream: Upstream,
+    /// Protection limits.
+    pub limits: Limits,
+    /// Drain deadline on shutdown.
+    pub shutdown_timeout: Duration,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Log filter.
+    pub log_level: String,
+}
+
+/// A validated upstream.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// Where requests are sent.
+    pub base_url: BaseUrl,
+    /// Headers set on every request, values marked sensitive.
+    pub default_headers: DefaultHeaders,
+    /// Timeouts.
+    pub timeouts: Timeouts,
+}
+
+/// Validated upstream timeouts.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// TCP + TLS connect.
+    pub connect: Duration,
+    /// Until response headers arrive.
+    pub response_headers: Duration,
+    /// Longest gap between two body chunks.
+    pub idle: Duration,
+}
+
+/// Validated limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest request body, in bytes.
+    pub max_body_size: u64,
+    /// Connections served at once.
+    pub max_connections: usize,
+    /// Time to receive request headers.
+    pub header_read_timeout: Duration,
+}
+
+/// An upstream base URL, split once so joining a request path is one allocation.
+#[derive(Debug, Clone)]
+pub struct BaseUrl {
+    scheme: Scheme,
+    authority: Authority,
+    /// The path prefix without a trailing slash (`""` for a bare host).
+    path: String,
+}
+
+impl BaseUrl {
+    /// Parses and checks a base URL: http(s), a host, no credentials, no query.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let uri: Uri = text
+            .parse()
+            .map_err(|e| format!("`{text}` is not a valid URL: {e}"))?;
+        let scheme = uri
+            .scheme()
+            .cloned()
+            .ok_or_else(|| format!("`{text}` has no scheme (use http:// or https://)"))?;
+        if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
+            return Err(format!(
+                "`{text}` has scheme `{scheme}`; only http and https are supported"
+            ));
+        }
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| format!("`{text}` has no host"))?;
+        if authority.as_str().contains('@') {
+            return Err(
+                "credentials in the URL are not supported; put them in default_headers".into(),
+            );
+        }
+        if authority.host().is_empty() {
+            return Err(format!("`{text}` has no host"));
+        }
+        if uri.query().is_some() {
+            return Err(format!("`{text}` has a query string, which is not supported"));
+        }
+        Ok(Self {
+            scheme,
+            authority,
+            path: uri.path().trim_end_matches('/').to_owned(),
+        })
+    }
+
+    /// The upstream URI for a client request, in the OpenAI SDK convention:
+    /// the client's `/v1` prefix is replaced by the base URL's path, the rest
+    /// of the path and the query are kept as sent (still percent-encoded).
+    ///
+    /// `https://api.openai.com/v1` + `/v1/chat/completions?x=1`
+    /// → `https://api.openai.com/v1/chat/completions?x=1`.
+    pub fn join(&self, request: &Uri) -> Result<Uri, http::Error> {
+        let path = request.path();
+        let rest = path.strip_prefix("/v1").unwrap_or(path);
+        let query = request.query();
+        let mut joined = String::with_capacity(
+            self.path.len() + rest.len() + query.map_or(0, |q| q.len() + 1) + 1,
+        );
+        joined.push_str(&self.path);
+        joined.push_str(rest);
+        if joined.is_empty() {
+            joined.push('/');
+        }
+        if let Some(query) = query {
+            joined.push('?');
+            joined.push_str(query);
+        }
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(PathAndQuery::try_from(joined)?)
+            .build()
+    }
+
+    /// The URL as configured (it holds no credentials: `parse` refuses them).
+    pub fn display(&self) -> String {
+        format!("{}://{}{}", self.scheme, self.authority, self.path)
+    }
+}
+
+/// Reads, parses and validates a config file.
+pub fn load(path: &Path, env: &dyn Lookup) -> Result<Config, ConfigError> {
+    let origin = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: origin.clone(),
+        source,
+    })?;
+    let file = parse(&text, &origin)?;
+    resolve(file, &origin, env)
+}
+
+/// Parses YAML text into the file structs, naming the field path on error.
+pub fn parse(text: &str, origin: &str) -> Result<FileConfig, ConfigError> {
+    let deserializer = serde_yaml_ng::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(deserializer).map_err(|err| {
+        let path = err.path().to_string();
+        ConfigError::Invalid {
+            origin: origin.to_owned(),
+            field: if path == "." {
+                "(top level)".into()
+            } else {
+                path
+            },
+            message: err.into_inner().to_string(),
+        }
+    })
+}
+
+/// The quick-start configuration: `--upstream URL` and `--header 'Name: value'` flags.
+pub fn from_flags(
+    upstream: &str,
+    headers: &[String],
+    env: &dyn Lookup,
+) -> Result<Config, ConfigError> {
+    let origin = "command line";
+    let mut default_headers = Vec::with_capacity(headers.len());
+    for flag in headers {
+        let Some((name, value)) = flag.split_once(':') else {
+            return Err(invalid(
+                origin,
+                "--header",
+                format!("`{}` is not `Name: value`", redact_flag(flag)),
+            ));
+        };
+        default_headers.push((name.trim().to_owned(), value.trim().to_owned()));
+    }
+    let file = FileConfig {
+        listen: default_listen(),
+        upstream: UpstreamFile {
+            base_url: upstream.to_owned(),
+            default_headers: HeaderList(default_headers),
+            timeouts: TimeoutsFile::default(),
+        },
+        limits: LimitsFile::default(),
+        shutdown_timeout: default_shutdown_timeout(),
+        log: LogFile::default(),
+    };
+    resolve(file, origin, env)
+}
+
+/// Shows a malformed `--header` flag without what may be a secret after a space.
+fn redact_flag(flag: &str) -> String {
+    match flag.split_once(char::is_whitespace) {
+        Some((name, _)) => format!("{name} *****"),
+        None if flag.len() > 40 => format!("{}…", &flag[..flag.floor_char_boundary(12)]),
+        None => flag.to_owned(),
+    }
+}
+
+fn invalid(origin: &str, field: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        origin: origin.to_owned(),
+        field: field.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// Validates the file structs and builds the runtime configuration.
+pub fn resolve(file: FileConfig, origin: &str, env: &dyn Lookup) -> Result<Config, ConfigError> {
+    let FileConfig {
+        listen,
+        upstream,
+        limits,
+        shutdown_timeout,
+        log,
+    } = file;
+
+    let base_url = interpolate(&upstream.base_url, env)
+        .and_then(|url| BaseUrl::parse(&url))
+        .map_err(|m| invalid(origin, "upstream.base_url", m))?;
+
+    let mut headers: Vec<(HeaderName, HeaderValue)> =
+        Vec::with_capacity(upstream.default_headers.0.len());
+    for (name, value) in &upstream.default_headers.0 {
+        let field = format!("upstream.default_headers.{name}");
+        let header_name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| invalid(origin, &field, format!("`{name}` is not a valid header name")))?;
+        if crate::headers::is_hop_by_hop(&header_name) || header_name == http::header::HOST {
+            return Err(invalid(
+                origin,
+                &field,
+                "is a per-connection header and cannot be set for the upstream",
+            ));
+        }
+        if headers.iter().any(|(n, _)| *n == header_name) {
+            return Err(invalid(
+                origin,
+                &field,
+                "is given twice (header names are case-insensitive)",
+            ));
+        }
+        let value = interpolate(value, env).map_err(|m| invalid(origin, &field, m))?;
+        // Never echo the value: it is usually a key.
+        let header_value = HeaderValue::from_str(&value).map_err(|_| {
+            invalid(
+                origin,
+                &field,
+                "the value contains characters not allowed in a header (control characters or newlines)",
+            )
+        })?;
+        headers.push((header_name, header_value));
+    }
+
+    let timeouts = upstream.timeouts;
+    for (field, value) in [
+        ("upstream.timeouts.connect", timeouts.connect),
+        ("upstream.timeouts.response_headers", timeouts.response_headers),
+        ("upstream.timeouts.idle", timeouts.idle),
+        ("limits.header_read_timeout", limits.header_read_timeout),
+    ] {
+        if value.is_zero() {
+            return Err(invalid(origin, field, "must be greater than zero"));
+        }
+    }
+    if limits.max_body_size.0 == 0 {
+        return Err(invalid(origin, "limits.max_body_size", "must be greater than zero"));
+    }
+    if limits.max_connections == 0 {
+        return Err(invalid(origin, "limits.max_connections", "must be greater than zero"));
+    }
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log.level) {
+        return Err(invalid(origin, "log.level", format!("`{}`: {e}", log.level)));
+    }
+
+    Ok(Config {
+        listen,
+        upstream: Upstream {
+            base_url,
+            default_headers: DefaultHeaders::new(headers),
+            timeouts: Timeouts {
+                connect: timeouts.connect,
+                response_headers: timeouts.response_headers,
+                idle: timeouts.idle,
+            },
+        },
+        limits: Limits {
+            max_body_size: limits.max_body_size.0,
+            max_connections: limits.max_connections,
+            header_read_timeout: limits.header_read_timeout,
+        },
+        shutdown_timeout,
+        log_format: log.format,
+        log_level: log.level,
+    })
+}
+
+/// Replaces `${NAME}` with the variable's value; `$$` is a literal `$`.
+///
+/// Errors name the variable, never its value.
+pub fn interpolate(text: &str, env: &dyn Lookup) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some(tail) = after.strip_prefix('{') {
+            let end = tail
+                .find('}')
+                .ok_or_else(|| "`${` is not closed by `}`".to_owned())?;
+            let name = &tail[..end];
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
+            {
+                return Err(format!(
+                    "`${{{name}}}` is not a valid variable name (letters, digits and _)"
+                ));
+            }
+            let value = env
+                .get(name)
+                .ok_or_else(|| format!("environment variable {name} is not set"))?;
+            out.push_str(&value);
+            rest = &tail[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn env_with_key(name: &str) -> Option<String> {
+        (name == "OPENAI_API_KEY").then(|| "sk-test-123".to_owned())
+    }
+
+    fn load_str(text: &str, env: &dyn Lookup) -> Result<Config, String> {
+        parse(text, "test.yaml")
+            .and_then(|file| resolve(file, "test.yaml", env))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn minimal_config_gets_production_defaults() {
+        let config = load_str("upstream:\n  base_url: https://api.openai.com/v1\n", &no_env).unwrap();
+        assert_eq!(config.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(config.limits.max_body_size, 32 * 1024 * 1024);
+        assert_eq!(config.limits.max_connections, 10_000);
+        assert_eq!(config.upstream.timeouts.response_headers, Duration::from_secs(600));
+        assert_eq!(config.shutdown_timeout, Duration::from_secs(30));
+        assert_eq!(config.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn full_config_parses_every_field() {
+        let text = r#"
+listen: 0.0.0.0:9999
+upstream:
+  base_url: http://localhost:9000/openai/v1
+  default_headers:
+    Authorization: "Bearer ${OPENAI_API_KEY}"
+    OpenAI-Organization: org-1
+  timeouts:
+    connect: 2s
+    response_headers: 5m
+    idle: 90s
+limits:
+  max_body_size: 64MiB
+  max_connections: 50
+  header_read_timeout: 5s
+shutdown_timeout: 10s
+log:
+  format: json
+  level: debug
+"#;
+        let config = load_str(text, &env_with_key).unwrap();
+        assert_eq!(config.listen.port(), 9999);
+        assert_eq!(config.upstream.timeouts.connect, Duration::from_secs(2));
+        assert_eq!(config.upstream.timeouts.idle, Duration::from_secs(90));
+        assert_eq!(config.limits.max_body_size, 64 << 20);
+        assert_eq!(config.limits.max_connections, 50);
+        assert_eq!(config.shutdown_timeout, Duration::from_secs(10));
+        assert_eq!(config.log_format, LogFormat::Json);
+        let names: Vec<&str> = config
+            .upstream
+            .default_headers
+            .names()
+            .map(|n| n.as_str())
+            .collect();
+        assert_eq!(names, ["authorization", "openai-organization"]);
+        let joined = config
+            .upstream
+            .base_url
+            .join(&"/v1/models".parse().unwrap())
+            .unwrap();
+        assert_eq!(joined, "http://localhost:9000/openai/v1/models");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_path() {
+        let err = load_str(
+            "upstream:\n  base_url: http://x/v1\n  timeouts:\n    conect: 1s\n",
+            &no_env,
+        )
+        .unwrap_err();
+        assert!(err.starts_with("test.yaml: upstream.timeouts: unknown field `conect`"), "{err}");
+        let err = load_str("upstream:\n  base_url: http://x/v1\nlisten_addr: x\n", &no_env).unwrap_err();
+        assert!(err.contains("unknown field `listen_addr`"), "{err}");
+    }
+
+    #[test]
+    fn missing_upstream_is_named() {
+        let err = load_str("listen: 127.0.0.1:1\n", &no_env).unwrap_err();
+        assert!(err.contains("missing field `upstream`"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        let cases = [
+            ("upstream:\n  base_url: ftp://x/v1\n", "upstream.base_url", "only http and https"),
+            ("upstream:\n  base_url: not a url\n", "upstream.base_url", "not a valid URL"),
+            ("upstream:\n  base_url: /v1\n", "upstream.base_url", "no scheme"),
+            ("upstream:\n  base_url: http://user:pw@x/v1\n", "upstream.base_url", "credentials"),
+            ("upstream:\n  base_url: http://x/v1?a=1\n", "upstream.base_url", "query string"),
+            (
+                "upstream:\n  base_url: http://x/v1\n  default_headers:\n    \"bad header\": x\n",
+                "upstream.default_headers.bad header",
+                "not a valid header name",
+            ),
+            (
+                "upstream:\n  base_url: http://x/v1\n  default_headers:\n    Connection: close\n",
+                "upstream.default_headers.Connection",
+                "per-connection",
+            ),
+            (
+                "upstream:\n  base_url: http://x/v1\n  default_headers:\n    Authorization: a\n    authorization: b\n",
+                "upstream.default_headers.authorization",
+                "given twice",
+            ),
+            (
+                "upstream:\n  base_url: http://x/v1\n  default_headers:\n    Authorization: \"Bearer ${MISSING_KEY}\"\n",
+                "upstream.default_headers.Authorization",
+                "environment variable MISSING_KEY is not set",
+            ),
+            (
+                "upstream:\n  base_url: http://x/v1\n  timeouts:\n    idle: 0s\n",
+                "upstream.timeouts.idle",
+                "greater than zero",
+            ),
+            (
+                "upstream:\n  base_url: http://x/v1\n  timeouts:\n    idle: soon\n",
+                "upstream.timeouts.idle",
+                "",
+            ),
+            (
+                "upstream:\n  base_url: http://x/v1\nlimits:\n  max_body_size: 12 parsecs\n",
+                "limits.max_body_size",
+                "unknown size unit",
+            ),
+            ("upstream:\n  base_url: http://x/v1\nlisten: nowhere\n", "listen", ""),
+            (
+                "upstream:\n  base_url: http://x/v1\nlog:\n  format: xml\n",
+                "log.format",
+                "unknown variant `xml`",
+            ),
+            (
+                "upstream:\n  base_url: http://x/v1\nlimits:\n  max_connections: 0\n",
+                "limits.max_connections",
+                "greater than zero",
+            ),
+        ];
+        for (text, field, message) in cases {
+            let err = load_str(text, &no_env).unwrap_err();
+            assert!(err.starts_with(&format!("test.yaml: {field}: ")), "{field}: {err}");
+            assert!(err.contains(message), "{field}: {err}");
+        }
+    }
+
+    #[test]
+    fn header_value_with_newline_is_rejected_without_echoing_it() {
+        let env = |name: &str| (name == "KEY").then(|| "sk-secret\nInjected: 1".to_owned());
+        let err = load_str(
+            "upstream:\n  base_url: http://x/v1\n  default_headers:\n    Authorization: \"${KEY}\"\n",
+            &env,
+        )
+        .unwrap_err();
+        assert!(err.contains("upstream.default_headers.Authorization"), "{err}");
+        assert!(!err.contains("sk-secret"), "{err}");
+    }
+
+    #[test]
+    fn interpolation_substitutes_escapes_and_names_missing_variables() {
+        assert_eq!(interpolate("Bearer ${OPENAI_API_KEY}", &env_with_key).unwrap(), "Bearer sk-test-123");
+        assert_eq!(interpolate("cost $$5 and $x", &no_env).unwrap(), "cost $5 and $x");
+        assert_eq!(interpolate("plain", &no_env).unwrap(), "plain");
+        assert_eq!(
+            interpolate("${NOPE}", &no_env).unwrap_err(),
+            "environment variable NOPE is not set"
+        );
+        assert!(interpolate("${OPEN", &no_env).unwrap_err().contains("not closed"));
+        assert!(interpolate("${A-B}", &no_env).unwrap_err().contains("not a valid variable name"));
+    }
+
+    #[test]
+    fn byte_sizes_parse_with_units() {
+        assert_eq!(ByteSize::parse("1024").unwrap().0, 1024);
+        assert_eq!(ByteSize::parse("64KiB").unwrap().0, 65536);
+        assert_eq!(ByteSize::parse("32 MiB").unwrap().0, 32 << 20);
+        assert_eq!(ByteSize::parse("1GB").unwrap().0, 1_000_000_000);
+        assert!(ByteSize::parse("MiB").is_err());
+        assert!(ByteSize::parse("99999999999999999GiB").is_err());
+    }
+
+    #[test]
+    fn base_url_join_follows_the_openai_sdk_convention() {
+        let cases = [
+            ("https://api.openai.com/v1", "/v1/chat/completions", "https://api.openai.com/v1/chat/completions"),
+            ("https://api.openai.com/v1/", "/v1/chat/completions", "https://api.openai.com/v1/chat/completions"),
+            ("http://host:8000/openai/v1", "/v1/models", "http://host:8000/openai/v1/models"),
+            ("http://host:8000", "/v1/chat/completions", "http://host:8000/chat/completions"),
+            ("http://host/v1", "/v1/files?purpose=batch&limit=2", "http://host/v1/files?purpose=batch&limit=2"),
+            ("http://host/v1", "/v1/models/ft%3Agpt-4o%3Aorg", "http://host/v1/models/ft%3Agpt-4o%3Aorg"),
+            ("http://host", "/v1", "http://host/"),
+        ];
+        for (base, path, expected) in cases {
+            let base = BaseUrl::parse(base).unwrap();
+            let joined = base.join(&path.parse().unwrap()).unwrap();
+            assert_eq!(joined.to_string(), expected, "{path}");
+        }
+    }
+
+    #[test]
+    fn quick_start_flags_build_a_config() {
+        let config = from_flags(
+            "https://api.openai.com/v1",
+            &["Authorization: Bearer ${OPENAI_API_KEY}".into()],
+            &env_with_key,
+        )
+        .unwrap();
+        assert_eq!(config.upstream.base_url.display(), "https://api.openai.com/v1");
+        let err = from_flags("http://x/v1", &["Authorization Bearer sk-live".into()], &no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("command line: --header:"), "{err}");
+        assert!(!err.contains("sk-live"), "{err}");
+    }
+
+    #[test]
+    fn demo_config_in_the_repo_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/demo.yaml");
+        load(&path, &no_env).unwrap();
+    }
+}

@@ -1,0 +1,219 @@
+//! The proxy's own failures, and how each one is shown to a client.
+//!
+//! An upstream's error answer is *not* a `ProxyError`: it is forwarded as it
+//! was. This enum covers what llmproxy itself could not do, and every variant
+//! knows its HTTP status, its OpenAI error `type`/`code`, and a low-cardinality
+//! `kind` used as the access-log (and later metric) label.
+
+use std::time::Duration;
+
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode, header};
+use serde::Serialize;
+
+/// Everything that can go wrong inside llmproxy while serving one request.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The path is not one llmproxy serves.
+    #[error("Invalid URL ({method} {path}): llmproxy serves GET / and /v1/*")]
+    NotFound {
+        /// Request method, echoed so the client sees what it sent.
+        method: http::Method,
+        /// Request path (never the query: it may carry credentials).
+        path: String,
+    },
+    /// The request itself is malformed (bad URI, unreadable body, ...).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The request body is larger than `limits.max_body_size`.
+    #[error("request body is larger than the limit of {limit} bytes")]
+    BodyTooLarge {
+        /// The configured limit in bytes.
+        limit: u64,
+    },
+    /// The upstream could not be reached: refused, DNS, TLS, reset before answering.
+    #[error("upstream connection failed: {0}")]
+    UpstreamUnreachable(String),
+    /// Connecting to the upstream took longer than `timeouts.connect`.
+    #[error("upstream connect timed out after {0:?}")]
+    ConnectTimeout(Duration),
+    /// The upstream did not send response headers within `timeouts.response_headers`.
+    #[error("upstream sent no response headers within {0:?}")]
+    UpstreamTimeout(Duration),
+    /// The upstream answered with something that is not valid HTTP.
+    #[error("upstream answered with an invalid response: {0}")]
+    UpstreamProtocol(String),
+}
+
+impl ProxyError {
+    /// The HTTP status this failure is answered with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::NotFound { .. } => StatusCode::NOT_FOUND,
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UpstreamUnreachable(_) | Self::UpstreamProtocol(_) => StatusCode::BAD_GATEWAY,
+            Self::ConnectTimeout(_) | Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// A stable, low-cardinality name for logs and metric labels; also the
+    /// OpenAI `code` field.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::NotFound { .. } => "not_found",
+            Self::BadRequest(_) => "bad_request",
+            Self::BodyTooLarge { .. } => "request_too_large",
+            Self::UpstreamUnreachable(_) => "upstream_unreachable",
+            Self::ConnectTimeout(_) => "upstream_connect_timeout",
+            Self::UpstreamTimeout(_) => "upstream_timeout",
+            Self::UpstreamProtocol(_) => "upstream_protocol_error",
+        }
+    }
+
+    /// The OpenAI error `type`: the client's fault or the gateway's.
+    fn error_type(&self) -> &'static str {
+        match self {
+            Self::NotFound { .. } | Self::BadRequest(_) | Self::BodyTooLarge { .. } => {
+                "invalid_request_error"
+            }
+            _ => "proxy_error",
+        }
+    }
+}
+
+/// The access-log label of a proxy failure, left in the response extensions
+/// so the logging layer can name the failure without parsing the body.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorKind(pub &'static str);
+
+#[derive(Serialize)]
+struct Envelope<'a> {
+    error: Body<'a>,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    param: Option<&'a str>,
+    code: &'a str,
+}
+
+impl IntoResponse for ProxyError {
+    fn into_response(self) -> Response {
+        let message = self.to_string();
+        let envelope = Envelope {
+            error: Body {
+                message: &message,
+                kind: self.error_type(),
+                param: None,
+                code: self.kind(),
+            },
+        };
+        // Serializing a struct of strings cannot fail; fall back to a fixed body anyway
+        // so this path can never panic.
+        let body = serde_json::to_vec(&envelope).map(Bytes::from).unwrap_or_else(|_| {
+            Bytes::from_static(br#"{"error":{"message":"internal error","type":"proxy_error","param":null,"code":"internal"}}"#)
+        });
+        let mut response = (self.status(), body).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        response.extensions_mut().insert(ErrorKind(self.kind()));
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn render(err: ProxyError) -> (StatusCode, serde_json::Value) {
+        let response = err.into_response();
+        let status = response.status();
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            "application/json",
+            "proxy errors are JSON"
+        );
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test]
+    async fn errors_render_in_the_openai_shape_with_honest_statuses() {
+        let cases = [
+            (
+                ProxyError::NotFound {
+                    method: http::Method::POST,
+                    path: "/nope".into(),
+                },
+                404,
+                "not_found",
+                "invalid_request_error",
+            ),
+            (
+                ProxyError::BodyTooLarge { limit: 10 },
+                413,
+                "request_too_large",
+                "invalid_request_error",
+            ),
+            (
+                ProxyError::BadRequest("bad".into()),
+                400,
+                "bad_request",
+                "invalid_request_error",
+            ),
+            (
+                ProxyError::UpstreamUnreachable("refused".into()),
+                502,
+                "upstream_unreachable",
+                "proxy_error",
+            ),
+            (
+                ProxyError::UpstreamProtocol("garbage".into()),
+                502,
+                "upstream_protocol_error",
+                "proxy_error",
+            ),
+            (
+                ProxyError::ConnectTimeout(Duration::from_secs(1)),
+                504,
+                "upstream_connect_timeout",
+                "proxy_error",
+            ),
+            (
+                ProxyError::UpstreamTimeout(Duration::from_secs(1)),
+                504,
+                "upstream_timeout",
+                "proxy_error",
+            ),
+        ];
+        for (err, status, code, kind) in cases {
+            let message = err.to_string();
+            let (got_status, json) = render(err).await;
+            assert_eq!(got_status.as_u16(), status, "{message}");
+            assert_eq!(json["error"]["code"], code);
+            assert_eq!(json["error"]["type"], kind);
+            assert_eq!(json["error"]["message"], message.as_str());
+            assert!(json["error"]["param"].is_null());
+        }
+    }
+
+    #[test]
+    fn not_found_names_method_and_path() {
+        let err = ProxyError::NotFound {
+            method: http::Method::GET,
+            path: "/admin".into(),
+        };
+        assert_eq!(
+            err.to_string(),
+            "Invalid URL (GET /admin): llmproxy serves GET / and /v1/*"
+        );
+    }
+}

@@ -1,0 +1,182 @@
+//! The `llmproxy` command: parse arguments, load config, start logging, serve.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use llmproxy::config::{self, Config, Env, LogFormat};
+use tokio::net::TcpListener;
+use tracing_subscriber::EnvFilter;
+
+/// An OpenAI-compatible LLM gateway: point any OpenAI SDK's base_url here.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// YAML config file.
+    #[arg(long, short, conflicts_with = "upstream")]
+    config: Option<PathBuf>,
+    /// Quick start without a file: the upstream base URL, e.g. https://api.openai.com/v1.
+    #[arg(long)]
+    upstream: Option<String>,
+    /// With --upstream: a default header `Name: value` (repeatable); `${VAR}` reads the environment.
+    #[arg(long = "header", short = 'H', requires = "upstream")]
+    headers: Vec<String>,
+    /// Listen address; overrides the config file's `listen`.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Log format; overrides the config file's `log.format`.
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a config file and exit (0 when valid, 2 with the problem otherwise).
+    CheckConfig {
+        /// The YAML file.
+        file: PathBuf,
+    },
+    /// Run the built-in OpenAI-compatible fake upstream.
+    MockUpstream {
+        /// Address to bind.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: std::net::IpAddr,
+        /// Port (0 picks a free one and logs it).
+        #[arg(long, default_value_t = 9000)]
+        port: u16,
+        /// Words per answer (one SSE chunk each when streamed).
+        #[arg(long, default_value_t = 20)]
+        chunks: usize,
+        /// Milliseconds between streamed chunks.
+        #[arg(long, default_value_t = 50)]
+        delay_ms: u64,
+    },
+}
+
+#[expect(
+    clippy::print_stderr,
+    reason = "configuration errors are reported before logging exists"
+)]
+fn fail(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("llmproxy: {message}");
+    ExitCode::from(2)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::CheckConfig { file }) => match config::load(&file, &Env) {
+            Ok(config) => {
+                #[expect(clippy::print_stdout, reason = "check-config reports to the terminal")]
+                {
+                    println!(
+                        "{}: ok (listen {}, upstream {})",
+                        file.display(),
+                        config.listen,
+                        config.upstream.base_url.display()
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(err) => fail(err),
+        },
+        Some(Command::MockUpstream {
+            host,
+            port,
+            chunks,
+            delay_ms,
+        }) => {
+            init_logging(LogFormat::Text, "info");
+            let mock = llmproxy::mock::MockConfig {
+                chunks,
+                delay: Duration::from_millis(delay_ms),
+            };
+            serve_blocking(async move {
+                let listener = TcpListener::bind((host, port)).await?;
+                tracing::info!(listen = %listener.local_addr()?, chunks, delay_ms, "mock upstream serving");
+                llmproxy::mock::serve(listener, mock).await
+            })
+        }
+        None => {
+            let loaded = match (&cli.config, &cli.upstream) {
+                (Some(path), _) => config::load(path, &Env),
+                (None, Some(upstream)) => config::from_flags(upstream, &cli.headers, &Env),
+                (None, None) => {
+                    return fail("give --config FILE or --upstream URL (see --help)");
+                }
+            };
+            let mut config: Config = match loaded {
+                Ok(config) => config,
+                Err(err) => return fail(err),
+            };
+            if let Some(listen) = cli.listen {
+                config.listen = listen;
+            }
+            if let Some(format) = cli.log_format {
+                config.log_format = format;
+            }
+            init_logging(config.log_format, &config.log_level);
+            serve_blocking(async move {
+                let listener = TcpListener::bind(config.listen).await?;
+                llmproxy::run(listener, config, shutdown_signal()).await
+            })
+        }
+    }
+}
+
+fn serve_blocking(server: impl std::future::Future<Output = std::io::Result<()>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => return fail(format_args!("cannot start the runtime: {err}")),
+    };
+    match runtime.block_on(server) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(%err, "server failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, level: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            tracing::error!(%err, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(err) => {
+                tracing::error!(%err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT received"),
+        () = terminate => tracing::info!("SIGTERM received"),
+    }
+}

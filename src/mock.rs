@@ -1,0 +1,182 @@
+//! A built-in OpenAI-compatible fake upstream (`llmproxy mock-upstream`), so
+//! the demo, the SDK tests and the benchmarks run with no key and no network.
+//!
+//! It answers `POST /v1/chat/completions` (streamed when `"stream": true`,
+//! with `stream_options.include_usage` honoured), `GET /v1/models` and
+//! `POST /v1/embeddings`. The answer is `chunks` words; a streamed answer
+//! sends one word per SSE event, `delay` apart. Per request, the headers
+//! `x-mock-chunks` and `x-mock-delay-ms` override both.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+/// Mock upstream settings.
+#[derive(Debug, Clone, Copy)]
+pub struct MockConfig {
+    /// Words in each answer (one SSE chunk each when streamed).
+    pub chunks: usize,
+    /// Pause before each streamed chunk.
+    pub delay: Duration,
+}
+
+impl Default for MockConfig {
+    fn default() -> Self {
+        Self {
+            chunks: 20,
+            delay: Duration::from_millis(50),
+        }
+    }
+}
+
+struct Mock {
+    config: MockConfig,
+    counter: AtomicU64,
+}
+
+const WORDS: [&str; 12] = [
+    "Hello", "from", "the", "llmproxy", "mock", "upstream:", "every", "word", "is", "a",
+    "streamed", "chunk.",
+];
+
+/// The mock's router.
+pub fn router(config: MockConfig) -> Router {
+    let state = Arc::new(Mock {
+        config,
+        counter: AtomicU64::new(0),
+    });
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/v1/embeddings", post(embeddings))
+        .fallback(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                axum::Json(json!({"error": {"message": "mock upstream: unknown path", "type": "invalid_request_error", "param": null, "code": "not_found"}})),
+            )
+        })
+        .with_state(state)
+}
+
+/// Serves the mock on `listener` until the process ends.
+pub async fn serve(listener: TcpListener, config: MockConfig) -> std::io::Result<()> {
+    axum::serve(listener, router(config)).await
+}
+
+/// The answer's words, joined with spaces, one per chunk.
+fn word(i: usize) -> String {
+    let word = WORDS[i % WORDS.len()];
+    if i == 0 { word.to_owned() } else { format!(" {word}") }
+}
+
+fn header_number(headers: &HeaderMap, name: &str) -> Option<u64> {
+    headers.get(name)?.to_str().ok()?.parse().ok()
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn bad_request(message: &str) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        axum::Json(json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": null}})),
+    )
+        .into_response()
+}
+
+async fn chat_completions(State(mock): State<Arc<Mock>>, headers: HeaderMap, body: Bytes) -> Response {
+    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
+        return bad_request("mock upstream: the body is not JSON");
+    };
+    let model = request["model"].as_str().unwrap_or("mock-model").to_owned();
+    let stream = request["stream"].as_bool().unwrap_or(false);
+    let include_usage = request["stream_options"]["include_usage"].as_bool().unwrap_or(false);
+    let chunks = header_number(&headers, "x-mock-chunks").map_or(mock.config.chunks, |n| n as usize);
+    let delay = header_number(&headers, "x-mock-delay-ms").map_or(mock.config.delay, Duration::from_millis);
+    let id = format!("chatcmpl-mock{}", mock.counter.fetch_add(1, Ordering::Relaxed));
+    let created = unix_now();
+    let usage = json!({"prompt_tokens": 8, "completion_tokens": chunks, "total_tokens": 8 + chunks});
+
+    if !stream {
+        let content: String = (0..chunks).map(word).collect();
+        let answer = json!({
+            "id": id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "refusal": null}, "logprobs": null, "finish_reason": "stop"}],
+            "usage": usage, "system_fingerprint": "fp_mock",
+        });
+        return axum::Json(answer).into_response();
+    }
+
+    let (mut tx, body) = http_body_util::channel::Channel::<Bytes>::new(1);
+    tokio::spawn(async move {
+        let event = |delta: Value, finish: Value| {
+            let chunk = json!({
+                "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "system_fingerprint": "fp_mock",
+                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+            });
+            Bytes::from(format!("data: {chunk}\n\n"))
+        };
+        let mut events = Vec::with_capacity(chunks + 3);
+        events.push(event(json!({"role": "assistant", "content": ""}), Value::Null));
+        events.extend((0..chunks).map(|i| event(json!({"content": word(i)}), Value::Null)));
+        events.push(event(json!({}), json!("stop")));
+        if include_usage {
+            let chunk = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [], "usage": usage});
+            events.push(Bytes::from(format!("data: {chunk}\n\n")));
+        }
+        events.push(Bytes::from_static(b"data: [DONE]\n\n"));
+        for (i, event) in events.into_iter().enumerate() {
+            // The first delay falls before the first word, not before the role chunk.
+            if i > 0 && i <= chunks && !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            if tx.send_data(event).await.is_err() {
+                return; // the client went away
+            }
+        }
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::new(body))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+async fn models() -> impl IntoResponse {
+    axum::Json(json!({
+        "object": "list",
+        "data": [{"id": "mock-model", "object": "model", "created": 0, "owned_by": "llmproxy-mock"}],
+    }))
+}
+
+async fn embeddings(body: Bytes) -> Response {
+    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
+        return bad_request("mock upstream: the body is not JSON");
+    };
+    let inputs = match &request["input"] {
+        Value::Array(items) => items.len(),
+        _ => 1,
+    };
+    let data: Vec<Value> = (0..inputs)
+        .map(|i| json!({"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}))
+        .collect();
+    axum::Json(json!({
+        "object": "list", "data": data,
+        "model": request["model"].as_str().unwrap_or("mock-embedding"),
+        "usage": {"prompt_tokens": 4, "total_tokens": 4},
+    }))
+    .into_response()
+}
