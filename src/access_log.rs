@@ -122,7 +122,8 @@ struct Record {
 impl Drop for Record {
     fn drop(&mut self) {
         let end = Instant::now();
-        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        // Whole microseconds, shown as milliseconds: `12.345`, not float noise.
+        let ms = |d: Duration| d.as_micros() as f64 / 1000.0;
         tracing::info!(
             target: "llmproxy::access",
             request_id = self.id.to_str().unwrap_or_default(),
@@ -302,14 +303,20 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = self.project();
-        let polled = this.inner.poll_frame(cx);
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
         if let Some(record) = this.record.as_mut() {
             match &polled {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Some(data) = frame.data_ref() {
                         record.first_byte.get_or_insert_with(Instant::now);
                         record.bytes_out += data.len() as u64;
+                    }
+                    // hyper stops polling once a sized body has all its bytes,
+                    // so the end is seen here, not as a final `None`.
+                    if this.inner.is_end_stream() {
+                        record.outcome = Outcome::Complete;
+                        *this.record = None;
                     }
                 }
                 Poll::Ready(Some(Err(_))) => {

@@ -408,15 +408,15 @@ pub fn parse(text: &str, origin: &str) -> Result<FileConfig, ConfigError> {
     let deserializer = serde_yaml_ng::Deserializer::from_str(text);
     serde_path_to_error::deserialize(deserializer).map_err(|err| {
         let path = err.path().to_string();
-        ConfigError::Invalid {
-            origin: origin.to_owned(),
-            field: if path == "." {
-                "(top level)".into()
-            } else {
-                path
-            },
-            message: err.into_inner().to_string(),
+        let field = if path == "." { "(top level)".to_owned() } else { path };
+        let mut message = err.into_inner().to_string();
+        // The YAML parser prefixes the enclosing path itself; ours is more precise.
+        if let Some((prefix, rest)) = message.split_once(": ")
+            && field.starts_with(prefix)
+        {
+            message = rest.to_owned();
         }
+        invalid(origin, &field, message)
     })
 }
 
@@ -679,7 +679,11 @@ log:
             &no_env,
         )
         .unwrap_err();
-        assert!(err.starts_with("test.yaml: upstream.timeouts: unknown field `conect`"), "{err}");
+        assert!(
+            err.starts_with("test.yaml: upstream.timeouts.conect: unknown field `conect`"),
+            "{err}"
+        );
+        assert!(err.contains("line 4"), "{err}");
         let err = load_str("upstream:\n  base_url: http://x/v1\nlisten_addr: x\n", &no_env).unwrap_err();
         assert!(err.contains("unknown field `listen_addr`"), "{err}");
     }

@@ -69,6 +69,13 @@ pub fn router(config: MockConfig) -> Router {
 
 /// Serves the mock on `listener` until the process ends.
 pub async fn serve(listener: TcpListener, config: MockConfig) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    // Without TCP_NODELAY, Nagle holds each small SSE event until the previous one is ACKed.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(err) = tcp.set_nodelay(true) {
+            tracing::debug!(%err, "could not set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, router(config)).await
 }
 
