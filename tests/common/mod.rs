@@ -52,7 +52,12 @@ pub fn config_for(base_url: &str) -> FileConfig {
 /// Starts the proxy in-process with `file` (the `listen` field is ignored:
 /// the proxy binds 127.0.0.1:0).
 pub async fn spawn_proxy_with(file: FileConfig) -> Proxy {
-    let config = config::resolve(file, "test", &|name: &str| std::env::var(name).ok()).unwrap();
+    spawn_proxy_env(file, &|_: &str| None).await
+}
+
+/// Like [`spawn_proxy_with`], with `${VAR}` looked up in `env`.
+pub async fn spawn_proxy_env(file: FileConfig, env: &dyn config::Lookup) -> Proxy {
+    let config = config::resolve(file, "test", env).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = oneshot::channel::<()>();
