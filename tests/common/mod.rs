@@ -112,6 +112,8 @@ pub struct Reply {
     pub end: End,
     /// Send `content-length` of the whole body instead of chunked encoding.
     pub sized: bool,
+    /// Bytes added to the declared `content-length` that are never sent.
+    pub missing: usize,
 }
 
 impl Reply {
@@ -123,6 +125,7 @@ impl Reply {
             chunks: vec![(Duration::ZERO, Bytes::copy_from_slice(body.as_bytes()))],
             end: End::Clean,
             sized: true,
+            missing: 0,
         }
     }
 
@@ -134,6 +137,7 @@ impl Reply {
             chunks,
             end: End::Clean,
             sized: false,
+            missing: 0,
         }
     }
 
@@ -156,11 +160,16 @@ pub struct Upstream {
     /// Bytes of body the upstream managed to hand to its socket layer.
     pub sent_bytes: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
+    connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
 }
 
 impl Drop for Upstream {
+    /// Stops accepting and kills every open connection, as a crashed server would.
     fn drop(&mut self) {
         self.task.abort();
+        for connection in self.connections.lock().unwrap().drain(..) {
+            connection.abort();
+        }
     }
 }
 
@@ -205,7 +214,9 @@ pub async fn spawn_upstream(handler: impl Fn(&Recorded) -> Reply + Send + Sync +
     let closed = Arc::new(AtomicUsize::new(0));
     let closed_notify = Arc::new(Notify::new());
     let sent_bytes = Arc::new(AtomicUsize::new(0));
+    let connections = Arc::new(Mutex::new(Vec::new()));
     let task = {
+        let connections = connections.clone();
         let (requests, opened, closed, closed_notify, sent_bytes) = (
             requests.clone(),
             opened.clone(),
@@ -225,7 +236,7 @@ pub async fn spawn_upstream(handler: impl Fn(&Recorded) -> Reply + Send + Sync +
                     closed_notify.clone(),
                     sent_bytes.clone(),
                 );
-                tokio::spawn(async move {
+                let connection = tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let (handler, requests, sent_bytes) =
                             (handler.clone(), requests.clone(), sent_bytes.clone());
@@ -249,6 +260,7 @@ pub async fn spawn_upstream(handler: impl Fn(&Recorded) -> Reply + Send + Sync +
                     closed.fetch_add(1, Ordering::SeqCst);
                     closed_notify.notify_waiters();
                 });
+                connections.lock().unwrap().push(connection.abort_handle());
             }
         })
     };
@@ -260,6 +272,7 @@ pub async fn spawn_upstream(handler: impl Fn(&Recorded) -> Reply + Send + Sync +
         closed_notify,
         sent_bytes,
         task,
+        connections,
     }
 }
 
@@ -273,7 +286,7 @@ async fn respond(reply: Reply, sent_bytes: Arc<AtomicUsize>) -> Response<ReplyBo
         builder = builder.header(name, value);
     }
     if reply.sized {
-        let total: usize = reply.chunks.iter().map(|(_, c)| c.len()).sum();
+        let total: usize = reply.chunks.iter().map(|(_, c)| c.len()).sum::<usize>() + reply.missing;
         builder = builder.header("content-length", total);
     }
     tokio::spawn(async move {
@@ -287,7 +300,12 @@ async fn respond(reply: Reply, sent_bytes: Arc<AtomicUsize>) -> Response<ReplyBo
         }
         match reply.end {
             End::Clean => {}
-            End::Abort => tx.abort(std::io::Error::other("scripted upstream failure")),
+            End::Abort => {
+                // The channel reports an abort before frames still queued in it:
+                // give the last chunk time to leave first.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                tx.abort(std::io::Error::other("scripted upstream failure"));
+            }
             End::Hang => {
                 tokio::time::sleep(Duration::from_secs(3600)).await;
                 drop(tx);

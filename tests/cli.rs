@@ -1,0 +1,238 @@
+//! The real binary: check-config, quick start, logs, signals and shutdown.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_llmproxy");
+
+/// A running `llmproxy` process with its log lines collected.
+struct Bin {
+    child: Child,
+    addr: std::net::SocketAddr,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Bin {
+    async fn start(args: &[&str], env: &[(&str, &str)]) -> Bin {
+        let mut command = Command::new(BIN);
+        command
+            .args(args)
+            .args(["--listen", "127.0.0.1:0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .env("NO_COLOR", "1");
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().unwrap();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let collected = logs.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = tx.send(line.clone());
+                collected.lock().unwrap().push(line);
+            }
+        });
+        let addr = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(line) = rx.recv().await {
+                if line.contains("llmproxy serving") {
+                    let at = line.find("listen").unwrap();
+                    let rest = line[at..].trim_start_matches(|c: char| !c.is_ascii_digit());
+                    let end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':')).unwrap_or(rest.len());
+                    return rest[..end].parse().unwrap();
+                }
+            }
+            panic!("llmproxy exited before serving");
+        })
+        .await
+        .expect("llmproxy did not start");
+        Bin { child, addr, logs }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    fn terminate(&self) {
+        let pid = self.child.id().unwrap();
+        std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    }
+
+    async fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        tokio::time::timeout(limit, self.child.wait()).await.expect("did not exit in time").unwrap()
+    }
+
+    fn logs(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+}
+
+fn temp_config(name: &str, text: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("llmproxy-test-{}-{name}.yaml", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn check_config_accepts_the_demo_and_names_the_bad_field() {
+    let demo = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/demo.yaml");
+    let ok = Command::new(BIN).args(["check-config", demo]).output().await.unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("ok"));
+
+    let bad = temp_config("bad", "upstream:\n  base_url: http://x/v1\n  timeouts:\n    conect: 1s\n");
+    let out = Command::new(BIN).arg("check-config").arg(&bad).output().await.unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&bad.display().to_string()), "names the file: {stderr}");
+    assert!(stderr.contains("upstream.timeouts.conect"), "names the field: {stderr}");
+
+    let missing = temp_config("missing-var", "upstream:\n  base_url: http://x/v1\n  default_headers:\n    Authorization: Bearer ${LLMPROXY_SURELY_UNSET_VAR}\n");
+    let out = Command::new(BIN).arg("check-config").arg(&missing).output().await.unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("LLMPROXY_SURELY_UNSET_VAR is not set"));
+
+    let absent = Command::new(BIN).args(["check-config", "/nonexistent/llmproxy.yaml"]).output().await.unwrap();
+    assert_eq!(absent.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&absent.stderr).contains("/nonexistent/llmproxy.yaml"));
+}
+
+#[tokio::test]
+async fn quick_start_flags_serve_and_keys_never_reach_the_logs() {
+    let upstream = spawn_upstream(|_| Reply::json(200, r#"{"ok":true}"#)).await;
+    let upstream_url = upstream.base_url();
+    let bin = Bin::start(
+        &["--upstream", &upstream_url, "--header", "Authorization: Bearer ${LLMPROXY_TEST_KEY}"],
+        &[("LLMPROXY_TEST_KEY", "sk-upstream-secret-1"), ("RUST_LOG", "trace")],
+    )
+    .await;
+    let request = format!(
+        "POST /v1/chat/completions?api-key=sk-query-secret-3 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-client-secret-2\r\n\
+         X-Api-Key: sk-client-secret-2\r\nApi-Key: sk-client-secret-2\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+    );
+    let (answer, _) = raw_exchange(bin.addr, request.as_bytes(), Duration::from_secs(5)).await;
+    let answer = String::from_utf8_lossy(&answer).to_string();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(upstream.requests()[0].headers["authorization"], "Bearer sk-upstream-secret-1");
+
+    // A failing request too: its error message must not carry keys either.
+    drop(upstream);
+    let (failed, _) = raw_exchange(bin.addr, request.as_bytes(), Duration::from_secs(5)).await;
+    let failed = String::from_utf8_lossy(&failed).to_string();
+    assert!(failed.starts_with("HTTP/1.1 502"), "{failed}");
+
+    bin.terminate();
+    let mut bin = bin;
+    assert!(bin.wait_exit(Duration::from_secs(10)).await.success());
+    let logs = bin.logs();
+    assert!(logs.contains("llmproxy::access"), "access log written: {logs}");
+    for secret in ["sk-upstream-secret-1", "sk-client-secret-2", "sk-query-secret-3"] {
+        assert!(!logs.contains(secret), "{secret} leaked into the logs:\n{logs}");
+        assert!(!answer.contains(secret) && !failed.contains(secret), "{secret} leaked into a response");
+    }
+}
+
+#[tokio::test]
+async fn json_access_log_has_one_line_per_request_with_every_field() {
+    let upstream = spawn_upstream(|_| Reply::json(200, r#"{"ok":true}"#).header("x-request-id", "req_up")).await;
+    let mut bin = Bin::start(&["--upstream", &upstream.base_url(), "--log-format", "json"], &[]).await;
+    let got = post(&bin.url("/v1/chat/completions"), "{}").await;
+    let id = got.header("x-llmproxy-request-id").unwrap().to_owned();
+    bin.terminate();
+    bin.wait_exit(Duration::from_secs(10)).await;
+    let logs = bin.logs();
+    let access: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "llmproxy::access")
+        .collect();
+    assert_eq!(access.len(), 1, "{logs}");
+    let line = &access[0];
+    assert_eq!(line["request_id"], id.as_str());
+    assert_eq!(line["method"], "POST");
+    assert_eq!(line["path"], "/v1/chat/completions");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["upstream_status"], 200);
+    assert_eq!(line["bytes_in"], 2);
+    assert_eq!(line["bytes_out"], 11);
+    assert_eq!(line["outcome"], "complete");
+    for field in ["latency_ms", "ttfb_ms", "upstream_ms"] {
+        assert!(line[field].as_f64().is_some_and(|v| v >= 0.0), "{field}: {line}");
+    }
+}
+
+#[tokio::test]
+async fn sigterm_stops_accepting_lets_streams_finish_and_exits_zero() {
+    let upstream = spawn_upstream(|_| {
+        Reply::sse((0..10).map(|i| (std::time::Duration::from_millis(100), event(&i.to_string()))).collect())
+    })
+    .await;
+    let mut bin = Bin::start(&["--upstream", &upstream.base_url()], &[]).await;
+    let mut stream = tokio::net::TcpStream::connect(bin.addr).await.unwrap();
+    stream
+        .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        .await
+        .unwrap();
+    let mut first = vec![0u8; 512];
+    let _ = stream.read(&mut first).await.unwrap();
+    bin.terminate();
+
+    // New connections are refused soon after the signal...
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(tokio::net::TcpStream::connect(bin.addr).await.is_err(), "still accepting after SIGTERM");
+    // ...while the in-flight stream runs to its clean end.
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&rest);
+    assert!(text.contains("data: 9") && text.ends_with("0\r\n\r\n"), "{text}");
+    assert!(bin.wait_exit(Duration::from_secs(5)).await.success());
+}
+
+#[tokio::test]
+async fn shutdown_deadline_cuts_streams_that_run_too_long() {
+    let upstream = spawn_upstream(|_| {
+        Reply::sse((0..100).map(|i| (std::time::Duration::from_millis(100), event(&i.to_string()))).collect())
+    })
+    .await;
+    let config = temp_config(
+        "deadline",
+        &format!("upstream:\n  base_url: {}\nshutdown_timeout: 500ms\n", upstream.base_url()),
+    );
+    let mut bin = Bin::start(&["--config", config.to_str().unwrap()], &[]).await;
+    let mut stream = tokio::net::TcpStream::connect(bin.addr).await.unwrap();
+    stream
+        .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        .await
+        .unwrap();
+    let mut first = vec![0u8; 512];
+    let _ = stream.read(&mut first).await.unwrap();
+    let start = Instant::now();
+    bin.terminate();
+    assert!(bin.wait_exit(Duration::from_secs(5)).await.success());
+    let took = start.elapsed();
+    assert!(took >= Duration::from_millis(450) && took < Duration::from_secs(3), "{took:?}");
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), stream.read_to_end(&mut rest)).await;
+    assert!(!String::from_utf8_lossy(&rest).ends_with("0\r\n\r\n"), "a cut stream must not look complete");
+}
+
+#[tokio::test]
+async fn missing_config_and_bad_flags_fail_with_a_clear_message() {
+    let out = Command::new(BIN).output().await.unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--config"));
+    let out = Command::new(BIN).args(["--upstream", "ftp://x"]).output().await.unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("upstream.base_url"));
+}
