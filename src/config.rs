@@ -209,7 +209,11 @@ impl ByteSize {
             "MiB" => 1 << 20,
             "GB" => 1000 * 1000 * 1000,
             "GiB" => 1 << 30,
-            other => return Err(format!("unknown size unit `{other}` (use B, KB, KiB, MB, MiB, GB or GiB)")),
+            other => {
+                return Err(format!(
+                    "unknown size unit `{other}` (use B, KB, KiB, MB, MiB, GB or GiB)"
+                ));
+            }
         };
         number
             .checked_mul(factor)
@@ -245,7 +249,10 @@ impl<'de> Deserialize<'de> for HeaderList {
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("a mapping of header name to string value")
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<HeaderList, A::Error> {
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<HeaderList, A::Error> {
                 let mut list = Vec::with_capacity(map.size_hint().unwrap_or(0));
                 while let Some(entry) = map.next_entry::<String, String>()? {
                     list.push(entry);
@@ -348,7 +355,9 @@ impl BaseUrl {
             return Err(format!("`{text}` has no host"));
         }
         if uri.query().is_some() {
-            return Err(format!("`{text}` has a query string, which is not supported"));
+            return Err(format!(
+                "`{text}` has a query string, which is not supported"
+            ));
         }
         Ok(Self {
             scheme,
@@ -408,7 +417,11 @@ pub fn parse(text: &str, origin: &str) -> Result<FileConfig, ConfigError> {
     let deserializer = serde_yaml_ng::Deserializer::from_str(text);
     serde_path_to_error::deserialize(deserializer).map_err(|err| {
         let path = err.path().to_string();
-        let field = if path == "." { "(top level)".to_owned() } else { path };
+        let field = if path == "." {
+            "(top level)".to_owned()
+        } else {
+            path
+        };
         let mut message = err.into_inner().to_string();
         // The YAML parser prefixes the enclosing path itself; ours is more precise.
         if let Some((prefix, rest)) = message.split_once(": ")
@@ -487,8 +500,13 @@ pub fn resolve(file: FileConfig, origin: &str, env: &dyn Lookup) -> Result<Confi
         Vec::with_capacity(upstream.default_headers.0.len());
     for (name, value) in &upstream.default_headers.0 {
         let field = format!("upstream.default_headers.{name}");
-        let header_name = HeaderName::from_bytes(name.as_bytes())
-            .map_err(|_| invalid(origin, &field, format!("`{name}` is not a valid header name")))?;
+        let header_name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+            invalid(
+                origin,
+                &field,
+                format!("`{name}` is not a valid header name"),
+            )
+        })?;
         if crate::headers::is_hop_by_hop(&header_name) || header_name == http::header::HOST {
             return Err(invalid(
                 origin,
@@ -518,7 +536,10 @@ pub fn resolve(file: FileConfig, origin: &str, env: &dyn Lookup) -> Result<Confi
     let timeouts = upstream.timeouts;
     for (field, value) in [
         ("upstream.timeouts.connect", timeouts.connect),
-        ("upstream.timeouts.response_headers", timeouts.response_headers),
+        (
+            "upstream.timeouts.response_headers",
+            timeouts.response_headers,
+        ),
         ("upstream.timeouts.idle", timeouts.idle),
         ("limits.header_read_timeout", limits.header_read_timeout),
     ] {
@@ -527,13 +548,25 @@ pub fn resolve(file: FileConfig, origin: &str, env: &dyn Lookup) -> Result<Confi
         }
     }
     if limits.max_body_size.0 == 0 {
-        return Err(invalid(origin, "limits.max_body_size", "must be greater than zero"));
+        return Err(invalid(
+            origin,
+            "limits.max_body_size",
+            "must be greater than zero",
+        ));
     }
     if limits.max_connections == 0 {
-        return Err(invalid(origin, "limits.max_connections", "must be greater than zero"));
+        return Err(invalid(
+            origin,
+            "limits.max_connections",
+            "must be greater than zero",
+        ));
     }
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log.level) {
-        return Err(invalid(origin, "log.level", format!("`{}`: {e}", log.level)));
+        return Err(invalid(
+            origin,
+            "log.level",
+            format!("`{}`: {e}", log.level),
+        ));
     }
 
     Ok(Config {
@@ -575,11 +608,7 @@ pub fn interpolate(text: &str, env: &dyn Lookup) -> Result<String, String> {
                 .find('}')
                 .ok_or_else(|| "`${` is not closed by `}`".to_owned())?;
             let name = &tail[..end];
-            if name.is_empty()
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
-            {
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                 return Err(format!(
                     "`${{{name}}}` is not a valid variable name (letters, digits and _)"
                 ));
@@ -618,11 +647,18 @@ mod tests {
 
     #[test]
     fn minimal_config_gets_production_defaults() {
-        let config = load_str("upstream:\n  base_url: https://api.openai.com/v1\n", &no_env).unwrap();
+        let config = load_str(
+            "upstream:\n  base_url: https://api.openai.com/v1\n",
+            &no_env,
+        )
+        .unwrap();
         assert_eq!(config.listen, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(config.limits.max_body_size, 32 * 1024 * 1024);
         assert_eq!(config.limits.max_connections, 10_000);
-        assert_eq!(config.upstream.timeouts.response_headers, Duration::from_secs(600));
+        assert_eq!(
+            config.upstream.timeouts.response_headers,
+            Duration::from_secs(600)
+        );
         assert_eq!(config.shutdown_timeout, Duration::from_secs(30));
         assert_eq!(config.log_format, LogFormat::Text);
     }
@@ -684,7 +720,11 @@ log:
             "{err}"
         );
         assert!(err.contains("line 4"), "{err}");
-        let err = load_str("upstream:\n  base_url: http://x/v1\nlisten_addr: x\n", &no_env).unwrap_err();
+        let err = load_str(
+            "upstream:\n  base_url: http://x/v1\nlisten_addr: x\n",
+            &no_env,
+        )
+        .unwrap_err();
         assert!(err.contains("unknown field `listen_addr`"), "{err}");
     }
 
@@ -697,11 +737,31 @@ log:
     #[test]
     fn bad_values_name_their_field() {
         let cases = [
-            ("upstream:\n  base_url: ftp://x/v1\n", "upstream.base_url", "only http and https"),
-            ("upstream:\n  base_url: not a url\n", "upstream.base_url", "not a valid URL"),
-            ("upstream:\n  base_url: /v1\n", "upstream.base_url", "no scheme"),
-            ("upstream:\n  base_url: http://user:pw@x/v1\n", "upstream.base_url", "credentials"),
-            ("upstream:\n  base_url: http://x/v1?a=1\n", "upstream.base_url", "query string"),
+            (
+                "upstream:\n  base_url: ftp://x/v1\n",
+                "upstream.base_url",
+                "only http and https",
+            ),
+            (
+                "upstream:\n  base_url: not a url\n",
+                "upstream.base_url",
+                "not a valid URL",
+            ),
+            (
+                "upstream:\n  base_url: /v1\n",
+                "upstream.base_url",
+                "no scheme",
+            ),
+            (
+                "upstream:\n  base_url: http://user:pw@x/v1\n",
+                "upstream.base_url",
+                "credentials",
+            ),
+            (
+                "upstream:\n  base_url: http://x/v1?a=1\n",
+                "upstream.base_url",
+                "query string",
+            ),
             (
                 "upstream:\n  base_url: http://x/v1\n  default_headers:\n    \"bad header\": x\n",
                 "upstream.default_headers.bad header",
@@ -737,7 +797,11 @@ log:
                 "limits.max_body_size",
                 "unknown size unit",
             ),
-            ("upstream:\n  base_url: http://x/v1\nlisten: nowhere\n", "listen", ""),
+            (
+                "upstream:\n  base_url: http://x/v1\nlisten: nowhere\n",
+                "listen",
+                "",
+            ),
             (
                 "upstream:\n  base_url: http://x/v1\nlog:\n  format: xml\n",
                 "log.format",
@@ -751,7 +815,10 @@ log:
         ];
         for (text, field, message) in cases {
             let err = load_str(text, &no_env).unwrap_err();
-            assert!(err.starts_with(&format!("test.yaml: {field}: ")), "{field}: {err}");
+            assert!(
+                err.starts_with(&format!("test.yaml: {field}: ")),
+                "{field}: {err}"
+            );
             assert!(err.contains(message), "{field}: {err}");
         }
     }
@@ -764,21 +831,38 @@ log:
             &env,
         )
         .unwrap_err();
-        assert!(err.contains("upstream.default_headers.Authorization"), "{err}");
+        assert!(
+            err.contains("upstream.default_headers.Authorization"),
+            "{err}"
+        );
         assert!(!err.contains("sk-secret"), "{err}");
     }
 
     #[test]
     fn interpolation_substitutes_escapes_and_names_missing_variables() {
-        assert_eq!(interpolate("Bearer ${OPENAI_API_KEY}", &env_with_key).unwrap(), "Bearer sk-test-123");
-        assert_eq!(interpolate("cost $$5 and $x", &no_env).unwrap(), "cost $5 and $x");
+        assert_eq!(
+            interpolate("Bearer ${OPENAI_API_KEY}", &env_with_key).unwrap(),
+            "Bearer sk-test-123"
+        );
+        assert_eq!(
+            interpolate("cost $$5 and $x", &no_env).unwrap(),
+            "cost $5 and $x"
+        );
         assert_eq!(interpolate("plain", &no_env).unwrap(), "plain");
         assert_eq!(
             interpolate("${NOPE}", &no_env).unwrap_err(),
             "environment variable NOPE is not set"
         );
-        assert!(interpolate("${OPEN", &no_env).unwrap_err().contains("not closed"));
-        assert!(interpolate("${A-B}", &no_env).unwrap_err().contains("not a valid variable name"));
+        assert!(
+            interpolate("${OPEN", &no_env)
+                .unwrap_err()
+                .contains("not closed")
+        );
+        assert!(
+            interpolate("${A-B}", &no_env)
+                .unwrap_err()
+                .contains("not a valid variable name")
+        );
     }
 
     #[test]
@@ -794,12 +878,36 @@ log:
     #[test]
     fn base_url_join_follows_the_openai_sdk_convention() {
         let cases = [
-            ("https://api.openai.com/v1", "/v1/chat/completions", "https://api.openai.com/v1/chat/completions"),
-            ("https://api.openai.com/v1/", "/v1/chat/completions", "https://api.openai.com/v1/chat/completions"),
-            ("http://host:8000/openai/v1", "/v1/models", "http://host:8000/openai/v1/models"),
-            ("http://host:8000", "/v1/chat/completions", "http://host:8000/chat/completions"),
-            ("http://host/v1", "/v1/files?purpose=batch&limit=2", "http://host/v1/files?purpose=batch&limit=2"),
-            ("http://host/v1", "/v1/models/ft%3Agpt-4o%3Aorg", "http://host/v1/models/ft%3Agpt-4o%3Aorg"),
+            (
+                "https://api.openai.com/v1",
+                "/v1/chat/completions",
+                "https://api.openai.com/v1/chat/completions",
+            ),
+            (
+                "https://api.openai.com/v1/",
+                "/v1/chat/completions",
+                "https://api.openai.com/v1/chat/completions",
+            ),
+            (
+                "http://host:8000/openai/v1",
+                "/v1/models",
+                "http://host:8000/openai/v1/models",
+            ),
+            (
+                "http://host:8000",
+                "/v1/chat/completions",
+                "http://host:8000/chat/completions",
+            ),
+            (
+                "http://host/v1",
+                "/v1/files?purpose=batch&limit=2",
+                "http://host/v1/files?purpose=batch&limit=2",
+            ),
+            (
+                "http://host/v1",
+                "/v1/models/ft%3Agpt-4o%3Aorg",
+                "http://host/v1/models/ft%3Agpt-4o%3Aorg",
+            ),
             ("http://host", "/v1", "http://host/"),
         ];
         for (base, path, expected) in cases {
@@ -817,10 +925,17 @@ log:
             &env_with_key,
         )
         .unwrap();
-        assert_eq!(config.upstream.base_url.display(), "https://api.openai.com/v1");
-        let err = from_flags("http://x/v1", &["Authorization Bearer sk-live".into()], &no_env)
-            .unwrap_err()
-            .to_string();
+        assert_eq!(
+            config.upstream.base_url.display(),
+            "https://api.openai.com/v1"
+        );
+        let err = from_flags(
+            "http://x/v1",
+            &["Authorization Bearer sk-live".into()],
+            &no_env,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.starts_with("command line: --header:"), "{err}");
         assert!(!err.contains("sk-live"), "{err}");
     }

@@ -128,7 +128,10 @@ pub async fn run(
             tracing::debug!(%err, "could not set TCP_NODELAY");
         }
         let connection = builder
-            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service.clone()))
+            .serve_connection(
+                TokioIo::new(stream),
+                TowerToHyperService::new(service.clone()),
+            )
             .into_owned();
         let watched = graceful.watch(connection);
         tokio::spawn(async move {

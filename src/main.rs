@@ -129,7 +129,10 @@ fn main() -> ExitCode {
 }
 
 fn serve_blocking(server: impl std::future::Future<Output = std::io::Result<()>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => return fail(format_args!("cannot start the runtime: {err}")),
     };

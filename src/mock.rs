@@ -44,8 +44,18 @@ struct Mock {
 }
 
 const WORDS: [&str; 12] = [
-    "Hello", "from", "the", "llmproxy", "mock", "upstream:", "every", "word", "is", "a",
-    "streamed", "chunk.",
+    "Hello",
+    "from",
+    "the",
+    "llmproxy",
+    "mock",
+    "upstream:",
+    "every",
+    "word",
+    "is",
+    "a",
+    "streamed",
+    "chunk.",
 ];
 
 /// The mock's router.
@@ -82,7 +92,11 @@ pub async fn serve(listener: TcpListener, config: MockConfig) -> std::io::Result
 /// The answer's words, joined with spaces, one per chunk.
 fn word(i: usize) -> String {
     let word = WORDS[i % WORDS.len()];
-    if i == 0 { word.to_owned() } else { format!(" {word}") }
+    if i == 0 {
+        word.to_owned()
+    } else {
+        format!(" {word}")
+    }
 }
 
 fn header_number(headers: &HeaderMap, name: &str) -> Option<u64> {
@@ -103,18 +117,30 @@ fn bad_request(message: &str) -> Response {
         .into_response()
 }
 
-async fn chat_completions(State(mock): State<Arc<Mock>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn chat_completions(
+    State(mock): State<Arc<Mock>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let Ok(request) = serde_json::from_slice::<Value>(&body) else {
         return bad_request("mock upstream: the body is not JSON");
     };
     let model = request["model"].as_str().unwrap_or("mock-model").to_owned();
     let stream = request["stream"].as_bool().unwrap_or(false);
-    let include_usage = request["stream_options"]["include_usage"].as_bool().unwrap_or(false);
-    let chunks = header_number(&headers, "x-mock-chunks").map_or(mock.config.chunks, |n| n as usize);
-    let delay = header_number(&headers, "x-mock-delay-ms").map_or(mock.config.delay, Duration::from_millis);
-    let id = format!("chatcmpl-mock{}", mock.counter.fetch_add(1, Ordering::Relaxed));
+    let include_usage = request["stream_options"]["include_usage"]
+        .as_bool()
+        .unwrap_or(false);
+    let chunks =
+        header_number(&headers, "x-mock-chunks").map_or(mock.config.chunks, |n| n as usize);
+    let delay =
+        header_number(&headers, "x-mock-delay-ms").map_or(mock.config.delay, Duration::from_millis);
+    let id = format!(
+        "chatcmpl-mock{}",
+        mock.counter.fetch_add(1, Ordering::Relaxed)
+    );
     let created = unix_now();
-    let usage = json!({"prompt_tokens": 8, "completion_tokens": chunks, "total_tokens": 8 + chunks});
+    let usage =
+        json!({"prompt_tokens": 8, "completion_tokens": chunks, "total_tokens": 8 + chunks});
 
     if !stream {
         let content: String = (0..chunks).map(word).collect();
@@ -137,7 +163,10 @@ async fn chat_completions(State(mock): State<Arc<Mock>>, headers: HeaderMap, bod
             Bytes::from(format!("data: {chunk}\n\n"))
         };
         let mut events = Vec::with_capacity(chunks + 3);
-        events.push(event(json!({"role": "assistant", "content": ""}), Value::Null));
+        events.push(event(
+            json!({"role": "assistant", "content": ""}),
+            Value::Null,
+        ));
         events.extend((0..chunks).map(|i| event(json!({"content": word(i)}), Value::Null)));
         events.push(event(json!({}), json!("stop")));
         if include_usage {

@@ -43,7 +43,10 @@ pub struct Proxy {
 }
 
 /// Forwards one `/v1/*` request.
-pub async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Result<Response, ProxyError> {
+pub async fn forward(
+    State(proxy): State<Arc<Proxy>>,
+    request: Request,
+) -> Result<Response, ProxyError> {
     let (mut parts, body) = request.into_parts();
 
     // A body that announces itself as too large is refused before any upstream work.
@@ -72,7 +75,10 @@ pub async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Resul
     let request_id = parts.extensions.remove::<RequestId>();
     let upstream_request = http::Request::from_parts(
         parts,
-        Limited::new(body, usize::try_from(proxy.max_body_size).unwrap_or(usize::MAX)),
+        Limited::new(
+            body,
+            usize::try_from(proxy.max_body_size).unwrap_or(usize::MAX),
+        ),
     );
 
     let timeouts = &proxy.upstream.timeouts;
@@ -115,6 +121,8 @@ pub async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Resul
 /// Proxy failures get one warning with the detail the client also sees; the
 /// access-log line that follows carries only the error kind.
 fn log_failure(request_id: Option<&RequestId>, err: &ProxyError) {
-    let id = request_id.and_then(|id| id.0.to_str().ok()).unwrap_or_default();
+    let id = request_id
+        .and_then(|id| id.0.to_str().ok())
+        .unwrap_or_default();
     tracing::warn!(request_id = id, kind = err.kind(), "{err}");
 }

@@ -120,7 +120,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn chunks_within_the_idle_gap_pass_even_when_the_total_is_longer() {
         // Five gaps of 80 ms under a 100 ms idle limit: 400 ms in all.
-        let body = IdleTimeout::new(delayed_chunks(&[80, 80, 80, 80, 80]), Duration::from_millis(100));
+        let body = IdleTimeout::new(
+            delayed_chunks(&[80, 80, 80, 80, 80]),
+            Duration::from_millis(100),
+        );
         let bytes = body.collect().await.unwrap().to_bytes();
         assert_eq!(&bytes[..], b"c0c1c2c3c4");
     }
@@ -140,6 +143,9 @@ mod tests {
             }
         };
         assert_eq!(got, [Bytes::from("c0"), Bytes::from("c1")]);
-        assert!(matches!(err, BodyError::Idle(d) if d == Duration::from_millis(100)), "{err}");
+        assert!(
+            matches!(err, BodyError::Idle(d) if d == Duration::from_millis(100)),
+            "{err}"
+        );
     }
 }

@@ -58,7 +58,11 @@ pub fn client(timeouts: &Timeouts) -> UpstreamClient {
 ///
 /// The message is built from the error chain, which holds no header values:
 /// keys cannot leak through it.
-pub fn classify(err: &hyper_util::client::legacy::Error, timeouts: &Timeouts, limit: u64) -> ProxyError {
+pub fn classify(
+    err: &hyper_util::client::legacy::Error,
+    timeouts: &Timeouts,
+    limit: u64,
+) -> ProxyError {
     if find::<LengthLimitError>(err).is_some() {
         return ProxyError::BodyTooLarge { limit };
     }
@@ -71,7 +75,10 @@ pub fn classify(err: &hyper_util::client::legacy::Error, timeouts: &Timeouts, li
     if let Some(hyper_err) = find::<hyper::Error>(err) {
         if hyper_err.is_user() {
             // The client's own request body failed (it disconnected mid-upload).
-            return ProxyError::BadRequest(format!("reading the request body failed: {}", chain(err)));
+            return ProxyError::BadRequest(format!(
+                "reading the request body failed: {}",
+                chain(err)
+            ));
         }
         if hyper_err.is_parse() {
             return ProxyError::UpstreamProtocol(chain(err));

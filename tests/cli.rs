@@ -49,7 +49,9 @@ impl Bin {
                 if line.contains("llmproxy serving") {
                     let at = line.find("listen").unwrap();
                     let rest = line[at..].trim_start_matches(|c: char| !c.is_ascii_digit());
-                    let end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':')).unwrap_or(rest.len());
+                    let end = rest
+                        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':'))
+                        .unwrap_or(rest.len());
                     return rest[..end].parse().unwrap();
                 }
             }
@@ -66,11 +68,17 @@ impl Bin {
 
     fn terminate(&self) {
         let pid = self.child.id().unwrap();
-        std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
     }
 
     async fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
-        tokio::time::timeout(limit, self.child.wait()).await.expect("did not exit in time").unwrap()
+        tokio::time::timeout(limit, self.child.wait())
+            .await
+            .expect("did not exit in time")
+            .unwrap()
     }
 
     fn logs(&self) -> String {
@@ -79,7 +87,8 @@ impl Bin {
 }
 
 fn temp_config(name: &str, text: &str) -> std::path::PathBuf {
-    let path = std::env::temp_dir().join(format!("llmproxy-test-{}-{name}.yaml", std::process::id()));
+    let path =
+        std::env::temp_dir().join(format!("llmproxy-test-{}-{name}.yaml", std::process::id()));
     std::fs::write(&path, text).unwrap();
     path
 }
@@ -87,23 +96,57 @@ fn temp_config(name: &str, text: &str) -> std::path::PathBuf {
 #[tokio::test]
 async fn check_config_accepts_the_demo_and_names_the_bad_field() {
     let demo = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/demo.yaml");
-    let ok = Command::new(BIN).args(["check-config", demo]).output().await.unwrap();
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let ok = Command::new(BIN)
+        .args(["check-config", demo])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     assert!(String::from_utf8_lossy(&ok.stdout).contains("ok"));
 
-    let bad = temp_config("bad", "upstream:\n  base_url: http://x/v1\n  timeouts:\n    conect: 1s\n");
-    let out = Command::new(BIN).arg("check-config").arg(&bad).output().await.unwrap();
+    let bad = temp_config(
+        "bad",
+        "upstream:\n  base_url: http://x/v1\n  timeouts:\n    conect: 1s\n",
+    );
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&bad)
+        .output()
+        .await
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(&bad.display().to_string()), "names the file: {stderr}");
-    assert!(stderr.contains("upstream.timeouts.conect"), "names the field: {stderr}");
+    assert!(
+        stderr.contains(&bad.display().to_string()),
+        "names the file: {stderr}"
+    );
+    assert!(
+        stderr.contains("upstream.timeouts.conect"),
+        "names the field: {stderr}"
+    );
 
-    let missing = temp_config("missing-var", "upstream:\n  base_url: http://x/v1\n  default_headers:\n    Authorization: Bearer ${LLMPROXY_SURELY_UNSET_VAR}\n");
-    let out = Command::new(BIN).arg("check-config").arg(&missing).output().await.unwrap();
+    let missing = temp_config(
+        "missing-var",
+        "upstream:\n  base_url: http://x/v1\n  default_headers:\n    Authorization: Bearer ${LLMPROXY_SURELY_UNSET_VAR}\n",
+    );
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&missing)
+        .output()
+        .await
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("LLMPROXY_SURELY_UNSET_VAR is not set"));
 
-    let absent = Command::new(BIN).args(["check-config", "/nonexistent/llmproxy.yaml"]).output().await.unwrap();
+    let absent = Command::new(BIN)
+        .args(["check-config", "/nonexistent/llmproxy.yaml"])
+        .output()
+        .await
+        .unwrap();
     assert_eq!(absent.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&absent.stderr).contains("/nonexistent/llmproxy.yaml"));
 }
@@ -113,18 +156,27 @@ async fn quick_start_flags_serve_and_keys_never_reach_the_logs() {
     let upstream = spawn_upstream(|_| Reply::json(200, r#"{"ok":true}"#)).await;
     let upstream_url = upstream.base_url();
     let bin = Bin::start(
-        &["--upstream", &upstream_url, "--header", "Authorization: Bearer ${LLMPROXY_TEST_KEY}"],
-        &[("LLMPROXY_TEST_KEY", "sk-upstream-secret-1"), ("RUST_LOG", "trace")],
+        &[
+            "--upstream",
+            &upstream_url,
+            "--header",
+            "Authorization: Bearer ${LLMPROXY_TEST_KEY}",
+        ],
+        &[
+            ("LLMPROXY_TEST_KEY", "sk-upstream-secret-1"),
+            ("RUST_LOG", "trace"),
+        ],
     )
     .await;
-    let request = format!(
-        "POST /v1/chat/completions?api-key=sk-query-secret-3 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-client-secret-2\r\n\
-         X-Api-Key: sk-client-secret-2\r\nApi-Key: sk-client-secret-2\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
-    );
+    let request = "POST /v1/chat/completions?api-key=sk-query-secret-3 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-client-secret-2\r\n\
+         X-Api-Key: sk-client-secret-2\r\nApi-Key: sk-client-secret-2\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}";
     let (answer, _) = raw_exchange(bin.addr, request.as_bytes(), Duration::from_secs(5)).await;
     let answer = String::from_utf8_lossy(&answer).to_string();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    assert_eq!(upstream.requests()[0].headers["authorization"], "Bearer sk-upstream-secret-1");
+    assert_eq!(
+        upstream.requests()[0].headers["authorization"],
+        "Bearer sk-upstream-secret-1"
+    );
 
     // A failing request too: its error message must not carry keys either.
     drop(upstream);
@@ -136,17 +188,36 @@ async fn quick_start_flags_serve_and_keys_never_reach_the_logs() {
     let mut bin = bin;
     assert!(bin.wait_exit(Duration::from_secs(10)).await.success());
     let logs = bin.logs();
-    assert!(logs.contains("llmproxy::access"), "access log written: {logs}");
-    for secret in ["sk-upstream-secret-1", "sk-client-secret-2", "sk-query-secret-3"] {
-        assert!(!logs.contains(secret), "{secret} leaked into the logs:\n{logs}");
-        assert!(!answer.contains(secret) && !failed.contains(secret), "{secret} leaked into a response");
+    assert!(
+        logs.contains("llmproxy::access"),
+        "access log written: {logs}"
+    );
+    for secret in [
+        "sk-upstream-secret-1",
+        "sk-client-secret-2",
+        "sk-query-secret-3",
+    ] {
+        assert!(
+            !logs.contains(secret),
+            "{secret} leaked into the logs:\n{logs}"
+        );
+        assert!(
+            !answer.contains(secret) && !failed.contains(secret),
+            "{secret} leaked into a response"
+        );
     }
 }
 
 #[tokio::test]
 async fn json_access_log_has_one_line_per_request_with_every_field() {
-    let upstream = spawn_upstream(|_| Reply::json(200, r#"{"ok":true}"#).header("x-request-id", "req_up")).await;
-    let mut bin = Bin::start(&["--upstream", &upstream.base_url(), "--log-format", "json"], &[]).await;
+    let upstream =
+        spawn_upstream(|_| Reply::json(200, r#"{"ok":true}"#).header("x-request-id", "req_up"))
+            .await;
+    let mut bin = Bin::start(
+        &["--upstream", &upstream.base_url(), "--log-format", "json"],
+        &[],
+    )
+    .await;
     let got = post(&bin.url("/v1/chat/completions"), "{}").await;
     let id = got.header("x-llmproxy-request-id").unwrap().to_owned();
     bin.terminate();
@@ -168,14 +239,21 @@ async fn json_access_log_has_one_line_per_request_with_every_field() {
     assert_eq!(line["bytes_out"], 11);
     assert_eq!(line["outcome"], "complete");
     for field in ["latency_ms", "ttfb_ms", "upstream_ms"] {
-        assert!(line[field].as_f64().is_some_and(|v| v >= 0.0), "{field}: {line}");
+        assert!(
+            line[field].as_f64().is_some_and(|v| v >= 0.0),
+            "{field}: {line}"
+        );
     }
 }
 
 #[tokio::test]
 async fn sigterm_stops_accepting_lets_streams_finish_and_exits_zero() {
     let upstream = spawn_upstream(|_| {
-        Reply::sse((0..10).map(|i| (std::time::Duration::from_millis(100), event(&i.to_string()))).collect())
+        Reply::sse(
+            (0..10)
+                .map(|i| (std::time::Duration::from_millis(100), event(&i.to_string())))
+                .collect(),
+        )
     })
     .await;
     let mut bin = Bin::start(&["--upstream", &upstream.base_url()], &[]).await;
@@ -190,24 +268,40 @@ async fn sigterm_stops_accepting_lets_streams_finish_and_exits_zero() {
 
     // New connections are refused soon after the signal...
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(tokio::net::TcpStream::connect(bin.addr).await.is_err(), "still accepting after SIGTERM");
+    assert!(
+        tokio::net::TcpStream::connect(bin.addr).await.is_err(),
+        "still accepting after SIGTERM"
+    );
     // ...while the in-flight stream runs to its clean end.
     let mut rest = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
     let text = String::from_utf8_lossy(&rest);
-    assert!(text.contains("data: 9") && text.ends_with("0\r\n\r\n"), "{text}");
+    assert!(
+        text.contains("data: 9") && text.ends_with("0\r\n\r\n"),
+        "{text}"
+    );
     assert!(bin.wait_exit(Duration::from_secs(5)).await.success());
 }
 
 #[tokio::test]
 async fn shutdown_deadline_cuts_streams_that_run_too_long() {
     let upstream = spawn_upstream(|_| {
-        Reply::sse((0..100).map(|i| (std::time::Duration::from_millis(100), event(&i.to_string()))).collect())
+        Reply::sse(
+            (0..100)
+                .map(|i| (std::time::Duration::from_millis(100), event(&i.to_string())))
+                .collect(),
+        )
     })
     .await;
     let config = temp_config(
         "deadline",
-        &format!("upstream:\n  base_url: {}\nshutdown_timeout: 500ms\n", upstream.base_url()),
+        &format!(
+            "upstream:\n  base_url: {}\nshutdown_timeout: 500ms\n",
+            upstream.base_url()
+        ),
     );
     let mut bin = Bin::start(&["--config", config.to_str().unwrap()], &[]).await;
     let mut stream = tokio::net::TcpStream::connect(bin.addr).await.unwrap();
@@ -221,10 +315,16 @@ async fn shutdown_deadline_cuts_streams_that_run_too_long() {
     bin.terminate();
     assert!(bin.wait_exit(Duration::from_secs(5)).await.success());
     let took = start.elapsed();
-    assert!(took >= Duration::from_millis(450) && took < Duration::from_secs(3), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
     let mut rest = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(2), stream.read_to_end(&mut rest)).await;
-    assert!(!String::from_utf8_lossy(&rest).ends_with("0\r\n\r\n"), "a cut stream must not look complete");
+    assert!(
+        !String::from_utf8_lossy(&rest).ends_with("0\r\n\r\n"),
+        "a cut stream must not look complete"
+    );
 }
 
 #[tokio::test]
@@ -232,7 +332,11 @@ async fn missing_config_and_bad_flags_fail_with_a_clear_message() {
     let out = Command::new(BIN).output().await.unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--config"));
-    let out = Command::new(BIN).args(["--upstream", "ftp://x"]).output().await.unwrap();
+    let out = Command::new(BIN)
+        .args(["--upstream", "ftp://x"])
+        .output()
+        .await
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("upstream.base_url"));
 }

@@ -14,7 +14,11 @@ fn assert_proxy_error(got: &Got, status: u16, code: &str) {
     assert_eq!(got.header("content-type"), Some("application/json"));
     let json = got.json();
     assert_eq!(json["error"]["code"], code, "{json}");
-    assert!(json["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    assert!(
+        json["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty())
+    );
     assert!(json["error"]["type"].is_string());
 }
 
@@ -49,7 +53,11 @@ async fn upstream_error_answers_reach_the_client_as_they_were_streamed_or_not() 
 #[tokio::test]
 async fn refused_connection_is_a_502_in_the_openai_shape() {
     // Bind, note the port, close: nothing listens there any more.
-    let addr = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let addr = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let proxy = spawn_proxy_with(config_for(&format!("http://{addr}/v1"))).await;
     let got = post(&proxy.url("/v1/chat/completions"), "{}").await;
     assert_proxy_error(&got, 502, "upstream_unreachable");
@@ -84,7 +92,10 @@ async fn upstream_that_never_answers_is_a_504_after_the_response_headers_timeout
     let got = post(&proxy.url("/v1/chat/completions"), r#"{"stream":true}"#).await;
     let waited = start.elapsed();
     assert_proxy_error(&got, 504, "upstream_timeout");
-    assert!(waited >= Duration::from_millis(300) && waited < Duration::from_secs(5), "{waited:?}");
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
 }
 
 #[tokio::test]
@@ -96,8 +107,11 @@ async fn connect_timeout_is_a_504() {
     let addr = listener.local_addr().unwrap();
     let mut fillers = Vec::new();
     for _ in 0..4 {
-        if let Ok(Ok(stream)) =
-            tokio::time::timeout(Duration::from_millis(200), tokio::net::TcpStream::connect(addr)).await
+        if let Ok(Ok(stream)) = tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
         {
             fillers.push(stream);
         }
@@ -142,7 +156,10 @@ async fn declared_body_over_the_limit_is_a_413_before_the_upstream_is_asked() {
         .await
         .unwrap();
     let mut answer = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer)).await.unwrap().unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
     let text = String::from_utf8_lossy(&answer[..n]);
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
     assert!(text.contains(r#""code":"request_too_large""#), "{text}");
@@ -170,7 +187,10 @@ async fn streamed_body_over_the_limit_is_a_413() {
     // on its own once the limit is crossed.
     let chunk = vec![b'a'; 8192];
     for _ in 0..10 {
-        stream.write_all(format!("{:x}\r\n", chunk.len()).as_bytes()).await.unwrap();
+        stream
+            .write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+            .await
+            .unwrap();
         stream.write_all(&chunk).await.unwrap();
         stream.write_all(b"\r\n").await.unwrap();
     }

@@ -18,7 +18,10 @@ async fn health_check_answers_healthy_json() {
     assert_eq!(got.status, 200);
     assert_eq!(got.header("content-type"), Some("application/json"));
     assert_eq!(got.json(), serde_json::json!({"status": "healthy"}));
-    assert!(upstream.requests().is_empty(), "health check must not reach the upstream");
+    assert!(
+        upstream.requests().is_empty(),
+        "health check must not reach the upstream"
+    );
 }
 
 #[tokio::test]
@@ -42,7 +45,8 @@ async fn chat_completion_is_forwarded_byte_exact_both_ways() {
 
 #[tokio::test]
 async fn every_v1_endpoint_is_forwarded_with_method_path_and_query() {
-    let upstream = spawn_upstream(|r| Reply::json(200, &format!(r#"{{"path":"{}"}}"#, r.uri))).await;
+    let upstream =
+        spawn_upstream(|r| Reply::json(200, &format!(r#"{{"path":"{}"}}"#, r.uri))).await;
     let proxy = spawn_proxy(&upstream).await;
     let cases = [
         ("POST", "/v1/completions"),
@@ -68,23 +72,44 @@ async fn every_v1_endpoint_is_forwarded_with_method_path_and_query() {
     }
     let seen = upstream.requests();
     let methods: Vec<&str> = seen.iter().map(|r| r.method.as_str()).collect();
-    assert_eq!(methods, ["POST", "POST", "GET", "GET", "POST", "GET", "DELETE", "POST"]);
+    assert_eq!(
+        methods,
+        [
+            "POST", "POST", "GET", "GET", "POST", "GET", "DELETE", "POST"
+        ]
+    );
 }
 
 #[tokio::test]
 async fn base_url_with_its_own_path_prefix_is_joined() {
     let upstream = spawn_upstream(|_| Reply::json(200, "{}")).await;
-    let proxy = spawn_proxy_with(config_for(&format!("http://{}/openai/deployments/v1/", upstream.addr))).await;
-    post(&proxy.url("/v1/chat/completions?api-version=2025-01-01"), "{}").await;
+    let proxy = spawn_proxy_with(config_for(&format!(
+        "http://{}/openai/deployments/v1/",
+        upstream.addr
+    )))
+    .await;
+    post(
+        &proxy.url("/v1/chat/completions?api-version=2025-01-01"),
+        "{}",
+    )
+    .await;
     let seen = upstream.requests();
-    assert_eq!(seen[0].uri, "/openai/deployments/v1/chat/completions?api-version=2025-01-01");
+    assert_eq!(
+        seen[0].uri,
+        "/openai/deployments/v1/chat/completions?api-version=2025-01-01"
+    );
 }
 
 #[tokio::test]
 async fn paths_outside_v1_are_an_openai_404_and_never_forwarded() {
     let upstream = spawn_upstream(|_| Reply::json(200, "{}")).await;
     let proxy = spawn_proxy(&upstream).await;
-    for path in ["/chat/completions", "/v2/chat/completions", "/v1", "/admin?token=x"] {
+    for path in [
+        "/chat/completions",
+        "/v2/chat/completions",
+        "/v1",
+        "/admin?token=x",
+    ] {
         let got = post(&proxy.url(path), "{}").await;
         assert_eq!(got.status, 404, "{path}");
         let json = got.json();
@@ -92,17 +117,27 @@ async fn paths_outside_v1_are_an_openai_404_and_never_forwarded() {
         assert_eq!(json["error"]["code"], "not_found", "{path}");
         let message = json["error"]["message"].as_str().unwrap();
         assert!(message.contains("POST"), "{message}");
-        assert!(!message.contains("token"), "the query never shows: {message}");
+        assert!(
+            !message.contains("token"),
+            "the query never shows: {message}"
+        );
     }
     assert!(upstream.requests().is_empty());
 }
 
 #[tokio::test]
 async fn ten_megabyte_bodies_arrive_intact_both_ways() {
-    let body: Bytes = (0..10 * 1024 * 1024).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect::<Vec<u8>>().into();
+    let body: Bytes = (0..10 * 1024 * 1024)
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect::<Vec<u8>>()
+        .into();
     let upstream = spawn_upstream(|r| {
         let mut reply = Reply::json(200, "");
-        reply.chunks = r.body.chunks(1 << 20).map(|c| (Duration::ZERO, Bytes::copy_from_slice(c))).collect();
+        reply.chunks = r
+            .body
+            .chunks(1 << 20)
+            .map(|c| (Duration::ZERO, Bytes::copy_from_slice(c)))
+            .collect();
         reply
     })
     .await;
@@ -110,7 +145,10 @@ async fn ten_megabyte_bodies_arrive_intact_both_ways() {
     let got = post(&proxy.url("/v1/files"), body.clone()).await;
     assert_eq!(got.status, 200);
     assert_eq!(upstream.requests()[0].body.len(), body.len());
-    assert!(upstream.requests()[0].body == body, "upstream got a different request body");
+    assert!(
+        upstream.requests()[0].body == body,
+        "upstream got a different request body"
+    );
     assert!(got.body == body, "client got a different response body");
 }
 
@@ -147,7 +185,14 @@ async fn two_hundred_concurrent_streams_are_byte_exact() {
         let id = std::str::from_utf8(&r.body).unwrap().to_owned();
         Reply::sse(
             (0..20)
-                .map(|i| (Duration::from_millis(5), event(&format!("{{\"stream\":{id},\"chunk\":{i},\"pad\":\"ü€𝄞\"}}"))))
+                .map(|i| {
+                    (
+                        Duration::from_millis(5),
+                        event(&format!(
+                            "{{\"stream\":{id},\"chunk\":{i},\"pad\":\"ü€𝄞\"}}"
+                        )),
+                    )
+                })
                 .collect(),
         )
     })
@@ -157,7 +202,9 @@ async fn two_hundred_concurrent_streams_are_byte_exact() {
     let mut tasks = Vec::new();
     for id in 0..200 {
         let url = url.clone();
-        tasks.push(tokio::spawn(async move { (id, post(&url, id.to_string()).await) }));
+        tasks.push(tokio::spawn(async move {
+            (id, post(&url, id.to_string()).await)
+        }));
     }
     for task in tasks {
         let (id, got) = task.await.unwrap();
@@ -179,7 +226,10 @@ async fn every_response_carries_a_fresh_llmproxy_request_id() {
     let c = get(&proxy.url("/nope")).await;
     let ids: Vec<&str> = [&a, &b, &c]
         .iter()
-        .map(|g| g.header("x-llmproxy-request-id").expect("request id header"))
+        .map(|g| {
+            g.header("x-llmproxy-request-id")
+                .expect("request id header")
+        })
         .collect();
     assert!(ids.iter().all(|id| id.len() == 32));
     assert_ne!(ids[0], ids[1]);

@@ -9,7 +9,10 @@ use common::*;
 use tokio::io::AsyncWriteExt;
 
 fn with_defaults(upstream: &Upstream, defaults: &[(&str, &str)]) -> llmproxy::config::FileConfig {
-    let mut yaml = format!("upstream:\n  base_url: {}\n  default_headers:\n", upstream.base_url());
+    let mut yaml = format!(
+        "upstream:\n  base_url: {}\n  default_headers:\n",
+        upstream.base_url()
+    );
     for (name, value) in defaults {
         yaml.push_str(&format!("    {name}: \"{value}\"\n"));
     }
@@ -17,7 +20,11 @@ fn with_defaults(upstream: &Upstream, defaults: &[(&str, &str)]) -> llmproxy::co
 }
 
 fn all<'a>(r: &'a Recorded, name: &str) -> Vec<&'a str> {
-    r.headers.get_all(name).iter().map(|v| v.to_str().unwrap()).collect()
+    r.headers
+        .get_all(name)
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect()
 }
 
 #[tokio::test]
@@ -25,7 +32,10 @@ async fn default_headers_override_client_headers_case_insensitively_once() {
     let upstream = spawn_upstream(|_| Reply::json(200, "{}")).await;
     let proxy = spawn_proxy_with(with_defaults(
         &upstream,
-        &[("authorization", "Bearer y"), ("OpenAI-Organization", "org-proxy")],
+        &[
+            ("authorization", "Bearer y"),
+            ("OpenAI-Organization", "org-proxy"),
+        ],
     ))
     .await;
     // Raw bytes so the client's header casing and duplicates reach the proxy as written.
@@ -34,7 +44,11 @@ async fn default_headers_override_client_headers_case_insensitively_once() {
                    openai-organization: org-client\r\nX-Client: kept\r\n\
                    Content-Length: 2\r\nConnection: close\r\n\r\n{}";
     let (answer, _) = raw_exchange(proxy.addr, request.as_bytes(), Duration::from_secs(5)).await;
-    assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
     let seen = &upstream.requests()[0];
     assert_eq!(all(seen, "authorization"), ["Bearer y"]);
     assert_eq!(all(seen, "openai-organization"), ["org-proxy"]);
@@ -48,7 +62,10 @@ async fn default_headers_are_interpolated_from_the_environment() {
     let file = with_defaults(&upstream, &[("Authorization", "Bearer ${UPSTREAM_KEY}")]);
     let proxy = spawn_proxy_env(file, &env).await;
     post(&proxy.url("/v1/chat/completions"), "{}").await;
-    assert_eq!(all(&upstream.requests()[0], "authorization"), ["Bearer sk-from-env"]);
+    assert_eq!(
+        all(&upstream.requests()[0], "authorization"),
+        ["Bearer sk-from-env"]
+    );
 }
 
 #[tokio::test]
@@ -77,13 +94,27 @@ async fn hop_by_hop_headers_never_reach_the_upstream_and_host_is_the_upstreams()
     let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     stream.write_all(request.as_bytes()).await.unwrap();
     let head = read_head(&mut stream).await;
-    assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
     let seen = &upstream.requests()[0];
     for name in [
-        "connection", "x-hop-secret", "keep-alive", "proxy-authorization", "te", "trailer",
-        "upgrade", "proxy-connection",
+        "connection",
+        "x-hop-secret",
+        "keep-alive",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-connection",
     ] {
-        assert!(!seen.headers.contains_key(name), "{name} crossed: {:?}", seen.headers);
+        assert!(
+            !seen.headers.contains_key(name),
+            "{name} crossed: {:?}",
+            seen.headers
+        );
     }
     // The body is still streamed chunked, but that framing is the proxy's own
     // connection's: one value, set by the client library, not the client's copy.
@@ -118,10 +149,23 @@ async fn provider_headers_reach_the_client_and_hop_by_hop_ones_do_not() {
     ] {
         assert_eq!(got.header(name), Some(value), "{name}");
     }
-    let cookies: Vec<&str> = got.headers.get_all("set-cookie").iter().map(|v| v.to_str().unwrap()).collect();
+    let cookies: Vec<&str> = got
+        .headers
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
     assert_eq!(cookies, ["a=1", "b=2"]);
-    for name in ["x-upstream-hop", "keep-alive", "proxy-authenticate", "upgrade"] {
-        assert!(!got.headers.contains_key(name), "{name} crossed to the client");
+    for name in [
+        "x-upstream-hop",
+        "keep-alive",
+        "proxy-authenticate",
+        "upgrade",
+    ] {
+        assert!(
+            !got.headers.contains_key(name),
+            "{name} crossed to the client"
+        );
     }
     assert!(got.header("x-llmproxy-request-id").is_some());
     assert_ne!(got.header("x-llmproxy-request-id"), Some("req_upstream_42"));

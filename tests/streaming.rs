@@ -20,7 +20,16 @@ const STREAM_REQUEST: &[u8] = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\
 async fn each_chunk_reaches_the_client_as_the_upstream_sends_it() {
     let gap = Duration::from_millis(300);
     let upstream = spawn_upstream(move |_| {
-        Reply::sse((0..5).map(|i| (if i == 0 { Duration::ZERO } else { gap }, event(&format!("{i}")))).collect())
+        Reply::sse(
+            (0..5)
+                .map(|i| {
+                    (
+                        if i == 0 { Duration::ZERO } else { gap },
+                        event(&format!("{i}")),
+                    )
+                })
+                .collect(),
+        )
     })
     .await;
     let proxy = spawn_proxy(&upstream).await;
@@ -44,22 +53,33 @@ async fn each_chunk_reaches_the_client_as_the_upstream_sends_it() {
             received.extend_from_slice(&data);
         }
     }
-    let expected: Vec<u8> = (0..5).flat_map(|i| event(&i.to_string()).to_vec()).collect();
+    let expected: Vec<u8> = (0..5)
+        .flat_map(|i| event(&i.to_string()).to_vec())
+        .collect();
     assert_eq!(received, expected);
     // The first chunk is in hand long before the upstream even sends the last (1.2 s).
-    assert!(arrivals[0] < Duration::from_millis(250), "first chunk after {:?}", arrivals[0]);
+    assert!(
+        arrivals[0] < Duration::from_millis(250),
+        "first chunk after {:?}",
+        arrivals[0]
+    );
     assert!(*arrivals.last().unwrap() >= Duration::from_millis(1200));
     assert!(arrivals.len() >= 5, "chunks were merged: {arrivals:?}");
     // Each chunk arrives about when it was sent: never held for the next one.
     for pair in arrivals.windows(2) {
         let spacing = pair[1] - pair[0];
-        assert!(spacing > Duration::from_millis(150), "chunks held back: {arrivals:?}");
+        assert!(
+            spacing > Duration::from_millis(150),
+            "chunks held back: {arrivals:?}"
+        );
     }
 }
 
 #[tokio::test]
 async fn multibyte_utf8_split_across_chunks_is_forwarded_byte_exact() {
-    let text = "data: {\"content\":\"héllo 世界 👋 𝄞\"}\n\n".as_bytes().to_vec();
+    let text = "data: {\"content\":\"héllo 世界 👋 𝄞\"}\n\n"
+        .as_bytes()
+        .to_vec();
     // Split inside every multi-byte character.
     let pieces: Vec<(Duration, Bytes)> = text
         .chunks(3)
@@ -74,7 +94,11 @@ async fn multibyte_utf8_split_across_chunks_is_forwarded_byte_exact() {
 #[tokio::test]
 async fn client_disconnect_mid_stream_closes_the_upstream_connection() {
     let upstream = spawn_upstream(|_| {
-        Reply::sse((0..200).map(|i| (Duration::from_millis(50), event(&i.to_string()))).collect())
+        Reply::sse(
+            (0..200)
+                .map(|i| (Duration::from_millis(50), event(&i.to_string())))
+                .collect(),
+        )
     })
     .await;
     let proxy = spawn_proxy(&upstream).await;
@@ -87,7 +111,10 @@ async fn client_disconnect_mid_stream_closes_the_upstream_connection() {
     assert_eq!(upstream.closed.load(Ordering::SeqCst), 0);
     drop(stream);
 
-    let took = upstream.wait_closed(1, Duration::from_secs(1)).await.unwrap();
+    let took = upstream
+        .wait_closed(1, Duration::from_secs(1))
+        .await
+        .unwrap();
     assert!(took < Duration::from_secs(1), "{took:?}");
     // The upstream stopped before its 10 s answer was sent.
     assert!(upstream.sent_bytes.load(Ordering::SeqCst) < 200 * 8);
@@ -113,7 +140,10 @@ async fn client_disconnect_before_response_headers_cancels_the_upstream_request(
     .await
     .unwrap();
     drop(stream);
-    upstream.wait_closed(1, Duration::from_secs(1)).await.unwrap();
+    upstream
+        .wait_closed(1, Duration::from_secs(1))
+        .await
+        .unwrap();
 }
 
 /// Reads a raw HTTP/1.1 response and reports whether its body was complete.
@@ -128,13 +158,20 @@ async fn read_until_end(stream: &mut tokio::net::TcpStream) -> (Vec<u8>, bool) {
         }
     }
     let text = String::from_utf8_lossy(&all).to_string();
-    let complete = if text.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let complete = if text
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         text.ends_with("\r\n0\r\n\r\n")
     } else {
         let head_end = text.find("\r\n\r\n").unwrap() + 4;
         let length: usize = text
             .lines()
-            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse().unwrap()))
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length: ")
+                    .map(|v| v.trim().parse().unwrap())
+            })
             .unwrap();
         all.len() - head_end == length
     };
@@ -145,7 +182,11 @@ async fn read_until_end(stream: &mut tokio::net::TcpStream) -> (Vec<u8>, bool) {
 async fn upstream_dying_mid_stream_never_looks_complete_downstream() {
     for sized in [false, true] {
         let upstream = spawn_upstream(move |_| {
-            let mut reply = Reply::sse((0..3).map(|i| (Duration::from_millis(20), event(&i.to_string()))).collect());
+            let mut reply = Reply::sse(
+                (0..3)
+                    .map(|i| (Duration::from_millis(20), event(&i.to_string())))
+                    .collect(),
+            );
             reply.end = End::Abort;
             if sized {
                 // Declares more than it sends, then dies: a truncated sized body.
@@ -163,8 +204,14 @@ async fn upstream_dying_mid_stream_never_looks_complete_downstream() {
         let (bytes, complete) = read_until_end(&mut stream).await;
         let text = String::from_utf8_lossy(&bytes);
         assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-        assert!(text.contains("data: 2"), "the chunks before the failure arrive: {text}");
-        assert!(!complete, "sized={sized}: a truncated stream looked complete: {text}");
+        assert!(
+            text.contains("data: 2"),
+            "the chunks before the failure arrive: {text}"
+        );
+        assert!(
+            !complete,
+            "sized={sized}: a truncated stream looked complete: {text}"
+        );
     }
 }
 
@@ -178,11 +225,18 @@ async fn a_real_client_sees_an_error_when_the_upstream_dies() {
     .await;
     let proxy = spawn_proxy(&upstream).await;
     let response = client()
-        .request(Request::post(proxy.url("/v1/chat/completions")).body(Full::default()).unwrap())
+        .request(
+            Request::post(proxy.url("/v1/chat/completions"))
+                .body(Full::default())
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    assert!(response.into_body().collect().await.is_err(), "body must fail, not end cleanly");
+    assert!(
+        response.into_body().collect().await.is_err(),
+        "body must fail, not end cleanly"
+    );
 }
 
 #[tokio::test]
@@ -203,22 +257,38 @@ async fn a_stream_silent_past_the_idle_timeout_is_aborted() {
     assert!(String::from_utf8_lossy(&bytes).contains("data: first"));
     assert!(!complete);
     assert!(start.elapsed() >= Duration::from_millis(300));
-    assert!(start.elapsed() < Duration::from_secs(3), "{:?}", start.elapsed());
-    upstream.wait_closed(1, Duration::from_secs(1)).await.unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    upstream
+        .wait_closed(1, Duration::from_secs(1))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
 async fn long_generations_are_not_cut_while_chunks_keep_coming() {
     // 1.5 s in all, but never more than 100 ms of silence under a 400 ms idle timeout.
     let upstream = spawn_upstream(|_| {
-        Reply::sse((0..15).map(|i| (Duration::from_millis(100), event(&i.to_string()))).collect())
+        Reply::sse(
+            (0..15)
+                .map(|i| (Duration::from_millis(100), event(&i.to_string())))
+                .collect(),
+        )
     })
     .await;
     let mut file = config_for(&upstream.base_url());
     file.upstream.timeouts.idle = Duration::from_millis(400);
     let proxy = spawn_proxy_with(file).await;
     let got = post(&proxy.url("/v1/chat/completions"), r#"{"stream":true}"#).await;
-    assert_eq!(got.body.len(), (0..15).map(|i: i32| event(&i.to_string()).len()).sum::<usize>());
+    assert_eq!(
+        got.body.len(),
+        (0..15)
+            .map(|i: i32| event(&i.to_string()).len())
+            .sum::<usize>()
+    );
 }
 
 #[tokio::test]
@@ -227,7 +297,11 @@ async fn a_slow_client_applies_backpressure_instead_of_growing_memory() {
     let total = 64 * 1024 * 1024;
     let upstream = spawn_upstream(move |_| {
         let chunk = Bytes::from(vec![b'z'; 64 * 1024]);
-        let mut reply = Reply::sse((0..total / chunk.len()).map(|_| (Duration::ZERO, chunk.clone())).collect());
+        let mut reply = Reply::sse(
+            (0..total / chunk.len())
+                .map(|_| (Duration::ZERO, chunk.clone()))
+                .collect(),
+        );
         reply.sized = true;
         reply
     })
@@ -239,7 +313,11 @@ async fn a_slow_client_applies_backpressure_instead_of_growing_memory() {
     let buffered = upstream.sent_bytes.load(Ordering::SeqCst);
     // What is in flight is bounded by socket buffers and a chunk or two of
     // proxy buffering, far below the 64 MiB offered.
-    assert!(buffered < 24 * 1024 * 1024, "{} MiB buffered for a stalled client", buffered >> 20);
+    assert!(
+        buffered < 24 * 1024 * 1024,
+        "{} MiB buffered for a stalled client",
+        buffered >> 20
+    );
 
     // And once the client reads, everything arrives.
     let mut received = 0usize;

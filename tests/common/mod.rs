@@ -205,7 +205,9 @@ impl Upstream {
 }
 
 /// Starts a scripted upstream; `handler` picks the reply for each request.
-pub async fn spawn_upstream(handler: impl Fn(&Recorded) -> Reply + Send + Sync + 'static) -> Upstream {
+pub async fn spawn_upstream(
+    handler: impl Fn(&Recorded) -> Reply + Send + Sync + 'static,
+) -> Upstream {
     let handler: Handler = Arc::new(handler);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -226,7 +228,9 @@ pub async fn spawn_upstream(handler: impl Fn(&Recorded) -> Reply + Send + Sync +
         );
         tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { return };
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
                 stream.set_nodelay(true).unwrap();
                 opened.fetch_add(1, Ordering::SeqCst);
                 let (handler, requests, closed, closed_notify, sent_bytes) = (
@@ -242,7 +246,11 @@ pub async fn spawn_upstream(handler: impl Fn(&Recorded) -> Reply + Send + Sync +
                             (handler.clone(), requests.clone(), sent_bytes.clone());
                         async move {
                             let (parts, body) = req.into_parts();
-                            let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|c| c.to_bytes())
+                                .unwrap_or_default();
                             let recorded = Recorded {
                                 method: parts.method,
                                 uri: parts.uri,
@@ -326,7 +334,9 @@ pub async fn spawn_raw_upstream(answer: &'static [u8], close_after: bool) -> Soc
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((mut stream, _)) = listener.accept().await else { return };
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
             tokio::spawn(async move {
                 read_head(&mut stream).await;
                 let _ = stream.write_all(answer).await;
@@ -377,7 +387,10 @@ pub struct Got {
 impl Got {
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!("body is not JSON ({e}): {}", String::from_utf8_lossy(&self.body))
+            panic!(
+                "body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
         })
     }
 

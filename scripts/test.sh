@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The project's one test command (README, CI): formatting, lints, and every
+# test, including the official OpenAI SDKs as real clients.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== installing the pinned OpenAI SDKs"
+./scripts/sdk-setup.sh
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "== cargo clippy"
+cargo clippy --locked --all-targets -- -D warnings
+
+echo "== cargo test"
+cargo test --locked --all-targets
