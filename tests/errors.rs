@@ -217,3 +217,31 @@ async fn malformed_requests_get_a_400_and_the_proxy_keeps_serving() {
     assert_eq!(get(&proxy.url("/")).await.status, 200, "still serving");
     assert!(upstream.requests().is_empty());
 }
+
+#[tokio::test]
+async fn https_upstreams_speak_tls_offering_http2_and_a_failed_handshake_is_a_502() {
+    // A raw server that records the first bytes the proxy sends, then hangs up.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut hello = vec![0u8; 4096];
+        let n = stream.read(&mut hello).await.unwrap();
+        hello.truncate(n);
+        let _ = tx.send(hello);
+        // Not TLS: the handshake must fail cleanly.
+        let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+    });
+    let proxy =
+        spawn_proxy_with(config_for(&format!("https://localhost:{}/v1", addr.port()))).await;
+    let got = post(&proxy.url("/v1/chat/completions"), "{}").await;
+    assert_proxy_error(&got, 502, "upstream_unreachable");
+
+    let hello = rx.await.unwrap();
+    assert_eq!(hello[0], 0x16, "a TLS handshake record");
+    let contains = |needle: &[u8]| hello.windows(needle.len()).any(|w| w == needle);
+    assert!(contains(b"localhost"), "SNI names the host");
+    assert!(contains(b"\x02h2"), "ALPN offers HTTP/2");
+    assert!(contains(b"\x08http/1.1"), "ALPN offers HTTP/1.1");
+}

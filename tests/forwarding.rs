@@ -235,3 +235,34 @@ async fn every_response_carries_a_fresh_llmproxy_request_id() {
     assert_ne!(ids[0], ids[1]);
     assert_ne!(ids[1], ids[2]);
 }
+
+#[tokio::test]
+async fn http2_clients_are_served_too() {
+    let upstream = spawn_upstream(|_| Reply::sse(vec![(Duration::ZERO, event("h2"))])).await;
+    let proxy = spawn_proxy(&upstream).await;
+    let h2: hyper_util::client::legacy::Client<_, Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    let response = h2
+        .request(
+            Request::post(proxy.url("/v1/chat/completions"))
+                .body(Full::new(Bytes::from_static(b"{}")))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+    assert!(response.headers().contains_key("x-llmproxy-request-id"));
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(body, event("h2"));
+    // The upstream got an ordinary HTTP/1.1 request with its own Host.
+    assert_eq!(
+        upstream.requests()[0].headers["host"],
+        upstream.addr.to_string()
+    );
+}
