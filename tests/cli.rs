@@ -93,14 +93,19 @@ fn temp_config(name: &str, text: &str) -> std::path::PathBuf {
     path
 }
 
+async fn check_config(path: impl AsRef<std::ffi::OsStr>) -> std::process::Output {
+    Command::new(BIN)
+        .arg("check-config")
+        .arg(path)
+        .output()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn check_config_accepts_the_demo_and_names_the_bad_field() {
     let demo = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/demo.yaml");
-    let ok = Command::new(BIN)
-        .args(["check-config", demo])
-        .output()
-        .await
-        .unwrap();
+    let ok = check_config(demo).await;
     assert!(
         ok.status.success(),
         "{}",
@@ -112,12 +117,7 @@ async fn check_config_accepts_the_demo_and_names_the_bad_field() {
         "bad",
         "upstream:\n  base_url: http://x/v1\n  timeouts:\n    conect: 1s\n",
     );
-    let out = Command::new(BIN)
-        .arg("check-config")
-        .arg(&bad)
-        .output()
-        .await
-        .unwrap();
+    let out = check_config(&bad).await;
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -133,20 +133,11 @@ async fn check_config_accepts_the_demo_and_names_the_bad_field() {
         "missing-var",
         "upstream:\n  base_url: http://x/v1\n  default_headers:\n    Authorization: Bearer ${LLMPROXY_SURELY_UNSET_VAR}\n",
     );
-    let out = Command::new(BIN)
-        .arg("check-config")
-        .arg(&missing)
-        .output()
-        .await
-        .unwrap();
+    let out = check_config(&missing).await;
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("LLMPROXY_SURELY_UNSET_VAR is not set"));
 
-    let absent = Command::new(BIN)
-        .args(["check-config", "/nonexistent/llmproxy.yaml"])
-        .output()
-        .await
-        .unwrap();
+    let absent = check_config("/nonexistent/llmproxy.yaml").await;
     assert_eq!(absent.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&absent.stderr).contains("/nonexistent/llmproxy.yaml"));
 }
