@@ -15,3 +15,8 @@ cargo clippy --locked --all-targets -- -D warnings
 
 echo "== cargo test"
 cargo test --locked --all-targets
+
+echo "== benchmark smoke (the harness must produce its table; speed is not asserted)"
+./bench/run.sh --smoke
+test -s target/bench/RESULTS.md
+grep -q '| (a) requests/s' target/bench/RESULTS.md

@@ -28,6 +28,9 @@ use crate::stream::BoxError;
 /// The response header carrying llmproxy's request id.
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-llmproxy-request-id");
 
+/// The W3C header through which llmproxy reports its own time and the upstream's.
+pub const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
+
 /// llmproxy's id for one request, in the request extensions for handlers.
 #[derive(Debug, Clone)]
 pub struct RequestId(pub HeaderValue);
@@ -75,6 +78,22 @@ impl RequestIds {
         // Hex digits are always a valid header value; the fallback is unreachable.
         HeaderValue::from_bytes(&text).unwrap_or(HeaderValue::from_static("0"))
     }
+}
+
+/// `llmproxy;dur=<own ms>, upstream;dur=<upstream ms>` up to the response
+/// headers, so anyone can see the proxy's overhead on their own traffic.
+fn server_timing(total: Duration, upstream: Option<UpstreamInfo>) -> HeaderValue {
+    let ms = |d: Duration| d.as_micros() as f64 / 1000.0;
+    let text = match upstream {
+        Some(upstream) => format!(
+            "llmproxy;dur={}, upstream;dur={}",
+            ms(total.saturating_sub(upstream.headers_after)),
+            ms(upstream.headers_after)
+        ),
+        None => format!("llmproxy;dur={}", ms(total)),
+    };
+    // Digits, letters and punctuation only: always a valid header value.
+    HeaderValue::from_maybe_shared(Bytes::from(text)).unwrap_or(HeaderValue::from_static("llmproxy"))
 }
 
 /// splitmix64's finalizer: a bijection on u64, so distinct inputs stay distinct.
@@ -237,9 +256,10 @@ where
             if response.body().is_end_stream() {
                 record.outcome = Outcome::Complete;
             }
-            response
-                .headers_mut()
-                .insert(REQUEST_ID_HEADER, record.id.clone());
+            let headers = response.headers_mut();
+            headers.insert(REQUEST_ID_HEADER, record.id.clone());
+            // Appended, not inserted: an upstream's own Server-Timing entries stay.
+            headers.append(SERVER_TIMING, server_timing(record.start.elapsed(), record.upstream));
             record
         });
         Poll::Ready(Ok(response.map(|inner| Logged { inner, record })))
@@ -358,6 +378,17 @@ mod tests {
             assert!(text.bytes().all(|b| b.is_ascii_hexdigit()));
             assert!(seen.insert(text), "duplicate id");
         }
+    }
+
+    #[test]
+    fn server_timing_splits_own_time_from_the_upstreams() {
+        let upstream = UpstreamInfo {
+            status: StatusCode::OK,
+            headers_after: Duration::from_micros(12_345),
+        };
+        let value = server_timing(Duration::from_micros(12_600), Some(upstream));
+        assert_eq!(value, "llmproxy;dur=0.255, upstream;dur=12.345");
+        assert_eq!(server_timing(Duration::from_micros(80), None), "llmproxy;dur=0.08");
     }
 
     #[test]

@@ -72,6 +72,19 @@ pub fn proxy_state(config: &Config) -> Arc<Proxy> {
     })
 }
 
+/// Binds a listener with a backlog deep enough for connection bursts (the
+/// kernel caps it at `net.core.somaxconn`); tokio's default is 1024.
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(8192)
+}
+
 /// Serves `listener` until `shutdown` resolves, then stops accepting and
 /// lets in-flight requests finish for up to `config.shutdown_timeout`.
 pub async fn run(

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use llmproxy::config::{self, Config, Env, LogFormat};
-use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
 /// An OpenAI-compatible LLM gateway: point any OpenAI SDK's base_url here.
@@ -96,7 +95,7 @@ fn main() -> ExitCode {
                 delay: Duration::from_millis(delay_ms),
             };
             serve_blocking(async move {
-                let listener = TcpListener::bind((host, port)).await?;
+                let listener = llmproxy::bind(std::net::SocketAddr::new(host, port))?;
                 tracing::info!(listen = %listener.local_addr()?, chunks, delay_ms, "mock upstream serving");
                 llmproxy::mock::serve(listener, mock).await
             })
@@ -121,7 +120,7 @@ fn main() -> ExitCode {
             }
             init_logging(config.log_format, &config.log_level);
             serve_blocking(async move {
-                let listener = TcpListener::bind(config.listen).await?;
+                let listener = llmproxy::bind(config.listen)?;
                 llmproxy::run(listener, config, shutdown_signal()).await
             })
         }

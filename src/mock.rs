@@ -5,7 +5,10 @@
 //! with `stream_options.include_usage` honoured), `GET /v1/models` and
 //! `POST /v1/embeddings`. The answer is `chunks` words; a streamed answer
 //! sends one word per SSE event, `delay` apart. Per request, the headers
-//! `x-mock-chunks` and `x-mock-delay-ms` override both.
+//! `x-mock-chunks` and `x-mock-delay-ms` override both, and
+//! `x-mock-timestamps` adds `llmproxy_mock_sent_us` (Unix µs at send time) to
+//! each streamed chunk, so a benchmark can measure per-chunk delay.
+//! `POST /v1/uploads` drains the body and answers its size, for body throughput.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -68,6 +71,7 @@ pub fn router(config: MockConfig) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
         .route("/v1/embeddings", post(embeddings))
+        .route("/v1/uploads", post(uploads))
         .fallback(|| async {
             (
                 StatusCode::NOT_FOUND,
@@ -107,6 +111,12 @@ fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+fn unix_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 fn bad_request(message: &str) -> Response {
@@ -152,35 +162,41 @@ async fn chat_completions(
         return axum::Json(answer).into_response();
     }
 
+    let timestamps = headers.contains_key("x-mock-timestamps");
     let (mut tx, body) = http_body_util::channel::Channel::<Bytes>::new(1);
     tokio::spawn(async move {
+        // Built at send time so a timestamp says when the chunk left.
         let event = |delta: Value, finish: Value| {
-            let chunk = json!({
+            let mut chunk = json!({
                 "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
                 "system_fingerprint": "fp_mock",
                 "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
             });
+            if timestamps {
+                chunk["llmproxy_mock_sent_us"] = json!(unix_micros());
+            }
             Bytes::from(format!("data: {chunk}\n\n"))
         };
-        let mut events = Vec::with_capacity(chunks + 3);
-        events.push(event(
-            json!({"role": "assistant", "content": ""}),
-            Value::Null,
-        ));
-        events.extend((0..chunks).map(|i| event(json!({"content": word(i)}), Value::Null)));
-        events.push(event(json!({}), json!("stop")));
-        if include_usage {
-            let chunk = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [], "usage": usage});
-            events.push(Bytes::from(format!("data: {chunk}\n\n")));
+        if tx.send_data(event(json!({"role": "assistant", "content": ""}), Value::Null)).await.is_err() {
+            return;
         }
-        events.push(Bytes::from_static(b"data: [DONE]\n\n"));
-        for (i, event) in events.into_iter().enumerate() {
-            // The first delay falls before the first word, not before the role chunk.
-            if i > 0 && i <= chunks && !delay.is_zero() {
+        for i in 0..chunks {
+            if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
-            if tx.send_data(event).await.is_err() {
+            if tx.send_data(event(json!({"content": word(i)}), Value::Null)).await.is_err() {
                 return; // the client went away
+            }
+        }
+        let mut tail = vec![event(json!({}), json!("stop"))];
+        if include_usage {
+            let chunk = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [], "usage": usage});
+            tail.push(Bytes::from(format!("data: {chunk}\n\n")));
+        }
+        tail.push(Bytes::from_static(b"data: [DONE]\n\n"));
+        for event in tail {
+            if tx.send_data(event).await.is_err() {
+                return;
             }
         }
     });
@@ -215,4 +231,18 @@ async fn embeddings(body: Bytes) -> Response {
         "usage": {"prompt_tokens": 4, "total_tokens": 4},
     }))
     .into_response()
+}
+
+/// Drains the body without parsing it, so body throughput is measured, not JSON.
+async fn uploads(body: Body) -> Response {
+    use http_body_util::BodyExt;
+    let mut body = body;
+    let mut total = 0usize;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => total += frame.data_ref().map_or(0, |d| d.len()),
+            Err(_) => return bad_request("mock upstream: the body failed"),
+        }
+    }
+    axum::Json(json!({"object": "upload", "bytes": total})).into_response()
 }

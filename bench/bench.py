@@ -1,0 +1,415 @@
+#!/usr/bin/env python3
+"""llmproxy's benchmark: direct (mock upstream alone), nginx and llmproxy,
+measured side by side in one run on this machine. Started by bench/run.sh.
+
+Core 0 runs the proxy under test; core 1 runs the load generator and the
+mock upstream. Scenarios (see the Performance issue):
+  a  non-streamed chat completion, ~600 B answer, 64 connections: RPS, p50/p99/p99.9
+  b  one connection, sequential: latency added per request
+  c  streams of 50 chunks 20 ms apart: added time to first byte and per-chunk delay
+  d  10,000 concurrent slow streams: errors, peak RSS
+  e  1 MiB request bodies: throughput
+  f  idle RSS
+Prints a table and writes it (with the environment) to RESULTS.md, and a
+latency chart to latency.png.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+LLMPROXY = ROOT / "target/release/llmproxy"
+PROBE = ROOT / "target/release/examples/bench_probe"
+PROXY_CORE = "0"
+LOAD_CORE = "1"
+TARGETS = ["direct", "nginx", "llmproxy"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=10.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def proc_status(pid, field):
+    """A /proc/PID/status field in kB (VmRSS, VmHWM), 0 if gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def children(pid):
+    try:
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+    except OSError:
+        return []
+
+
+class Server:
+    """One process tree serving a port: its RSS is the sum over the tree."""
+
+    def __init__(self, name, argv, port, core, logfile):
+        self.name, self.port = name, port
+        self.log = open(logfile, "w")
+        self.proc = subprocess.Popen(["taskset", "-c", core, *argv], stdout=self.log, stderr=subprocess.STDOUT)
+        wait_port(port)
+
+    def pids(self):
+        return [self.proc.pid, *children(self.proc.pid)]
+
+    def rss_kb(self, field="VmRSS"):
+        return sum(proc_status(pid, field) for pid in self.pids())
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def nginx_conf(tmp, listen, upstream):
+    return f"""
+worker_processes 1;
+daemon off;
+master_process on;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+worker_rlimit_nofile 200000;
+events {{ worker_connections 40000; }}
+http {{
+  access_log {tmp}/nginx-access.log combined buffer=64k flush=1s;
+  client_body_temp_path {tmp}/nginx-body;
+  proxy_temp_path {tmp}/nginx-proxy;
+  fastcgi_temp_path {tmp}/nginx-fastcgi;
+  uwsgi_temp_path {tmp}/nginx-uwsgi;
+  scgi_temp_path {tmp}/nginx-scgi;
+  upstream mock {{ server 127.0.0.1:{upstream}; keepalive 1024; }}
+  server {{
+    listen 127.0.0.1:{listen} backlog=8192;
+    client_max_body_size 64m;
+    location / {{
+      proxy_pass http://mock;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+      proxy_request_buffering off;
+      proxy_read_timeout 600s;
+      proxy_set_header Authorization "Bearer sk-bench-upstream";
+    }}
+  }}
+}}
+"""
+
+
+def llmproxy_conf(listen, upstream):
+    return f"""
+listen: 127.0.0.1:{listen}
+upstream:
+  base_url: http://127.0.0.1:{upstream}/v1
+  default_headers:
+    Authorization: Bearer sk-bench-upstream
+limits:
+  max_connections: 40000
+log:
+  level: info
+"""
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.tmp = Path(tempfile.mkdtemp(prefix="llmproxy-bench-"))
+        self.mock_port = free_port()
+        self.mock = None
+        self.results = {t: {} for t in TARGETS}
+
+    # -- processes ---------------------------------------------------------
+
+    def start_mock(self):
+        self.mock = Server(
+            "mock",
+            [str(LLMPROXY), "mock-upstream", "--port", str(self.mock_port), "--delay-ms", "0"],
+            self.mock_port, LOAD_CORE, self.tmp / "mock.log",
+        )
+
+    def start(self, target):
+        if target == "direct":
+            return None, self.mock_port
+        port = free_port()
+        if target == "nginx":
+            conf = self.tmp / "nginx.conf"
+            conf.write_text(nginx_conf(self.tmp, port, self.mock_port))
+            return Server("nginx", ["nginx", "-c", str(conf), "-p", str(self.tmp)], port, PROXY_CORE, self.tmp / "nginx.out"), port
+        conf = self.tmp / "llmproxy.yaml"
+        conf.write_text(llmproxy_conf(port, self.mock_port))
+        return Server("llmproxy", [str(LLMPROXY), "--config", str(conf)], port, PROXY_CORE, self.tmp / "llmproxy.log"), port
+
+    # -- load ----------------------------------------------------------------
+
+    def wrk(self, port, script, connections, seconds, env=None):
+        argv = ["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
+                "-s", str(BENCH / script), f"http://127.0.0.1:{port}"]
+        run_env = {**os.environ, "BENCH_DIR": str(BENCH), **(env or {})}
+        out = subprocess.run(argv, capture_output=True, text=True, env=run_env, timeout=seconds + 60)
+        for line in out.stdout.splitlines():
+            if line.startswith("WRK_JSON "):
+                data = json.loads(line[len("WRK_JSON "):])
+                data["rps"] = data["requests"] / (data["duration_us"] / 1e6)
+                return data
+        raise RuntimeError(f"wrk printed no report:\n{out.stdout}\n{out.stderr}")
+
+    def probe(self, port, **kw):
+        argv = ["taskset", "-c", LOAD_CORE, str(PROBE), "--addr", f"127.0.0.1:{port}"]
+        for key, value in kw.items():
+            argv += [f"--{key.replace('_', '-')}", str(value)]
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+        if out.returncode != 0:
+            raise RuntimeError(f"probe failed: {out.stderr}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    # -- scenarios -----------------------------------------------------------
+
+    def run(self):
+        a = self.args
+        self.start_mock()
+        answer = self.answer_size()
+        for target in TARGETS:
+            server, port = self.start(target)
+            try:
+                r = self.results[target]
+                # f: idle RSS, right after start and one request.
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5).read()
+                r["idle_rss_kb"] = server.rss_kb() if server else self.mock.rss_kb()
+                print(f"[{target}] (a) 64 connections, non-streamed", flush=True)
+                self.wrk(port, "wrk_chat.lua", 64, a.warmup)
+                r["a"] = self.wrk(port, "wrk_chat.lua", 64, a.seconds)
+                print(f"[{target}] (b) one connection, sequential", flush=True)
+                r["b"] = self.wrk(port, "wrk_chat.lua", 1, a.seconds)
+                print(f"[{target}] (c) streams, 50 chunks 20 ms apart", flush=True)
+                r["c"] = self.probe(port, streams=a.streams, concurrency=50, chunks=50, delay_ms=20)
+                print(f"[{target}] (e) 1 MiB bodies", flush=True)
+                r["e"] = self.wrk(port, "wrk_upload.lua", 16, a.seconds)
+            finally:
+                if server:
+                    server.stop()
+            # d: a fresh process, so its peak RSS is this scenario's.
+            server, port = self.start(target)
+            try:
+                print(f"[{target}] (d) {a.held} concurrent slow streams", flush=True)
+                r["d"] = self.probe(port, streams=a.held, concurrency=a.held, chunks=a.held_chunks,
+                                    delay_ms=a.held_delay_ms, ramp_per_sec=a.ramp, timeout_secs=300)
+                r["d"]["peak_rss_kb"] = server.rss_kb("VmHWM") if server else self.mock.rss_kb("VmHWM")
+            finally:
+                if server:
+                    server.stop()
+        self.mock.stop()
+        return answer
+
+    def answer_size(self):
+        body = json.dumps({"model": "gpt-4o-mini", "messages": []}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{self.mock_port}/v1/chat/completions", data=body,
+                                     headers={"content-type": "application/json", "x-mock-chunks": "45"})
+        return len(urllib.request.urlopen(req, timeout=5).read())
+
+
+# -- report ------------------------------------------------------------------
+
+def versions():
+    def first_line(argv):
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True)
+            return (out.stdout or out.stderr).strip().splitlines()[0]
+        except (OSError, IndexError):
+            return "unknown"
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": f"{cpu}, {os.cpu_count()} cores",
+        "kernel": platform.release(),
+        "llmproxy": first_line([str(LLMPROXY), "--version"]),
+        "nginx": first_line(["nginx", "-v"]),
+        "wrk": first_line(["wrk", "-v"]),
+        "rustc": first_line(["rustc", "--version"]),
+    }
+
+
+def ms(us):
+    return f"{us / 1000:.3f}"
+
+
+def ratio(value, reference, higher_is_better):
+    if not reference:
+        return "–"
+    return f"{value / reference:.2f}×"
+
+
+def table(results, answer, args):
+    d, n, p = (results[t] for t in TARGETS)
+    rows = []
+
+    def row(label, fmt, key, higher_is_better, target=None):
+        vals = [key(r) for r in (d, n, p)]
+        verdict = "" if target is None else ("met" if target(vals[2], vals[1]) else "**missed**")
+        rows.append([label, *(fmt(v) for v in vals), ratio(vals[2], vals[1], higher_is_better),
+                     ratio(vals[2], vals[0], higher_is_better), verdict])
+
+    row("(a) requests/s, 64 conns", lambda v: f"{v:,.0f}", lambda r: r["a"]["rps"], True, lambda mine, ng: mine >= ng)
+    row("(a) p50 ms", ms, lambda r: r["a"]["p50_us"], False)
+    row("(a) p99 ms", ms, lambda r: r["a"]["p99_us"], False, lambda mine, ng: mine <= ng)
+    row("(a) p99.9 ms", ms, lambda r: r["a"]["p999_us"], False)
+    row("(a) errors", str, lambda r: r["a"]["errors"] + r["a"]["status_errors"], False)
+    row("(b) latency ms, 1 conn (mean)", ms, lambda r: r["b"]["mean_us"], False)
+    rows.append(["(b) added latency ms (mean − direct)", "0", ms(n["b"]["mean_us"] - d["b"]["mean_us"]),
+                 ms(p["b"]["mean_us"] - d["b"]["mean_us"]), "", "",
+                 "met" if p["b"]["mean_us"] <= n["b"]["mean_us"] else "**missed**"])
+    row("(c) TTFB p50 ms", ms, lambda r: r["c"]["ttfb_us"]["p50"], False)
+    row("(c) TTFB p99 ms", ms, lambda r: r["c"]["ttfb_us"]["p99"], False)
+    ttfb_added = p["c"]["ttfb_us"]["p99"] - d["c"]["ttfb_us"]["p99"]
+    nginx_ttfb_added = n["c"]["ttfb_us"]["p99"] - d["c"]["ttfb_us"]["p99"]
+    rows.append(["(c) added TTFB p99 ms", "0", ms(nginx_ttfb_added), ms(ttfb_added), "", "",
+                 "met" if ttfb_added <= 1000 and ttfb_added <= nginx_ttfb_added else "**missed**"])
+    row("(c) chunk delay p50 ms", ms, lambda r: r["c"]["chunk_delay_us"]["p50"], False)
+    row("(c) chunk delay p99 ms", ms, lambda r: r["c"]["chunk_delay_us"]["p99"], False)
+    row("(c) chunk delay max ms", ms, lambda r: r["c"]["chunk_delay_us"]["max"], False)
+    chunk_added = p["c"]["chunk_delay_us"]["p99"] - d["c"]["chunk_delay_us"]["p99"]
+    rows.append(["(c) added chunk delay p99 ms", "0",
+                 ms(n["c"]["chunk_delay_us"]["p99"] - d["c"]["chunk_delay_us"]["p99"]), ms(chunk_added), "", "",
+                 "met" if chunk_added <= 1000 else "**missed**"])
+    row("(c) stream errors", str, lambda r: r["c"]["errors"], False)
+    row(f"(d) {args.held:,} streams: completed", lambda v: f"{v:,}", lambda r: r["d"]["ok"], True)
+    row(f"(d) {args.held:,} streams: errors", str, lambda r: r["d"]["errors"], False,
+        lambda mine, ng: mine == 0)
+    row("(d) peak open at once", lambda v: f"{v:,}", lambda r: r["d"]["peak_open"], True)
+    row("(d) peak RSS MB", lambda v: f"{v / 1024:.1f}", lambda r: r["d"]["peak_rss_kb"], False,
+        lambda mine, ng: mine <= 250 * 1024)
+    row("(e) 1 MiB uploads MiB/s", lambda v: f"{v:,.0f}", lambda r: r["e"]["rps"], True, lambda mine, ng: True)
+    row("(f) idle RSS MB", lambda v: f"{v / 1024:.1f}", lambda r: r["idle_rss_kb"], False,
+        lambda mine, ng: mine <= 20 * 1024)
+
+    head = ["metric", "direct", "nginx", "llmproxy", "llmproxy/nginx", "llmproxy/direct", "target"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def chart(results, path, tmp):
+    data = tmp / "latency.dat"
+    with open(data, "w") as f:
+        for t in TARGETS:
+            a = results[t]["a"]
+            f.write(f"{t} {a['p50_us'] / 1000} {a['p90_us'] / 1000} {a['p99_us'] / 1000} {a['p999_us'] / 1000}\n")
+    script = f"""
+set terminal pngcairo size 900,500 font ",11"
+set output "{path}"
+set title "Non-streamed chat completion, 64 connections: latency percentiles (lower is better)"
+set style data histograms
+set style histogram clustered gap 1
+set style fill solid 0.85 border -1
+set ylabel "milliseconds"
+set key top left
+set grid ytics
+set yrange [0:*]
+plot "{data}" using 2:xtic(1) title "p50", "" using 3 title "p90", "" using 4 title "p99", "" using 5 title "p99.9"
+"""
+    subprocess.run(["gnuplot"], input=script, text=True, check=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="seconds-long run (CI): proves the harness, not the speed")
+    parser.add_argument("--out", help="directory for RESULTS.md and latency.png")
+    args = parser.parse_args()
+    if args.smoke:
+        args.seconds, args.warmup, args.streams = 1, 1, 20
+        args.held, args.held_chunks, args.held_delay_ms, args.ramp = 200, 3, 200, 2000
+    else:
+        args.seconds, args.warmup, args.streams = 10, 3, 500
+        args.held, args.held_chunks, args.held_delay_ms, args.ramp = 10_000, 15, 1000, 2500
+    out = Path(args.out) if args.out else (ROOT / "target/bench" if args.smoke else BENCH)
+    out.mkdir(parents=True, exist_ok=True)
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 200_000
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(hard, want)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+    bench = Bench(args)
+    try:
+        answer = bench.run()
+    finally:
+        if bench.mock:
+            bench.mock.stop()
+    info = versions()
+    body = table(bench.results, answer, args)
+    print("\n" + body + "\n")
+    chart(bench.results, out / "latency.png", bench.tmp)
+    mode = "smoke run (1 s per scenario: proves the harness, not the speed)" if args.smoke else "full run"
+    results = f"""# llmproxy benchmark results
+
+`bench/run.sh` — {mode}. Regenerate with `bench/run.sh`.
+
+| | |
+|---|---|
+| date | {info['date']} |
+| CPU | {info['cpu']} |
+| kernel | {info['kernel']} |
+| pinning | proxy under test on core {PROXY_CORE}; wrk, the stream probe and the mock upstream on core {LOAD_CORE} |
+| llmproxy | {info['llmproxy']} ({info['rustc']}) |
+| nginx | {info['nginx']}, 1 worker, `proxy_buffering off`, keepalive 1024 to the upstream, buffered access log |
+| load | {info['wrk']}, 1 thread; `target/release/examples/bench_probe` for streams |
+| upstream | `llmproxy mock-upstream`, non-streamed answer {answer} bytes |
+
+"direct" is the mock upstream without a proxy: the floor. Ratios are
+llmproxy's value over nginx's and over direct's (for times and memory, lower
+is better; for rates, higher). "added" rows subtract direct's figure.
+
+{body}
+
+![latency percentiles](latency.png)
+"""
+    (out / "RESULTS.md").write_text(results)
+    print(f"wrote {out / 'RESULTS.md'} and {out / 'latency.png'}")
+
+
+if __name__ == "__main__":
+    main()
