@@ -47,7 +47,10 @@ struct Args {
 }
 
 fn now_us() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros() as u64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
 }
 
 #[derive(Default)]
@@ -59,8 +62,15 @@ struct Samples {
 const MARKER: &[u8] = b"\"llmproxy_mock_sent_us\":";
 
 /// Runs one stream; pushes its samples, or returns why it failed.
-async fn one_stream(args: &Args, samples: &Mutex<Samples>, peak_open: &AtomicUsize, open: &AtomicUsize) -> Result<(), String> {
-    let tcp = TcpStream::connect(args.addr).await.map_err(|e| format!("connect: {e}"))?;
+async fn one_stream(
+    args: &Args,
+    samples: &Mutex<Samples>,
+    peak_open: &AtomicUsize,
+    open: &AtomicUsize,
+) -> Result<(), String> {
+    let tcp = TcpStream::connect(args.addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
     tcp.set_nodelay(true).map_err(|e| e.to_string())?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await
@@ -77,7 +87,10 @@ async fn one_stream(args: &Args, samples: &Mutex<Samples>, peak_open: &AtomicUsi
         )))
         .unwrap();
     let start = now_us();
-    let response = sender.send_request(request).await.map_err(|e| format!("request: {e}"))?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("request: {e}"))?;
     if response.status() != 200 {
         return Err(format!("status {}", response.status()));
     }
@@ -89,12 +102,16 @@ async fn one_stream(args: &Args, samples: &Mutex<Samples>, peak_open: &AtomicUsi
     let mut pending: Vec<u8> = Vec::new();
     let mut done = false;
     let result = loop {
-        let Some(frame) = body.frame().await else { break Ok(()) };
+        let Some(frame) = body.frame().await else {
+            break Ok(());
+        };
         let frame = match frame {
             Ok(frame) => frame,
             Err(e) => break Err(format!("body: {e}")),
         };
-        let Some(data) = frame.data_ref() else { continue };
+        let Some(data) = frame.data_ref() else {
+            continue;
+        };
         let arrived = now_us();
         ttfb.get_or_insert(arrived.saturating_sub(start));
         pending.extend_from_slice(data);
@@ -166,7 +183,8 @@ async fn main() {
         );
         tasks.push(tokio::spawn(async move {
             let limit = Duration::from_secs(args.timeout_secs);
-            let outcome = tokio::time::timeout(limit, one_stream(&args, &samples, &peak_open, &open)).await;
+            let outcome =
+                tokio::time::timeout(limit, one_stream(&args, &samples, &peak_open, &open)).await;
             match outcome {
                 Ok(Ok(())) => {
                     ok.fetch_add(1, Ordering::Relaxed);

@@ -18,7 +18,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 
@@ -93,7 +93,8 @@ fn server_timing(total: Duration, upstream: Option<UpstreamInfo>) -> HeaderValue
         None => format!("llmproxy;dur={}", ms(total)),
     };
     // Digits, letters and punctuation only: always a valid header value.
-    HeaderValue::from_maybe_shared(Bytes::from(text)).unwrap_or(HeaderValue::from_static("llmproxy"))
+    HeaderValue::from_maybe_shared(Bytes::from(text))
+        .unwrap_or(HeaderValue::from_static("llmproxy"))
 }
 
 /// splitmix64's finalizer: a bijection on u64, so distinct inputs stay distinct.
@@ -127,7 +128,9 @@ enum Outcome {
 struct Record {
     id: HeaderValue,
     method: Method,
-    uri: Uri,
+    /// A copy, not the request's `Uri`: that one shares the connection's
+    /// 8 KiB read buffer and would pin it for the life of a stream.
+    path: Box<str>,
     start: Instant,
     bytes_in: Arc<AtomicU64>,
     status: Option<StatusCode>,
@@ -148,7 +151,7 @@ impl Drop for Record {
             request_id = self.id.to_str().unwrap_or_default(),
             method = self.method.as_str(),
             // The path only: a query string may carry credentials.
-            path = self.uri.path(),
+            path = &*self.path,
             status = self.status.map(|s| s.as_u16()),
             upstream_status = self.upstream.map(|u| u.status.as_u16()),
             latency_ms = ms(end - self.start),
@@ -202,7 +205,7 @@ where
         let record = Record {
             id: id.clone(),
             method: request.method().clone(),
-            uri: request.uri().clone(),
+            path: request.uri().path().into(),
             start: Instant::now(),
             bytes_in: bytes_in.clone(),
             status: None,
@@ -259,7 +262,10 @@ where
             let headers = response.headers_mut();
             headers.insert(REQUEST_ID_HEADER, record.id.clone());
             // Appended, not inserted: an upstream's own Server-Timing entries stay.
-            headers.append(SERVER_TIMING, server_timing(record.start.elapsed(), record.upstream));
+            headers.append(
+                SERVER_TIMING,
+                server_timing(record.start.elapsed(), record.upstream),
+            );
             record
         });
         Poll::Ready(Ok(response.map(|inner| Logged { inner, record })))
@@ -388,7 +394,10 @@ mod tests {
         };
         let value = server_timing(Duration::from_micros(12_600), Some(upstream));
         assert_eq!(value, "llmproxy;dur=0.255, upstream;dur=12.345");
-        assert_eq!(server_timing(Duration::from_micros(80), None), "llmproxy;dur=0.08");
+        assert_eq!(
+            server_timing(Duration::from_micros(80), None),
+            "llmproxy;dur=0.08"
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod access_log;
 pub mod config;
 pub mod error;
 pub mod headers;
+pub mod log_writer;
 pub mod mock;
 pub mod proxy;
 pub mod stream;

@@ -1,5 +1,6 @@
 //! The `llmproxy` command: parse arguments, load config, start logging, serve.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use llmproxy::config::{self, Config, Env, LogFormat};
+use llmproxy::log_writer::{BatchedStderr, FlushGuard};
 use tracing_subscriber::EnvFilter;
 
 /// An OpenAI-compatible LLM gateway: point any OpenAI SDK's base_url here.
@@ -89,7 +91,7 @@ fn main() -> ExitCode {
             chunks,
             delay_ms,
         }) => {
-            init_logging(LogFormat::Text, "info");
+            let _log = init_logging(LogFormat::Text, "info");
             let mock = llmproxy::mock::MockConfig {
                 chunks,
                 delay: Duration::from_millis(delay_ms),
@@ -118,7 +120,8 @@ fn main() -> ExitCode {
             if let Some(format) = cli.log_format {
                 config.log_format = format;
             }
-            init_logging(config.log_format, &config.log_level);
+            let _log = init_logging(config.log_format, &config.log_level);
+            raise_open_file_limit(config.limits.max_connections);
             serve_blocking(async move {
                 let listener = llmproxy::bind(config.listen)?;
                 llmproxy::run(listener, config, shutdown_signal()).await
@@ -128,10 +131,17 @@ fn main() -> ExitCode {
 }
 
 fn serve_blocking(server: impl std::future::Future<Output = std::io::Result<()>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // On one core (a container limit, or `taskset`), the work-stealing
+    // scheduler only adds cross-thread wake-ups: run everything on one thread.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut builder = if cores == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(cores);
+        builder
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => return fail(format_args!("cannot start the runtime: {err}")),
     };
@@ -144,14 +154,39 @@ fn serve_blocking(server: impl std::future::Future<Output = std::io::Result<()>>
     }
 }
 
-fn init_logging(format: LogFormat, level: &str) {
+/// Starts logging to stderr, batched (see `log_writer`); the guard flushes at exit.
+fn init_logging(format: LogFormat, level: &str) -> FlushGuard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let (writer, guard) = BatchedStderr::new(Duration::from_millis(100));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_ansi(ansi)
+        .with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+    guard
+}
+
+/// Each proxied connection holds two sockets (client and upstream), and the
+/// default soft limit is often 1024: raise it to the hard limit, and say so
+/// when even that cannot carry `limits.max_connections`.
+fn raise_open_file_limit(max_connections: usize) {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => {
+            let needed = 2 * max_connections as u64 + 64;
+            if limit < needed {
+                tracing::warn!(
+                    open_file_limit = limit,
+                    needed,
+                    "the open-file limit cannot carry limits.max_connections; \
+                     excess connections will fail with 502 until it is raised"
+                );
+            }
+        }
+        Err(err) => tracing::warn!(%err, "cannot raise the open-file limit"),
     }
 }
 

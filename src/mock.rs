@@ -177,14 +177,25 @@ async fn chat_completions(
             }
             Bytes::from(format!("data: {chunk}\n\n"))
         };
-        if tx.send_data(event(json!({"role": "assistant", "content": ""}), Value::Null)).await.is_err() {
+        if tx
+            .send_data(event(
+                json!({"role": "assistant", "content": ""}),
+                Value::Null,
+            ))
+            .await
+            .is_err()
+        {
             return;
         }
         for i in 0..chunks {
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
-            if tx.send_data(event(json!({"content": word(i)}), Value::Null)).await.is_err() {
+            if tx
+                .send_data(event(json!({"content": word(i)}), Value::Null))
+                .await
+                .is_err()
+            {
                 return; // the client went away
             }
         }

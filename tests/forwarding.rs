@@ -269,10 +269,20 @@ async fn http2_clients_are_served_too() {
 
 /// The `dur` of one `name;dur=x` entry of a Server-Timing header.
 fn timing(got: &Got, name: &str) -> f64 {
-    let all: Vec<&str> = got.headers.get_all("server-timing").iter().map(|v| v.to_str().unwrap()).collect();
+    let all: Vec<&str> = got
+        .headers
+        .get_all("server-timing")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
     all.iter()
         .flat_map(|v| v.split(','))
-        .find_map(|entry| entry.trim().strip_prefix(&format!("{name};dur=")).map(|d| d.parse().unwrap()))
+        .find_map(|entry| {
+            entry
+                .trim()
+                .strip_prefix(&format!("{name};dur="))
+                .map(|d| d.parse().unwrap())
+        })
         .unwrap_or_else(|| panic!("no {name} entry in {all:?}"))
 }
 
@@ -288,9 +298,16 @@ async fn server_timing_reports_the_proxys_time_and_the_upstreams() {
     let got = post(&proxy.url("/v1/chat/completions"), "{}").await;
     let upstream_ms = timing(&got, "upstream");
     let own_ms = timing(&got, "llmproxy");
-    assert!((200.0..2000.0).contains(&upstream_ms), "upstream {upstream_ms} ms");
+    assert!(
+        (200.0..2000.0).contains(&upstream_ms),
+        "upstream {upstream_ms} ms"
+    );
     assert!((0.0..50.0).contains(&own_ms), "llmproxy {own_ms} ms");
-    assert_eq!(timing(&got, "db"), 3.0, "the upstream's own entries are kept");
+    assert_eq!(
+        timing(&got, "db"),
+        3.0,
+        "the upstream's own entries are kept"
+    );
 
     let health = get(&proxy.url("/")).await;
     assert!(timing(&health, "llmproxy") < 50.0);
