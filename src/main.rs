@@ -121,7 +121,7 @@ fn main() -> ExitCode {
                 config.log_format = format;
             }
             let _log = init_logging(config.log_format, &config.log_level);
-            raise_open_file_limit(config.limits.max_connections);
+            fit_open_file_limit(&mut config.limits.max_connections);
             serve_blocking(async move {
                 let listener = llmproxy::bind(config.listen)?;
                 llmproxy::run(listener, config, shutdown_signal()).await
@@ -171,22 +171,29 @@ fn init_logging(format: LogFormat, level: &str) -> FlushGuard {
 }
 
 /// Each proxied connection holds two sockets (client and upstream), and the
-/// default soft limit is often 1024: raise it to the hard limit, and say so
-/// when even that cannot carry `limits.max_connections`.
-fn raise_open_file_limit(max_connections: usize) {
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(limit) => {
-            let needed = 2 * max_connections as u64 + 64;
-            if limit < needed {
-                tracing::warn!(
-                    open_file_limit = limit,
-                    needed,
-                    "the open-file limit cannot carry limits.max_connections; \
-                     excess connections will fail with 502 until it is raised"
-                );
-            }
+/// default soft limit is often 1024: raise it to the hard limit. When even
+/// that cannot carry `limits.max_connections`, lower the cap to what it can,
+/// so excess clients wait in the listen backlog instead of failing with 502
+/// when the upstream socket cannot be opened.
+fn fit_open_file_limit(max_connections: &mut usize) {
+    let limit = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => limit,
+        Err(err) => {
+            tracing::warn!(%err, "cannot raise the open-file limit");
+            return;
         }
-        Err(err) => tracing::warn!(%err, "cannot raise the open-file limit"),
+    };
+    // Listener, epoll, stdio and a margin for DNS and logs.
+    const RESERVED: u64 = 64;
+    let fits = usize::try_from(limit.saturating_sub(RESERVED) / 2).unwrap_or(usize::MAX);
+    if fits < *max_connections {
+        tracing::warn!(
+            open_file_limit = limit,
+            configured = *max_connections,
+            effective = fits,
+            "limits.max_connections lowered to what the open-file limit can carry (2 files per connection)"
+        );
+        *max_connections = fits.max(1);
     }
 }
 
