@@ -18,5 +18,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-cargo build --release --locked --bin llmproxy --example bench_probe
+# Two builds: an example pulls in dev-dependency features (tokio test-util),
+# which must not leak into the binary under test.
+cargo build --release --locked --bin llmproxy
+cargo build --release --locked --example bench_probe
 exec python3 bench/bench.py "$@"

@@ -32,6 +32,10 @@ struct Cli {
     /// Log format; overrides the config file's `log.format`.
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
+    /// Runtime worker threads (default: the cores this process may use; 1
+    /// runs tokio's single-threaded scheduler).
+    #[arg(long, env = "LLMPROXY_WORKERS", value_parser = clap::value_parser!(u16).range(1..))]
+    workers: Option<u16>,
 }
 
 #[derive(Subcommand)]
@@ -96,7 +100,7 @@ fn main() -> ExitCode {
                 chunks,
                 delay: Duration::from_millis(delay_ms),
             };
-            serve_blocking(async move {
+            serve_blocking(cli.workers, async move {
                 let listener = llmproxy::bind(std::net::SocketAddr::new(host, port))?;
                 tracing::info!(listen = %listener.local_addr()?, chunks, delay_ms, "mock upstream serving");
                 llmproxy::mock::serve(listener, mock).await
@@ -122,7 +126,7 @@ fn main() -> ExitCode {
             }
             let _log = init_logging(config.log_format, &config.log_level);
             fit_open_file_limit(&mut config.limits.max_connections);
-            serve_blocking(async move {
+            serve_blocking(cli.workers, async move {
                 let listener = llmproxy::bind(config.listen)?;
                 llmproxy::run(listener, config, shutdown_signal()).await
             })
@@ -130,10 +134,16 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve_blocking(server: impl std::future::Future<Output = std::io::Result<()>>) -> ExitCode {
+fn serve_blocking(
+    workers: Option<u16>,
+    server: impl std::future::Future<Output = std::io::Result<()>>,
+) -> ExitCode {
     // On one core (a container limit, or `taskset`), the work-stealing
     // scheduler only adds cross-thread wake-ups: run everything on one thread.
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cores = workers.map_or_else(
+        || std::thread::available_parallelism().map_or(1, |n| n.get()),
+        usize::from,
+    );
     let mut builder = if cores == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
