@@ -22,7 +22,7 @@ use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 
-use crate::error::ErrorKind;
+use crate::error::Failure;
 use crate::stream::BoxError;
 
 /// The response header carrying llmproxy's request id.
@@ -31,9 +31,17 @@ pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-llmproxy-re
 /// The W3C header through which llmproxy reports its own time and the upstream's.
 pub const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
 
-/// llmproxy's id for one request, in the request extensions for handlers.
-#[derive(Debug, Clone)]
-pub struct RequestId(pub HeaderValue);
+/// llmproxy's id for one request: 32 hex digits, kept inline (no allocation).
+#[derive(Clone, Copy)]
+pub struct RequestId([u8; 32]);
+
+impl RequestId {
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        // Only hex digits are ever written into it.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
 
 /// What the forwarding handler learned from the upstream, left in the
 /// response extensions for the log line.
@@ -69,32 +77,61 @@ impl Default for RequestIds {
 
 impl RequestIds {
     /// The next id.
-    pub fn next_id(&self) -> HeaderValue {
+    pub fn next_id(&self) -> RequestId {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let mixed = splitmix64(n.wrapping_add(self.key));
         let mut text = [0u8; 32];
         hex(self.prefix, &mut text[..16]);
         hex(mixed, &mut text[16..]);
-        // Hex digits are always a valid header value; the fallback is unreachable.
-        HeaderValue::from_bytes(&text).unwrap_or(HeaderValue::from_static("0"))
+        RequestId(text)
     }
 }
 
 /// `llmproxy;dur=<own ms>, upstream;dur=<upstream ms>` up to the response
 /// headers, so anyone can see the proxy's overhead on their own traffic.
+/// Formatted on the stack: the only allocation is the header value itself.
 fn server_timing(total: Duration, upstream: Option<UpstreamInfo>) -> HeaderValue {
-    let ms = |d: Duration| d.as_micros() as f64 / 1000.0;
-    let text = match upstream {
-        Some(upstream) => format!(
+    use std::io::Write;
+    let mut buf = [0u8; 96];
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    let written = match upstream {
+        Some(upstream) => write!(
+            cursor,
             "llmproxy;dur={}, upstream;dur={}",
-            ms(total.saturating_sub(upstream.headers_after)),
-            ms(upstream.headers_after)
+            Millis(total.saturating_sub(upstream.headers_after)),
+            Millis(upstream.headers_after)
         ),
-        None => format!("llmproxy;dur={}", ms(total)),
+        None => write!(cursor, "llmproxy;dur={}", Millis(total)),
     };
-    // Digits, letters and punctuation only: always a valid header value.
-    HeaderValue::from_maybe_shared(Bytes::from(text))
-        .unwrap_or(HeaderValue::from_static("llmproxy"))
+    let len = usize::try_from(cursor.position()).unwrap_or(0);
+    match written {
+        // Digits, letters and punctuation only: always a valid header value.
+        Ok(()) => {
+            HeaderValue::from_bytes(&buf[..len]).unwrap_or(HeaderValue::from_static("llmproxy"))
+        }
+        Err(_) => HeaderValue::from_static("llmproxy"),
+    }
+}
+
+/// A duration as milliseconds with three decimals, by integer arithmetic
+/// (float formatting is a measurable cost at tens of thousands of requests a second).
+struct Millis(Duration);
+
+impl std::fmt::Display for Millis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let micros = self.0.as_micros();
+        let (ms, rest) = (micros / 1000, micros % 1000);
+        // Trailing zeros dropped: 0.255, 12.3, 4.
+        if rest == 0 {
+            write!(f, "{ms}")
+        } else if rest % 100 == 0 {
+            write!(f, "{ms}.{}", rest / 100)
+        } else if rest % 10 == 0 {
+            write!(f, "{ms}.{:02}", rest / 10)
+        } else {
+            write!(f, "{ms}.{rest:03}")
+        }
+    }
 }
 
 /// splitmix64's finalizer: a bijection on u64, so distinct inputs stay distinct.
@@ -126,7 +163,7 @@ enum Outcome {
 
 /// One request's log line, written when it is dropped.
 struct Record {
-    id: HeaderValue,
+    id: RequestId,
     method: Method,
     /// A copy, not the request's `Uri`: that one shares the connection's
     /// 8 KiB read buffer and would pin it for the life of a stream.
@@ -136,6 +173,7 @@ struct Record {
     status: Option<StatusCode>,
     upstream: Option<UpstreamInfo>,
     error: Option<&'static str>,
+    error_detail: Option<Arc<str>>,
     first_byte: Option<Instant>,
     bytes_out: u64,
     outcome: Outcome,
@@ -144,19 +182,19 @@ struct Record {
 impl Drop for Record {
     fn drop(&mut self) {
         let end = Instant::now();
-        // Whole microseconds, shown as milliseconds: `12.345`, not float noise.
-        let ms = |d: Duration| d.as_micros() as f64 / 1000.0;
+        // Integer microseconds: exact, and cheap to format on every request.
+        let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
         tracing::info!(
             target: "llmproxy::access",
-            request_id = self.id.to_str().unwrap_or_default(),
+            request_id = self.id.as_str(),
             method = self.method.as_str(),
             // The path only: a query string may carry credentials.
             path = &*self.path,
             status = self.status.map(|s| s.as_u16()),
             upstream_status = self.upstream.map(|u| u.status.as_u16()),
-            latency_ms = ms(end - self.start),
-            ttfb_ms = self.first_byte.map(|t| ms(t - self.start)),
-            upstream_ms = self.upstream.map(|u| ms(u.headers_after)),
+            latency_us = us(end - self.start),
+            ttfb_us = self.first_byte.map(|t| us(t - self.start)),
+            upstream_us = self.upstream.map(|u| us(u.headers_after)),
             bytes_in = self.bytes_in.load(Ordering::Relaxed),
             bytes_out = self.bytes_out,
             outcome = match self.outcome {
@@ -165,6 +203,7 @@ impl Drop for Record {
                 Outcome::ClientClosed => "client_closed",
             },
             error = self.error,
+            error_detail = self.error_detail.as_deref(),
         );
     }
 }
@@ -203,7 +242,7 @@ where
         let id = self.ids.next_id();
         let bytes_in = Arc::new(AtomicU64::new(0));
         let record = Record {
-            id: id.clone(),
+            id,
             method: request.method().clone(),
             path: request.uri().path().into(),
             start: Instant::now(),
@@ -211,12 +250,12 @@ where
             status: None,
             upstream: None,
             error: None,
+            error_detail: None,
             first_byte: None,
             bytes_out: 0,
             outcome: Outcome::ClientClosed,
         };
-        let (mut parts, body) = request.into_parts();
-        parts.extensions.insert(RequestId(id));
+        let (parts, body) = request.into_parts();
         let request = Request::from_parts(
             parts,
             Counted {
@@ -253,14 +292,20 @@ where
         let record = this.record.take().map(|mut record| {
             record.status = Some(response.status());
             record.upstream = response.extensions().get::<UpstreamInfo>().copied();
-            record.error = response.extensions().get::<ErrorKind>().map(|k| k.0);
+            if let Some(failure) = response.extensions().get::<Failure>() {
+                record.error = Some(failure.kind);
+                record.error_detail = Some(failure.detail.clone());
+            }
             // hyper never polls a body that is empty from the start, so it is
             // complete now rather than when it is dropped.
             if response.body().is_end_stream() {
                 record.outcome = Outcome::Complete;
             }
             let headers = response.headers_mut();
-            headers.insert(REQUEST_ID_HEADER, record.id.clone());
+            // Hex digits are always a valid header value.
+            if let Ok(id) = HeaderValue::from_bytes(&record.id.0) {
+                headers.insert(REQUEST_ID_HEADER, id);
+            }
             // Appended, not inserted: an upstream's own Server-Timing entries stay.
             headers.append(
                 SERVER_TIMING,
@@ -379,7 +424,7 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for _ in 0..10_000 {
             let id = ids.next_id();
-            let text = id.to_str().unwrap().to_owned();
+            let text = id.as_str().to_owned();
             assert_eq!(text.len(), 32);
             assert!(text.bytes().all(|b| b.is_ascii_hexdigit()));
             assert!(seen.insert(text), "duplicate id");
@@ -404,6 +449,6 @@ mod tests {
     fn two_processes_get_different_prefixes() {
         let a = RequestIds::default().next_id();
         let b = RequestIds::default().next_id();
-        assert_ne!(a, b);
+        assert_ne!(a.as_str(), b.as_str());
     }
 }

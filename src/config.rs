@@ -290,6 +290,8 @@ pub struct Config {
 pub struct Upstream {
     /// Where requests are sent.
     pub base_url: BaseUrl,
+    /// The `Host` header for it, made once.
+    pub host: HeaderValue,
     /// Headers set on every request, values marked sensitive.
     pub default_headers: DefaultHeaders,
     /// Timeouts.
@@ -569,9 +571,17 @@ pub fn resolve(file: FileConfig, origin: &str, env: &dyn Lookup) -> Result<Confi
         ));
     }
 
+    let host = HeaderValue::from_str(base_url.authority.as_str()).map_err(|_| {
+        invalid(
+            origin,
+            "upstream.base_url",
+            "the host is not a valid Host header",
+        )
+    })?;
     Ok(Config {
         listen,
         upstream: Upstream {
+            host,
             base_url,
             default_headers: DefaultHeaders::new(headers),
             timeouts: Timeouts {

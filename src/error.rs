@@ -83,10 +83,16 @@ impl ProxyError {
     }
 }
 
-/// The access-log label of a proxy failure, left in the response extensions
-/// so the logging layer can name the failure without parsing the body.
-#[derive(Debug, Clone, Copy)]
-pub struct ErrorKind(pub &'static str);
+/// A proxy failure as the access log records it, left in the response
+/// extensions so the one log line per request names it (only failures pay
+/// for this allocation).
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// The low-cardinality kind, e.g. `upstream_timeout`.
+    pub kind: &'static str,
+    /// The message the client also sees (it never holds header values).
+    pub detail: std::sync::Arc<str>,
+}
 
 #[derive(Serialize)]
 struct Envelope<'a> {
@@ -123,7 +129,10 @@ impl IntoResponse for ProxyError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        response.extensions_mut().insert(ErrorKind(self.kind()));
+        response.extensions_mut().insert(Failure {
+            kind: self.kind(),
+            detail: message.into(),
+        });
         response
     }
 }

@@ -94,10 +94,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Turns the client's request headers into the upstream's, in place.
 ///
-/// `Host` is dropped so the client library derives it from the upstream URI.
-pub fn to_upstream_request(headers: &mut HeaderMap, defaults: &DefaultHeaders) {
+/// `Host` becomes the upstream's: a value made once at start-up, so the
+/// client library does not format one per request.
+pub fn to_upstream_request(headers: &mut HeaderMap, host: &HeaderValue, defaults: &DefaultHeaders) {
     strip_hop_by_hop(headers);
-    headers.remove(header::HOST);
+    headers.insert(header::HOST, host.clone());
     for (name, value) in &defaults.0 {
         // `insert` replaces every value under that name: HeaderName is
         // lowercase, so `AUTHORIZATION` from the client is replaced too.
@@ -125,6 +126,8 @@ pub fn mark_credentials_sensitive(headers: &mut HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const HOST: HeaderValue = HeaderValue::from_static("upstream.example:8443");
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut headers = HeaderMap::new();
@@ -166,7 +169,11 @@ mod tests {
             ("authorization", "Bearer second"),
             ("x-other", "1"),
         ]);
-        to_upstream_request(&mut headers, &defaults(&[("Authorization", "Bearer y")]));
+        to_upstream_request(
+            &mut headers,
+            &HOST,
+            &defaults(&[("Authorization", "Bearer y")]),
+        );
         assert_eq!(values(&headers, "authorization"), ["Bearer y"]);
         assert_eq!(values(&headers, "x-other"), ["1"]);
     }
@@ -176,6 +183,7 @@ mod tests {
         let mut headers = map(&[]);
         to_upstream_request(
             &mut headers,
+            &HOST,
             &defaults(&[("api-key", "k"), ("OpenAI-Organization", "org")]),
         );
         assert_eq!(values(&headers, "api-key"), ["k"]);
@@ -185,7 +193,7 @@ mod tests {
     #[test]
     fn multi_valued_client_headers_keep_all_values_in_order() {
         let mut headers = map(&[("x-tag", "a"), ("x-tag", "b"), ("x-tag", "c")]);
-        to_upstream_request(&mut headers, &defaults(&[]));
+        to_upstream_request(&mut headers, &HOST, &defaults(&[]));
         assert_eq!(values(&headers, "x-tag"), ["a", "b", "c"]);
     }
 
@@ -208,10 +216,11 @@ mod tests {
             ("content-type", "application/json"),
             ("x-request-id", "client-id"),
         ]);
-        to_upstream_request(&mut headers, &defaults(&[]));
+        to_upstream_request(&mut headers, &HOST, &defaults(&[]));
         let mut names: Vec<&str> = headers.keys().map(|n| n.as_str()).collect();
         names.sort_unstable();
-        assert_eq!(names, ["content-type", "x-request-id"]);
+        assert_eq!(names, ["content-type", "host", "x-request-id"]);
+        assert_eq!(headers["host"], "upstream.example:8443");
     }
 
     #[test]
@@ -251,7 +260,7 @@ mod tests {
         let printed = format!("{defaults:?}");
         assert!(!printed.contains("sk-upstream"), "{printed}");
         assert!(printed.contains("authorization"), "{printed}");
-        to_upstream_request(&mut headers, &defaults);
+        to_upstream_request(&mut headers, &HOST, &defaults);
         let printed = format!("{headers:?}");
         for secret in ["sk-client", "sk-azure", "sk-upstream"] {
             assert!(!printed.contains(secret), "{secret} leaked in {printed}");

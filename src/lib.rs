@@ -26,8 +26,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::response::IntoResponse;
-use axum::routing::{any, get};
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
 use http::{Method, Uri, header};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -42,12 +43,25 @@ use crate::error::ProxyError;
 use crate::proxy::Proxy;
 
 /// The router: health check, `/v1/*` forwarding, OpenAI-shaped 404 elsewhere.
+///
+/// `/v1/*` is matched by prefix in the fallback rather than by a `{*path}`
+/// route: a wildcard capture costs four allocations per request, and the
+/// forward path reads the raw URI anyway.
 pub fn app(proxy: Arc<Proxy>) -> Router {
     Router::new()
         .route("/", get(health).fallback(not_found))
-        .route("/v1/{*path}", any(proxy::forward))
-        .fallback(not_found)
+        .fallback(v1_or_not_found)
         .with_state(proxy)
+}
+
+async fn v1_or_not_found(state: State<Arc<Proxy>>, request: Request) -> Response {
+    if request.uri().path().starts_with("/v1/") {
+        proxy::forward(state, request).await.into_response()
+    } else {
+        not_found(request.method().clone(), request.uri().clone())
+            .await
+            .into_response()
+    }
 }
 
 async fn health() -> impl IntoResponse {

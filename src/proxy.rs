@@ -14,7 +14,8 @@
 //! 6. **body** — the upstream body, wrapped only in the idle timeout; chunks
 //!    go to the client as they arrive, and a failure aborts the response.
 //!
-//! Logging happens once per request in `access_log.rs`, not here.
+//! Logging happens once per request in `access_log.rs`, not here: a failure
+//! reaches the log line through the response (`error::Failure`).
 
 use std::sync::Arc;
 
@@ -25,7 +26,7 @@ use http::{Version, header};
 use http_body_util::Limited;
 use tokio::time::Instant;
 
-use crate::access_log::{RequestId, UpstreamInfo};
+use crate::access_log::UpstreamInfo;
 use crate::config::Upstream;
 use crate::error::ProxyError;
 use crate::headers;
@@ -67,12 +68,15 @@ pub async fn forward(
         .join(&parts.uri)
         .map_err(|e| ProxyError::BadRequest(format!("cannot forward this path: {e}")))?;
 
-    headers::to_upstream_request(&mut parts.headers, &proxy.upstream.default_headers);
+    headers::to_upstream_request(
+        &mut parts.headers,
+        &proxy.upstream.host,
+        &proxy.upstream.default_headers,
+    );
     parts.uri = uri;
     // The client picks HTTP/1.1 or HTTP/2 per connection (ALPN); the version
     // the client spoke to us says nothing about the upstream.
     parts.version = Version::HTTP_11;
-    let request_id = parts.extensions.remove::<RequestId>();
     let upstream_request = http::Request::from_parts(
         parts,
         Limited::new(
@@ -90,16 +94,8 @@ pub async fn forward(
     .await
     {
         Ok(Ok(response)) => response,
-        Ok(Err(err)) => {
-            let err = upstream::classify(&err, timeouts, proxy.max_body_size);
-            log_failure(request_id.as_ref(), &err);
-            return Err(err);
-        }
-        Err(_) => {
-            let err = ProxyError::UpstreamTimeout(timeouts.response_headers);
-            log_failure(request_id.as_ref(), &err);
-            return Err(err);
-        }
+        Ok(Err(err)) => return Err(upstream::classify(&err, timeouts, proxy.max_body_size)),
+        Err(_) => return Err(ProxyError::UpstreamTimeout(timeouts.response_headers)),
     };
     let headers_after = sent_at.elapsed();
 
@@ -116,13 +112,4 @@ pub async fn forward(
         parts,
         Body::new(IdleTimeout::new(body, timeouts.idle)),
     ))
-}
-
-/// Proxy failures get one warning with the detail the client also sees; the
-/// access-log line that follows carries only the error kind.
-fn log_failure(request_id: Option<&RequestId>, err: &ProxyError) {
-    let id = request_id
-        .and_then(|id| id.0.to_str().ok())
-        .unwrap_or_default();
-    tracing::warn!(request_id = id, kind = err.kind(), "{err}");
 }
