@@ -407,7 +407,12 @@ is better; for rates, higher). "added" rows subtract direct's figure.
 
 ![latency percentiles](latency.png)
 """
+    # The hand-kept record of what changed the numbers travels with every run.
+    history = BENCH / "HISTORY.md"
+    if history.exists():
+        results += "\n" + history.read_text()
     (out / "RESULTS.md").write_text(results)
+    (out / "results.json").write_text(json.dumps({"env": info, "results": bench.results}, indent=1))
     print(f"wrote {out / 'RESULTS.md'} and {out / 'latency.png'}")
 
 
