@@ -3,8 +3,8 @@
 //! Where a request goes, from socket to socket:
 //! - [`run`] accepts a connection (bounded by `limits.max_connections`,
 //!   with a header read timeout against slowloris) and serves it with hyper;
-//! - [`access_log::AccessLog`] gives the request its id and will log it once
-//!   the response is over;
+//! - [`access_log::AccessLog`] gives the request its id, will add
+//!   `Server-Timing`, and logs it once the response is over;
 //! - [`app`] routes it: `GET /` is the health check, `/v1/*` goes to
 //!   [`proxy::forward`], anything else is a 404 in the OpenAI error shape;
 //! - [`proxy::forward`] sends it upstream and streams the answer back.

@@ -18,6 +18,7 @@ struct Bin {
     child: Child,
     addr: std::net::SocketAddr,
     logs: Arc<Mutex<Vec<String>>>,
+    reader: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Bin {
@@ -38,7 +39,7 @@ impl Bin {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
         let collected = logs.clone();
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             while let Ok(Some(line)) = lines.next_line().await {
                 let _ = tx.send(line.clone());
                 collected.lock().unwrap().push(line);
@@ -59,7 +60,12 @@ impl Bin {
         })
         .await
         .expect("llmproxy did not start");
-        Bin { child, addr, logs }
+        Bin {
+            child,
+            addr,
+            logs,
+            reader: Some(reader),
+        }
     }
 
     fn url(&self, path: &str) -> String {
@@ -74,11 +80,20 @@ impl Bin {
             .unwrap();
     }
 
+    /// Waits for the process to exit and for its last log lines (flushed
+    /// at exit) to be read.
     async fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
-        tokio::time::timeout(limit, self.child.wait())
+        let status = tokio::time::timeout(limit, self.child.wait())
             .await
             .expect("did not exit in time")
-            .unwrap()
+            .unwrap();
+        if let Some(reader) = self.reader.take() {
+            tokio::time::timeout(Duration::from_secs(5), reader)
+                .await
+                .expect("stderr not closed after exit")
+                .unwrap();
+        }
+        status
     }
 
     fn logs(&self) -> String {

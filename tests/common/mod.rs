@@ -328,7 +328,7 @@ async fn respond(reply: Reply, sent_bytes: Arc<AtomicUsize>) -> Response<ReplyBo
 // ---------------------------------------------------------------------------
 
 /// Starts a TCP server that reads each request head and writes `answer`
-/// (raw bytes, written as given), then runs `after` on the socket.
+/// (raw bytes, written as given), then closes the socket or holds it open.
 pub async fn spawn_raw_upstream(answer: &'static [u8], close_after: bool) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
