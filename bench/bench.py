@@ -289,7 +289,7 @@ def table(results, answer, args):
         vals = [key(r) for r in (d, n, p)]
         verdict = "" if target is None else ("met" if target(vals[2], vals[1]) else "**missed**")
         rows.append([label, *(fmt(v) for v in vals), ratio(vals[2], vals[1], higher_is_better),
-                     ratio(vals[2], vals[0], higher_is_better), verdict])
+                     ratio(vals[1], vals[0], higher_is_better), ratio(vals[2], vals[0], higher_is_better), verdict])
 
     row("(a) requests/s, 64 conns", lambda v: f"{v:,.0f}", lambda r: r["a"]["rps"], True, lambda mine, ng: mine >= ng)
     row("(a) p50 ms", ms, lambda r: r["a"]["p50_us"], False)
@@ -297,21 +297,22 @@ def table(results, answer, args):
     row("(a) p99.9 ms", ms, lambda r: r["a"]["p999_us"], False)
     row("(a) errors", str, lambda r: r["a"]["errors"] + r["a"]["status_errors"], False)
     row("(b) latency ms, 1 conn (mean)", ms, lambda r: r["b"]["mean_us"], False)
+    row("(b) latency ms, 1 conn (p50)", ms, lambda r: r["b"]["p50_us"], False)
     rows.append(["(b) added latency ms (mean − direct)", "0", ms(n["b"]["mean_us"] - d["b"]["mean_us"]),
-                 ms(p["b"]["mean_us"] - d["b"]["mean_us"]), "", "",
+                 ms(p["b"]["mean_us"] - d["b"]["mean_us"]), "", "", "",
                  "met" if p["b"]["mean_us"] <= n["b"]["mean_us"] else "**missed**"])
     row("(c) TTFB p50 ms", ms, lambda r: r["c"]["ttfb_us"]["p50"], False)
     row("(c) TTFB p99 ms", ms, lambda r: r["c"]["ttfb_us"]["p99"], False)
     ttfb_added = p["c"]["ttfb_us"]["p99"] - d["c"]["ttfb_us"]["p99"]
     nginx_ttfb_added = n["c"]["ttfb_us"]["p99"] - d["c"]["ttfb_us"]["p99"]
-    rows.append(["(c) added TTFB p99 ms", "0", ms(nginx_ttfb_added), ms(ttfb_added), "", "",
+    rows.append(["(c) added TTFB p99 ms", "0", ms(nginx_ttfb_added), ms(ttfb_added), "", "", "",
                  "met" if ttfb_added <= 1000 and ttfb_added <= nginx_ttfb_added else "**missed**"])
     row("(c) chunk delay p50 ms", ms, lambda r: r["c"]["chunk_delay_us"]["p50"], False)
     row("(c) chunk delay p99 ms", ms, lambda r: r["c"]["chunk_delay_us"]["p99"], False)
     row("(c) chunk delay max ms", ms, lambda r: r["c"]["chunk_delay_us"]["max"], False)
     chunk_added = p["c"]["chunk_delay_us"]["p99"] - d["c"]["chunk_delay_us"]["p99"]
     rows.append(["(c) added chunk delay p99 ms", "0",
-                 ms(n["c"]["chunk_delay_us"]["p99"] - d["c"]["chunk_delay_us"]["p99"]), ms(chunk_added), "", "",
+                 ms(n["c"]["chunk_delay_us"]["p99"] - d["c"]["chunk_delay_us"]["p99"]), ms(chunk_added), "", "", "",
                  "met" if chunk_added <= 1000 else "**missed**"])
     row("(c) stream errors", str, lambda r: r["c"]["errors"], False)
     row(f"(d) {args.held:,} streams: completed", lambda v: f"{v:,}", lambda r: r["d"]["ok"], True)
@@ -324,7 +325,7 @@ def table(results, answer, args):
     row("(f) idle RSS MB", lambda v: f"{v / 1024:.1f}", lambda r: r["idle_rss_kb"], False,
         lambda mine, ng: mine <= 20 * 1024)
 
-    head = ["metric", "direct", "nginx", "llmproxy", "llmproxy/nginx", "llmproxy/direct", "target"]
+    head = ["metric", "direct", "nginx", "llmproxy", "llmproxy/nginx", "nginx/direct", "llmproxy/direct", "target"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
@@ -399,9 +400,9 @@ def main():
 | load | {info['wrk']}, 1 thread; `target/release/examples/bench_probe` for streams |
 | upstream | `llmproxy mock-upstream`, non-streamed answer {answer} bytes |
 
-"direct" is the mock upstream without a proxy: the floor. Ratios are
-llmproxy's value over nginx's and over direct's (for times and memory, lower
-is better; for rates, higher). "added" rows subtract direct's figure.
+"direct" is the mock upstream without a proxy: the floor. Ratios divide
+the first-named column by the second (for times and memory, lower is
+better; for rates, higher). "added" rows subtract direct's figure.
 
 {body}
 
