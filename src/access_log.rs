@@ -172,6 +172,8 @@ struct Record {
     bytes_in: Arc<AtomicU64>,
     status: Option<StatusCode>,
     upstream: Option<UpstreamInfo>,
+    /// `x-llmproxy-upstream` of the answer: which upstream served it.
+    upstream_name: Option<HeaderValue>,
     error: Option<&'static str>,
     error_detail: Option<Arc<str>>,
     first_byte: Option<Instant>,
@@ -191,6 +193,7 @@ impl Drop for Record {
             // The path only: a query string may carry credentials.
             path = &*self.path,
             status = self.status.map(|s| s.as_u16()),
+            upstream = self.upstream_name.as_ref().and_then(|v| v.to_str().ok()),
             upstream_status = self.upstream.map(|u| u.status.as_u16()),
             latency_us = us(end - self.start),
             ttfb_us = self.first_byte.map(|t| us(t - self.start)),
@@ -249,6 +252,7 @@ where
             bytes_in: bytes_in.clone(),
             status: None,
             upstream: None,
+            upstream_name: None,
             error: None,
             error_detail: None,
             first_byte: None,
@@ -292,6 +296,7 @@ where
         let record = this.record.take().map(|mut record| {
             record.status = Some(response.status());
             record.upstream = response.extensions().get::<UpstreamInfo>().copied();
+            record.upstream_name = response.headers().get(crate::proxy::UPSTREAM_HEADER).cloned();
             if let Some(failure) = response.extensions().get::<Failure>() {
                 record.error = Some(failure.kind);
                 record.error_detail = Some(failure.detail.clone());

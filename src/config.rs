@@ -73,8 +73,16 @@ pub struct FileConfig {
     /// Address to listen on.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
-    /// The provider requests are forwarded to.
+    /// The one provider requests are forwarded to (the single-upstream
+    /// shape). Absent means empty: `resolve` then requires `upstreams`.
+    #[serde(default)]
     pub upstream: UpstreamFile,
+    /// Several named providers; `models` says which serves what.
+    #[serde(default)]
+    pub upstreams: Ordered<UpstreamFile>,
+    /// Public model names and the deployments that serve them.
+    #[serde(default)]
+    pub models: Ordered<ModelFile>,
     /// Protection limits.
     #[serde(default)]
     pub limits: LimitsFile,
@@ -86,8 +94,8 @@ pub struct FileConfig {
     pub log: LogFile,
 }
 
-/// One upstream provider. Later, a map of these under `upstreams`.
-#[derive(Debug, Deserialize)]
+/// One upstream provider.
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamFile {
     /// Base URL in the OpenAI SDK convention, e.g. `https://api.openai.com/v1`.
@@ -238,30 +246,89 @@ impl<'de> Deserialize<'de> for ByteSize {
 }
 
 /// A YAML mapping of header name to value, kept in the order written.
-#[derive(Debug, Default)]
-pub struct HeaderList(pub Vec<(String, String)>);
+pub type HeaderList = Ordered<String>;
 
-impl<'de> Deserialize<'de> for HeaderList {
+/// A YAML mapping of names to values, kept in the order written (the order
+/// of upstreams and models is meaningful: the first upstream is the default).
+#[derive(Debug)]
+pub struct Ordered<T>(pub Vec<(String, T)>);
+
+impl<T> Default for Ordered<T> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Ordered<T> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl<'de> serde::de::Visitor<'de> for Visitor {
-            type Value = HeaderList;
+        struct Visitor<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Visitor<T> {
+            type Value = Ordered<T>;
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a mapping of header name to string value")
+                f.write_str("a mapping of names to values")
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(
                 self,
                 mut map: A,
-            ) -> Result<HeaderList, A::Error> {
-                let mut list = Vec::with_capacity(map.size_hint().unwrap_or(0));
-                while let Some(entry) = map.next_entry::<String, String>()? {
-                    list.push(entry);
+            ) -> Result<Ordered<T>, A::Error> {
+                let mut list: Vec<(String, T)> = Vec::with_capacity(map.size_hint().unwrap_or(0));
+                while let Some((key, value)) = map.next_entry::<String, T>()? {
+                    if list.iter().any(|(k, _)| *k == key) {
+                        return Err(serde::de::Error::custom(format!("`{key}` is given twice")));
+                    }
+                    list.push((key, value));
                 }
-                Ok(HeaderList(list))
+                Ok(Ordered(list))
             }
         }
-        deserializer.deserialize_map(Visitor)
+        deserializer.deserialize_map(Visitor(std::marker::PhantomData))
     }
+}
+
+/// A public model name and the deployments that serve it. A name ending in
+/// `*` (`gpt-*`) matches every model with that prefix.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelFile {
+    /// Where the model is served.
+    pub deployments: Vec<DeploymentFile>,
+    /// How a deployment is chosen for each request.
+    #[serde(default)]
+    pub strategy: Strategy,
+}
+
+/// One place a model is served.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeploymentFile {
+    /// The name of an entry in `upstreams`.
+    pub upstream: String,
+    /// The upstream's name for the model, when it differs from the public one.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Share of traffic for the `weighted` and `round_robin` strategies.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// How a model's deployment is chosen.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// Random, in proportion to `weight`.
+    #[default]
+    Weighted,
+    /// In turn, `weight` requests each.
+    RoundRobin,
+    /// The deployment with the fewest requests in flight.
+    LeastInFlight,
+    /// Power of two random choices over a peak-EWMA of time to response
+    /// headers, weighted by requests in flight.
+    Latency,
 }
 
 // ---------------------------------------------------------------------------
@@ -273,8 +340,10 @@ impl<'de> Deserialize<'de> for HeaderList {
 pub struct Config {
     /// Address to listen on.
     pub listen: SocketAddr,
-    /// Where requests go.
-    pub upstream: Upstream,
+    /// Where requests go; the first is the default for requests no model routes.
+    pub upstreams: Vec<Upstream>,
+    /// Model routing; empty means every request goes to the first upstream.
+    pub models: Vec<Model>,
     /// Protection limits.
     pub limits: Limits,
     /// Drain deadline on shutdown.
@@ -285,9 +354,27 @@ pub struct Config {
     pub log_level: String,
 }
 
+impl Config {
+    /// Where requests go, in one line: the URL of a single upstream, or the
+    /// names of several and the models routed.
+    pub fn describe(&self) -> String {
+        match self.upstreams.as_slice() {
+            [one] if self.models.is_empty() => one.base_url.display(),
+            all => format!(
+                "{} upstreams ({}), {} model routes",
+                all.len(),
+                all.iter().map(|u| u.name.as_str()).collect::<Vec<_>>().join(", "),
+                self.models.len()
+            ),
+        }
+    }
+}
+
 /// A validated upstream.
 #[derive(Debug, Clone)]
 pub struct Upstream {
+    /// Its name: `default` for the single-upstream shape.
+    pub name: String,
     /// Where requests are sent.
     pub base_url: BaseUrl,
     /// The `Host` header for it, made once.
@@ -296,6 +383,30 @@ pub struct Upstream {
     pub default_headers: DefaultHeaders,
     /// Timeouts.
     pub timeouts: Timeouts,
+}
+
+/// A validated model route.
+#[derive(Debug, Clone)]
+pub struct Model {
+    /// The public name (`gpt-*` for a prefix).
+    pub name: String,
+    /// For a wildcard, the prefix it matches.
+    pub prefix: Option<String>,
+    /// How a deployment is chosen.
+    pub strategy: Strategy,
+    /// Where it is served (never empty).
+    pub deployments: Vec<Deployment>,
+}
+
+/// A validated deployment.
+#[derive(Debug, Clone)]
+pub struct Deployment {
+    /// Index into `Config::upstreams`.
+    pub upstream: usize,
+    /// The upstream's model name, when it differs from the requested one.
+    pub model: Option<String>,
+    /// Share of traffic (at least 1).
+    pub weight: u32,
 }
 
 /// Validated upstream timeouts.
@@ -457,9 +568,11 @@ pub fn from_flags(
         listen: default_listen(),
         upstream: UpstreamFile {
             base_url: upstream.to_owned(),
-            default_headers: HeaderList(default_headers),
+            default_headers: Ordered(default_headers),
             timeouts: TimeoutsFile::default(),
         },
+        upstreams: Ordered::default(),
+        models: Ordered::default(),
         limits: LimitsFile::default(),
         shutdown_timeout: default_shutdown_timeout(),
         log: LogFile::default(),
@@ -489,65 +602,54 @@ pub fn resolve(file: FileConfig, origin: &str, env: &dyn Lookup) -> Result<Confi
     let FileConfig {
         listen,
         upstream,
+        upstreams,
+        models,
         limits,
         shutdown_timeout,
         log,
     } = file;
 
-    let base_url = interpolate(&upstream.base_url, env)
-        .and_then(|url| BaseUrl::parse(&url))
-        .map_err(|m| invalid(origin, "upstream.base_url", m))?;
-
-    let mut headers: Vec<(HeaderName, HeaderValue)> =
-        Vec::with_capacity(upstream.default_headers.0.len());
-    for (name, value) in &upstream.default_headers.0 {
-        let field = format!("upstream.default_headers.{name}");
-        let header_name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
-            invalid(
-                origin,
-                &field,
-                format!("`{name}` is not a valid header name"),
-            )
-        })?;
-        if crate::headers::is_hop_by_hop(&header_name) || header_name == http::header::HOST {
+    let single = !upstream.base_url.is_empty();
+    let resolved: Vec<Upstream> = match (single, upstreams.0.is_empty()) {
+        (true, true) => vec![resolve_upstream("default", "upstream", upstream, origin, env)?],
+        (false, false) => upstreams
+            .0
+            .into_iter()
+            .map(|(name, file)| {
+                let field = format!("upstreams.{name}");
+                resolve_upstream(&name, &field, file, origin, env)
+            })
+            .collect::<Result<_, _>>()?,
+        (true, false) => {
             return Err(invalid(
                 origin,
-                &field,
-                "is a per-connection header and cannot be set for the upstream",
+                "upstream",
+                "give either `upstream` (one provider) or `upstreams` (several), not both",
             ));
         }
-        if headers.iter().any(|(n, _)| *n == header_name) {
+        (false, true) => {
             return Err(invalid(
                 origin,
-                &field,
-                "is given twice (header names are case-insensitive)",
+                "(top level)",
+                "missing field `upstream` (one provider) or `upstreams` (several)",
             ));
         }
-        let value = interpolate(value, env).map_err(|m| invalid(origin, &field, m))?;
-        // Never echo the value: it is usually a key.
-        let header_value = HeaderValue::from_str(&value).map_err(|_| {
-            invalid(
-                origin,
-                &field,
-                "the value contains characters not allowed in a header (control characters or newlines)",
-            )
-        })?;
-        headers.push((header_name, header_value));
+    };
+    let models = resolve_models(models, &resolved, origin)?;
+    if models.is_empty() && resolved.len() > 1 {
+        return Err(invalid(
+            origin,
+            "models",
+            "with several upstreams, `models` must say which upstream serves each model",
+        ));
     }
 
-    let timeouts = upstream.timeouts;
-    for (field, value) in [
-        ("upstream.timeouts.connect", timeouts.connect),
-        (
-            "upstream.timeouts.response_headers",
-            timeouts.response_headers,
-        ),
-        ("upstream.timeouts.idle", timeouts.idle),
-        ("limits.header_read_timeout", limits.header_read_timeout),
-    ] {
-        if value.is_zero() {
-            return Err(invalid(origin, field, "must be greater than zero"));
-        }
+    if limits.header_read_timeout.is_zero() {
+        return Err(invalid(
+            origin,
+            "limits.header_read_timeout",
+            "must be greater than zero",
+        ));
     }
     if limits.max_body_size.0 == 0 {
         return Err(invalid(
@@ -571,25 +673,10 @@ pub fn resolve(file: FileConfig, origin: &str, env: &dyn Lookup) -> Result<Confi
         ));
     }
 
-    let host = HeaderValue::from_str(base_url.authority.as_str()).map_err(|_| {
-        invalid(
-            origin,
-            "upstream.base_url",
-            "the host is not a valid Host header",
-        )
-    })?;
     Ok(Config {
         listen,
-        upstream: Upstream {
-            host,
-            base_url,
-            default_headers: DefaultHeaders::new(headers),
-            timeouts: Timeouts {
-                connect: timeouts.connect,
-                response_headers: timeouts.response_headers,
-                idle: timeouts.idle,
-            },
-        },
+        upstreams: resolved,
+        models,
         limits: Limits {
             max_body_size: limits.max_body_size.0,
             max_connections: limits.max_connections,
@@ -599,6 +686,167 @@ pub fn resolve(file: FileConfig, origin: &str, env: &dyn Lookup) -> Result<Confi
         log_format: log.format,
         log_level: log.level,
     })
+}
+
+/// Validates one upstream; `field` is its path in the file (`upstream`, `upstreams.NAME`).
+fn resolve_upstream(
+    name: &str,
+    field: &str,
+    upstream: UpstreamFile,
+    origin: &str,
+    env: &dyn Lookup,
+) -> Result<Upstream, ConfigError> {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(invalid(
+            origin,
+            field,
+            "upstream names use letters, digits, `-`, `_` and `.` (they are sent in x-llmproxy-upstream)",
+        ));
+    }
+    let url_field = format!("{field}.base_url");
+    let base_url = interpolate(&upstream.base_url, env)
+        .and_then(|url| BaseUrl::parse(&url))
+        .map_err(|m| invalid(origin, &url_field, m))?;
+
+    let mut headers: Vec<(HeaderName, HeaderValue)> =
+        Vec::with_capacity(upstream.default_headers.0.len());
+    for (header, value) in &upstream.default_headers.0 {
+        let header_field = format!("{field}.default_headers.{header}");
+        let header_name = HeaderName::from_bytes(header.as_bytes()).map_err(|_| {
+            invalid(
+                origin,
+                &header_field,
+                format!("`{header}` is not a valid header name"),
+            )
+        })?;
+        if crate::headers::is_hop_by_hop(&header_name) || header_name == http::header::HOST {
+            return Err(invalid(
+                origin,
+                &header_field,
+                "is a per-connection header and cannot be set for the upstream",
+            ));
+        }
+        if headers.iter().any(|(n, _)| *n == header_name) {
+            return Err(invalid(
+                origin,
+                &header_field,
+                "is given twice (header names are case-insensitive)",
+            ));
+        }
+        let value = interpolate(value, env).map_err(|m| invalid(origin, &header_field, m))?;
+        // Never echo the value: it is usually a key.
+        let header_value = HeaderValue::from_str(&value).map_err(|_| {
+            invalid(
+                origin,
+                &header_field,
+                "the value contains characters not allowed in a header (control characters or newlines)",
+            )
+        })?;
+        headers.push((header_name, header_value));
+    }
+
+    let timeouts = upstream.timeouts;
+    for (name, value) in [
+        ("connect", timeouts.connect),
+        ("response_headers", timeouts.response_headers),
+        ("idle", timeouts.idle),
+    ] {
+        if value.is_zero() {
+            return Err(invalid(
+                origin,
+                &format!("{field}.timeouts.{name}"),
+                "must be greater than zero",
+            ));
+        }
+    }
+    let host = HeaderValue::from_str(base_url.authority.as_str())
+        .map_err(|_| invalid(origin, &url_field, "the host is not a valid Host header"))?;
+    Ok(Upstream {
+        name: name.to_owned(),
+        host,
+        base_url,
+        default_headers: DefaultHeaders::new(headers),
+        timeouts: Timeouts {
+            connect: timeouts.connect,
+            response_headers: timeouts.response_headers,
+            idle: timeouts.idle,
+        },
+    })
+}
+
+/// Validates the model routes against the upstreams they name.
+fn resolve_models(
+    models: Ordered<ModelFile>,
+    upstreams: &[Upstream],
+    origin: &str,
+) -> Result<Vec<Model>, ConfigError> {
+    let mut resolved = Vec::with_capacity(models.0.len());
+    for (name, model) in models.0 {
+        let field = format!("models.{name}");
+        let prefix = match name.find('*') {
+            None => None,
+            Some(at) if at + 1 == name.len() => Some(name[..at].to_owned()),
+            Some(_) => {
+                return Err(invalid(
+                    origin,
+                    &field,
+                    "`*` may only end a model name (`gpt-*`)",
+                ));
+            }
+        };
+        if model.deployments.is_empty() {
+            return Err(invalid(
+                origin,
+                &format!("{field}.deployments"),
+                "needs at least one deployment",
+            ));
+        }
+        let mut deployments = Vec::with_capacity(model.deployments.len());
+        for (i, deployment) in model.deployments.into_iter().enumerate() {
+            let at = format!("{field}.deployments[{i}]");
+            let upstream = upstreams
+                .iter()
+                .position(|u| u.name == deployment.upstream)
+                .ok_or_else(|| {
+                    let known: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
+                    invalid(
+                        origin,
+                        &format!("{at}.upstream"),
+                        format!(
+                            "no upstream is named `{}` (known: {})",
+                            deployment.upstream,
+                            known.join(", ")
+                        ),
+                    )
+                })?;
+            if deployment.weight == 0 {
+                return Err(invalid(origin, &format!("{at}.weight"), "must be at least 1"));
+            }
+            if prefix.is_some() && deployment.model.is_some() {
+                return Err(invalid(
+                    origin,
+                    &format!("{at}.model"),
+                    "a wildcard route passes the requested name through; it cannot rename it",
+                ));
+            }
+            deployments.push(Deployment {
+                upstream,
+                model: deployment.model,
+                weight: deployment.weight,
+            });
+        }
+        resolved.push(Model {
+            name,
+            prefix,
+            strategy: model.strategy,
+            deployments,
+        });
+    }
+    Ok(resolved)
 }
 
 /// Replaces `${NAME}` with the variable's value; `$$` is a literal `$`.
@@ -666,7 +914,7 @@ mod tests {
         assert_eq!(config.limits.max_body_size, 32 * 1024 * 1024);
         assert_eq!(config.limits.max_connections, 10_000);
         assert_eq!(
-            config.upstream.timeouts.response_headers,
+            config.upstreams[0].timeouts.response_headers,
             Duration::from_secs(600)
         );
         assert_eq!(config.shutdown_timeout, Duration::from_secs(30));
@@ -697,21 +945,21 @@ log:
 "#;
         let config = load_str(text, &env_with_key).unwrap();
         assert_eq!(config.listen.port(), 9999);
-        assert_eq!(config.upstream.timeouts.connect, Duration::from_secs(2));
-        assert_eq!(config.upstream.timeouts.idle, Duration::from_secs(90));
+        assert_eq!(config.upstreams[0].timeouts.connect, Duration::from_secs(2));
+        assert_eq!(config.upstreams[0].timeouts.idle, Duration::from_secs(90));
         assert_eq!(config.limits.max_body_size, 64 << 20);
         assert_eq!(config.limits.max_connections, 50);
         assert_eq!(config.shutdown_timeout, Duration::from_secs(10));
         assert_eq!(config.log_format, LogFormat::Json);
         let names: Vec<&str> = config
-            .upstream
+            .upstreams[0]
             .default_headers
             .names()
             .map(|n| n.as_str())
             .collect();
         assert_eq!(names, ["authorization", "openai-organization"]);
         let joined = config
-            .upstream
+            .upstreams[0]
             .base_url
             .join(&"/v1/models".parse().unwrap())
             .unwrap();
@@ -936,7 +1184,7 @@ log:
         )
         .unwrap();
         assert_eq!(
-            config.upstream.base_url.display(),
+            config.upstreams[0].base_url.display(),
             "https://api.openai.com/v1"
         );
         let err = from_flags(

@@ -23,6 +23,9 @@ pub enum ProxyError {
         /// Request path (never the query: it may carry credentials).
         path: String,
     },
+    /// No model route matches the requested model.
+    #[error("The model `{0}` does not exist or is not served by this gateway")]
+    ModelNotFound(String),
     /// The request itself is malformed (bad URI, unreadable body, ...).
     #[error("{0}")]
     BadRequest(String),
@@ -50,7 +53,7 @@ impl ProxyError {
     /// The HTTP status this failure is answered with.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::NotFound { .. } => StatusCode::NOT_FOUND,
+            Self::NotFound { .. } | Self::ModelNotFound(_) => StatusCode::NOT_FOUND,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UpstreamUnreachable(_) | Self::UpstreamProtocol(_) => StatusCode::BAD_GATEWAY,
@@ -63,6 +66,7 @@ impl ProxyError {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::NotFound { .. } => "not_found",
+            Self::ModelNotFound(_) => "model_not_found",
             Self::BadRequest(_) => "bad_request",
             Self::BodyTooLarge { .. } => "request_too_large",
             Self::UpstreamUnreachable(_) => "upstream_unreachable",
@@ -75,9 +79,10 @@ impl ProxyError {
     /// The OpenAI error `type`: the client's fault or the gateway's.
     fn error_type(&self) -> &'static str {
         match self {
-            Self::NotFound { .. } | Self::BadRequest(_) | Self::BodyTooLarge { .. } => {
-                "invalid_request_error"
-            }
+            Self::NotFound { .. }
+            | Self::ModelNotFound(_)
+            | Self::BadRequest(_)
+            | Self::BodyTooLarge { .. } => "invalid_request_error",
             _ => "proxy_error",
         }
     }

@@ -18,6 +18,7 @@ pub mod headers;
 pub mod log_writer;
 pub mod mock;
 pub mod proxy;
+pub mod router;
 pub mod stream;
 pub mod upstream;
 
@@ -80,9 +81,20 @@ async fn not_found(method: Method, uri: Uri) -> ProxyError {
 
 /// Builds the shared forwarding state from a validated config.
 pub fn proxy_state(config: &Config) -> Arc<Proxy> {
+    let targets = config
+        .upstreams
+        .iter()
+        .map(|upstream| proxy::Target {
+            client: upstream::client(&upstream.timeouts),
+            // Names are checked to be header-safe when the config is loaded.
+            name_header: http::HeaderValue::from_str(&upstream.name)
+                .unwrap_or(http::HeaderValue::from_static("upstream")),
+            upstream: upstream.clone(),
+        })
+        .collect();
     Arc::new(Proxy {
-        client: upstream::client(&config.upstream.timeouts),
-        upstream: config.upstream.clone(),
+        targets,
+        router: router::ModelRouter::new(&config.models),
         max_body_size: config.limits.max_body_size,
     })
 }
@@ -128,7 +140,7 @@ pub async fn run(
 
     tracing::info!(
         listen = %listener.local_addr()?,
-        upstream = %config.upstream.base_url.display(),
+        upstream = %config.describe(),
         "llmproxy serving"
     );
     loop {

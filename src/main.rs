@@ -82,7 +82,7 @@ fn main() -> ExitCode {
                         "{}: ok (listen {}, upstream {})",
                         file.display(),
                         config.listen,
-                        config.upstream.base_url.display()
+                        config.describe()
                     );
                 }
                 ExitCode::SUCCESS

@@ -4,15 +4,22 @@
 //! The phases, in order:
 //! 1. **request filter** — refuse a declared body over the limit (413) before
 //!    any upstream work;
-//! 2. **pick upstream** — join the configured base URL with the request path;
-//! 3. **upstream request filter** — apply the header policy (`headers.rs`);
-//!    the body is streamed through a byte limit, never buffered;
-//! 4. **send** — on the pooled client, bounded by `timeouts.response_headers`;
-//!    failures before response headers become OpenAI-shaped errors
-//!    (502/504/413); an upstream error *answer* is forwarded as it is;
-//! 5. **response filter** — drop hop-by-hop headers;
-//! 6. **body** — the upstream body, wrapped only in the idle timeout; chunks
-//!    go to the client as they arrive, and a failure aborts the response.
+//! 2. **pick upstream** — with no `models` configured, the one upstream and
+//!    the body streamed as it comes (never buffered). With `models`, a JSON
+//!    body is read (bounded by the body limit) to find `model`; the route
+//!    picks a deployment, and only the `model` value is rewritten when the
+//!    deployment names it differently — every other byte stays as sent;
+//! 3. **upstream request filter** — join the base URL, apply the header
+//!    policy (`headers.rs`);
+//! 4. **send** — on the upstream's pooled client, bounded by
+//!    `timeouts.response_headers`; failures before response headers become
+//!    OpenAI-shaped errors (502/504/413); an upstream error *answer* is
+//!    forwarded as it is;
+//! 5. **response filter** — drop hop-by-hop headers, name the upstream that
+//!    answered (`x-llmproxy-upstream`, `x-llmproxy-attempts`);
+//! 6. **body** — the upstream body, wrapped only in the idle timeout (and the
+//!    deployment's in-flight count when routed); chunks go to the client as
+//!    they arrive, and a failure aborts the response.
 //!
 //! Logging happens once per request in `access_log.rs`, not here: a failure
 //! reaches the log line through the response (`error::Failure`).
@@ -21,27 +28,45 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::response::Response;
-use http::{Version, header};
-use http_body_util::Limited;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Version, header};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde_json::value::RawValue;
 use tokio::time::Instant;
 
 use crate::access_log::UpstreamInfo;
 use crate::config::Upstream;
 use crate::error::ProxyError;
 use crate::headers;
-use crate::stream::IdleTimeout;
+use crate::router::{DeploymentState, InFlight, ModelRouter};
+use crate::stream::{Holding, IdleTimeout};
 use crate::upstream::{self, UpstreamClient};
 
-/// What the forward path needs, shared by every request.
-pub struct Proxy {
+/// One upstream with its own pooled client (timeouts differ per upstream).
+pub struct Target {
     /// The configured upstream.
     pub upstream: Upstream,
     /// The pooled client.
     pub client: UpstreamClient,
+    /// `x-llmproxy-upstream` for its answers, made once.
+    pub name_header: HeaderValue,
+}
+
+/// What the forward path needs, shared by every request.
+pub struct Proxy {
+    /// The upstreams; the first serves requests no model route claims.
+    pub targets: Vec<Target>,
+    /// Model routing, when `models` is configured.
+    pub router: Option<ModelRouter>,
     /// Largest request body, in bytes.
     pub max_body_size: u64,
 }
+
+/// The response header naming the upstream that answered.
+pub const UPSTREAM_HEADER: HeaderName = HeaderName::from_static("x-llmproxy-upstream");
+/// The response header counting the attempts made.
+pub const ATTEMPTS_HEADER: HeaderName = HeaderName::from_static("x-llmproxy-attempts");
 
 /// Forwards one `/v1/*` request.
 pub async fn forward(
@@ -62,16 +87,76 @@ pub async fn forward(
         });
     }
 
-    let uri = proxy
-        .upstream
+    let Some(router) = &proxy.router else {
+        return send(&proxy, 0, parts, body, None).await;
+    };
+    if parts.method == Method::GET && parts.uri.path() == "/v1/models" {
+        return Ok(list_models(router));
+    }
+    if parts.method != Method::POST || !is_json(&parts.headers) {
+        return send(&proxy, 0, parts, body, None).await;
+    }
+
+    let limit = usize::try_from(proxy.max_body_size).unwrap_or(usize::MAX);
+    let bytes = match Limited::new(body, limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => {
+            return Err(ProxyError::BodyTooLarge {
+                limit: proxy.max_body_size,
+            });
+        }
+        Err(err) => {
+            return Err(ProxyError::BadRequest(format!(
+                "reading the request body failed: {err}"
+            )));
+        }
+    };
+    let Some((model, span)) = requested_model(&bytes)? else {
+        return send(&proxy, 0, parts, Body::from(bytes), None).await;
+    };
+    let route = router
+        .resolve(&model)
+        .ok_or_else(|| ProxyError::ModelNotFound(model.clone()))?;
+    let deployment = Arc::clone(route.pick());
+    let bytes = match &deployment.model {
+        Some(renamed) if *renamed != model => rename_model(&bytes, span, renamed),
+        _ => bytes,
+    };
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    let in_flight = deployment.start();
+    send(
+        &proxy,
+        deployment.upstream,
+        parts,
+        Body::from(bytes),
+        Some((deployment, in_flight)),
+    )
+    .await
+}
+
+/// Sends the request to `proxy.targets[target]` and streams the answer back.
+async fn send(
+    proxy: &Proxy,
+    target: usize,
+    mut parts: http::request::Parts,
+    body: Body,
+    routed: Option<(Arc<DeploymentState>, InFlight)>,
+) -> Result<Response, ProxyError> {
+    let Some(target) = proxy.targets.get(target) else {
+        return Err(ProxyError::UpstreamUnreachable("no such upstream".into()));
+    };
+    let upstream = &target.upstream;
+    let uri = upstream
         .base_url
         .join(&parts.uri)
         .map_err(|e| ProxyError::BadRequest(format!("cannot forward this path: {e}")))?;
 
     headers::to_upstream_request(
         &mut parts.headers,
-        &proxy.upstream.host,
-        &proxy.upstream.default_headers,
+        &upstream.host,
+        &upstream.default_headers,
     );
     parts.uri = uri;
     // The client picks HTTP/1.1 or HTTP/2 per connection (ALPN); the version
@@ -85,11 +170,11 @@ pub async fn forward(
         ),
     );
 
-    let timeouts = &proxy.upstream.timeouts;
+    let timeouts = &upstream.timeouts;
     let sent_at = Instant::now();
     let response = match tokio::time::timeout(
         timeouts.response_headers,
-        proxy.client.request(upstream_request),
+        target.client.request(upstream_request),
     )
     .await
     {
@@ -101,6 +186,8 @@ pub async fn forward(
 
     let (mut parts, body) = response.into_parts();
     headers::to_client_response(&mut parts.headers);
+    parts.headers.insert(UPSTREAM_HEADER, target.name_header.clone());
+    parts.headers.insert(ATTEMPTS_HEADER, HeaderValue::from_static("1"));
     // hyper writes the status line for the client's own protocol; an HTTP/2
     // version from the upstream would only trigger a warning.
     parts.version = Version::HTTP_11;
@@ -108,8 +195,91 @@ pub async fn forward(
         status: parts.status,
         headers_after,
     });
-    Ok(Response::from_parts(
-        parts,
-        Body::new(IdleTimeout::new(body, timeouts.idle)),
-    ))
+    let body = IdleTimeout::new(body, timeouts.idle);
+    let body = match routed {
+        None => Body::new(body),
+        Some((deployment, in_flight)) => {
+            deployment.observe(headers_after);
+            // The deployment stays busy until the answer has been streamed.
+            Body::new(Holding::new(body, in_flight))
+        }
+    };
+    Ok(Response::from_parts(parts, body))
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("application/json"))
+}
+
+/// Only the top-level `model`, borrowed raw so its position in the body is known.
+#[derive(serde::Deserialize)]
+struct Head<'a> {
+    #[serde(borrow)]
+    model: Option<&'a RawValue>,
+}
+
+/// The requested model and the byte range of its JSON string in `body`;
+/// `None` when the body has no `model`.
+fn requested_model(body: &[u8]) -> Result<Option<(String, std::ops::Range<usize>)>, ProxyError> {
+    let head: Head<'_> = serde_json::from_slice(body)
+        .map_err(|e| ProxyError::BadRequest(format!("the request body is not valid JSON: {e}")))?;
+    let Some(raw) = head.model else {
+        return Ok(None);
+    };
+    let model: String = serde_json::from_str(raw.get())
+        .map_err(|_| ProxyError::BadRequest("`model` must be a string".into()))?;
+    // `raw` borrows from `body`: its offset is where the value starts.
+    let start = (raw.get().as_ptr() as usize).saturating_sub(body.as_ptr() as usize);
+    Ok(Some((model, start..start + raw.get().len())))
+}
+
+/// `body` with the `model` value at `span` replaced by `name`, byte for byte otherwise.
+fn rename_model(body: &Bytes, span: std::ops::Range<usize>, name: &str) -> Bytes {
+    let quoted = serde_json::Value::from(name).to_string();
+    let mut out = Vec::with_capacity(body.len() + quoted.len());
+    out.extend_from_slice(&body[..span.start]);
+    out.extend_from_slice(quoted.as_bytes());
+    out.extend_from_slice(&body[span.end..]);
+    Bytes::from(out)
+}
+
+/// `GET /v1/models` when routing: the configured public names, in the OpenAI list shape.
+fn list_models(router: &ModelRouter) -> Response {
+    let data: Vec<serde_json::Value> = router
+        .listed()
+        .map(|id| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "llmproxy"}))
+        .collect();
+    axum::Json(serde_json::json!({"object": "list", "data": data})).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_model_is_found_and_renamed_without_touching_other_bytes() {
+        let body = Bytes::from_static(
+            br#"{ "messages" : [{"role":"user","content":"model: \"x\""}], "model":"gpt-4o" ,"n":1}"#,
+        );
+        let (model, span) = requested_model(&body).unwrap().unwrap();
+        assert_eq!(model, "gpt-4o");
+        assert_eq!(&body[span.clone()], br#""gpt-4o""#);
+        let renamed = rename_model(&body, span, "gpt-4o-2024-08-06");
+        assert_eq!(
+            &renamed[..],
+            br#"{ "messages" : [{"role":"user","content":"model: \"x\""}], "model":"gpt-4o-2024-08-06" ,"n":1}"#
+        );
+    }
+
+    #[test]
+    fn bodies_without_a_string_model_are_named_problems() {
+        assert!(requested_model(br#"{"input":"x"}"#).unwrap().is_none());
+        let err = requested_model(br#"{"model": 5}"#).unwrap_err().to_string();
+        assert!(err.contains("`model` must be a string"), "{err}");
+        let err = requested_model(br#"{"model": "a""#).unwrap_err().to_string();
+        assert!(err.contains("not valid JSON"), "{err}");
+    }
 }

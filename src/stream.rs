@@ -98,6 +98,43 @@ where
     }
 }
 
+pin_project_lite::pin_project! {
+    /// Passes the body through and keeps `held` alive until the body is
+    /// dropped: e.g. a deployment's in-flight count for a whole stream.
+    pub struct Holding<B, T> {
+        #[pin]
+        inner: B,
+        held: T,
+    }
+}
+
+impl<B, T> Holding<B, T> {
+    /// Wraps `inner`, holding `held`.
+    pub fn new(inner: B, held: T) -> Self {
+        Self { inner, held }
+    }
+}
+
+impl<B: Body, T> Body for Holding<B, T> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,309 @@
+//! Model routing: which deployment serves a request for a public model name.
+//!
+//! Built once from `config.models`; per request it resolves the name (exact
+//! first, then the longest wildcard prefix) and picks a deployment with the
+//! model's strategy. All per-deployment state is atomics: no lock is taken
+//! on the request path.
+
+use std::cell::Cell;
+use std::hash::BuildHasher;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use crate::config::{Model, Strategy};
+
+/// Live state of one deployment.
+#[derive(Debug)]
+pub struct DeploymentState {
+    /// Index into the proxy's upstreams.
+    pub upstream: usize,
+    /// The upstream's model name, when it differs from the requested one.
+    pub model: Option<String>,
+    weight: u32,
+    in_flight: AtomicUsize,
+    /// Peak-EWMA of time to response headers, in microseconds (0: no sample yet).
+    ewma_us: AtomicU64,
+}
+
+/// A model route with its deployments' live state.
+#[derive(Debug)]
+pub struct Route {
+    /// The public name (`gpt-*` for a prefix route).
+    pub name: String,
+    prefix: Option<String>,
+    strategy: Strategy,
+    /// The deployments, in configured order.
+    pub deployments: Vec<Arc<DeploymentState>>,
+    total_weight: u64,
+    turn: AtomicU64,
+}
+
+/// Every configured route.
+#[derive(Debug)]
+pub struct ModelRouter {
+    routes: Vec<Route>,
+}
+
+impl ModelRouter {
+    /// Builds the router; `None` when no models are configured.
+    pub fn new(models: &[Model]) -> Option<Self> {
+        if models.is_empty() {
+            return None;
+        }
+        let routes = models
+            .iter()
+            .map(|model| Route {
+                name: model.name.clone(),
+                prefix: model.prefix.clone(),
+                strategy: model.strategy,
+                total_weight: model.deployments.iter().map(|d| u64::from(d.weight)).sum(),
+                deployments: model
+                    .deployments
+                    .iter()
+                    .map(|d| {
+                        Arc::new(DeploymentState {
+                            upstream: d.upstream,
+                            model: d.model.clone(),
+                            weight: d.weight,
+                            in_flight: AtomicUsize::new(0),
+                            ewma_us: AtomicU64::new(0),
+                        })
+                    })
+                    .collect(),
+                turn: AtomicU64::new(0),
+            })
+            .collect();
+        Some(Self { routes })
+    }
+
+    /// The route for a requested model: an exact name, else the longest matching prefix.
+    pub fn resolve(&self, model: &str) -> Option<&Route> {
+        self.routes
+            .iter()
+            .find(|r| r.prefix.is_none() && r.name == model)
+            .or_else(|| {
+                self.routes
+                    .iter()
+                    .filter(|r| r.prefix.as_deref().is_some_and(|p| model.starts_with(p)))
+                    .max_by_key(|r| r.prefix.as_deref().map_or(0, str::len))
+            })
+    }
+
+    /// The exact (non-wildcard) public model names, for `GET /v1/models`.
+    pub fn listed(&self) -> impl Iterator<Item = &str> {
+        self.routes
+            .iter()
+            .filter(|r| r.prefix.is_none())
+            .map(|r| r.name.as_str())
+    }
+}
+
+impl Route {
+    /// Picks a deployment with the route's strategy.
+    pub fn pick(&self) -> &Arc<DeploymentState> {
+        let deployments = &self.deployments;
+        let index = match deployments.len() {
+            0 | 1 => 0,
+            n => match self.strategy {
+                Strategy::Weighted => self.by_weight(random() % self.total_weight),
+                Strategy::RoundRobin => {
+                    self.by_weight(self.turn.fetch_add(1, Ordering::Relaxed) % self.total_weight)
+                }
+                Strategy::LeastInFlight => {
+                    // Ties go to a random one of the least loaded, so equal
+                    // deployments share the load instead of the first taking all.
+                    let start = (random() % n as u64) as usize;
+                    (0..n)
+                        .map(|i| (start + i) % n)
+                        .min_by_key(|&i| deployments[i].in_flight.load(Ordering::Relaxed))
+                        .unwrap_or(0)
+                }
+                Strategy::Latency => {
+                    let a = (random() % n as u64) as usize;
+                    let b = (a + 1 + (random() % (n as u64 - 1)) as usize) % n;
+                    if deployments[a].cost() <= deployments[b].cost() { a } else { b }
+                }
+            },
+        };
+        &deployments[index.min(deployments.len().saturating_sub(1))]
+    }
+
+    /// The deployment whose cumulative weight range holds `ticket`.
+    fn by_weight(&self, mut ticket: u64) -> usize {
+        for (i, deployment) in self.deployments.iter().enumerate() {
+            let weight = u64::from(deployment.weight);
+            if ticket < weight {
+                return i;
+            }
+            ticket -= weight;
+        }
+        0
+    }
+}
+
+impl DeploymentState {
+    /// Counts a request in flight until the guard is dropped.
+    pub fn start(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(Arc::clone(self))
+    }
+
+    /// Feeds the latency estimate: a slower sample is taken at once (peak),
+    /// a faster one moves the estimate an eighth of the way.
+    pub fn observe(&self, headers_after: Duration) {
+        let sample = u64::try_from(headers_after.as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let _ = self
+            .ewma_us
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                Some(if old == 0 || sample >= old {
+                    sample
+                } else {
+                    old - (old - sample) / 8
+                })
+            });
+    }
+
+    /// Expected wait: latency times the queue it would join. Unmeasured
+    /// deployments cost nothing, so each gets tried.
+    fn cost(&self) -> u64 {
+        let in_flight = self.in_flight.load(Ordering::Relaxed) as u64;
+        self.ewma_us
+            .load(Ordering::Relaxed)
+            .saturating_mul(in_flight + 1)
+    }
+}
+
+/// A request in flight on a deployment; dropping it ends the count.
+#[derive(Debug)]
+pub struct InFlight(Arc<DeploymentState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A fast per-thread pseudo-random number (xorshift64*), seeded from the
+/// process's random hasher: balancing needs spread, not cryptography.
+fn random() -> u64 {
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(
+            std::collections::hash_map::RandomState::new().hash_one(std::thread::current().id()) | 1,
+        );
+    }
+    STATE.with(|state| {
+        let mut x = state.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        state.set(x);
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Deployment;
+
+    fn route(strategy: Strategy, weights: &[u32]) -> ModelRouter {
+        let model = Model {
+            name: "m".into(),
+            prefix: None,
+            strategy,
+            deployments: weights
+                .iter()
+                .enumerate()
+                .map(|(i, &weight)| Deployment {
+                    upstream: i,
+                    model: None,
+                    weight,
+                })
+                .collect(),
+        };
+        ModelRouter::new(&[model]).unwrap()
+    }
+
+    fn counts(router: &ModelRouter, n: usize) -> Vec<usize> {
+        let route = router.resolve("m").unwrap();
+        let mut counts = vec![0; route.deployments.len()];
+        for _ in 0..n {
+            counts[route.pick().upstream] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn weighted_random_follows_the_weights() {
+        let c = counts(&route(Strategy::Weighted, &[3, 1]), 4000);
+        assert!((2700..3300).contains(&c[0]), "{c:?}");
+    }
+
+    #[test]
+    fn round_robin_takes_turns_by_weight() {
+        let router = route(Strategy::RoundRobin, &[2, 1]);
+        let route = router.resolve("m").unwrap();
+        let order: Vec<usize> = (0..6).map(|_| route.pick().upstream).collect();
+        assert_eq!(order, [0, 0, 1, 0, 0, 1]);
+    }
+
+    #[test]
+    fn least_in_flight_avoids_the_busy_deployment() {
+        let router = route(Strategy::LeastInFlight, &[1, 1]);
+        let route = router.resolve("m").unwrap();
+        let _busy = route.deployments[0].start();
+        for _ in 0..50 {
+            assert_eq!(route.pick().upstream, 1);
+        }
+    }
+
+    #[test]
+    fn latency_prefers_the_fast_deployment() {
+        let router = route(Strategy::Latency, &[1, 1]);
+        let route = router.resolve("m").unwrap();
+        route.deployments[0].observe(Duration::from_millis(200));
+        route.deployments[1].observe(Duration::from_millis(5));
+        let c = counts(&router, 200);
+        assert_eq!(c, [0, 200], "with two deployments P2C always compares both");
+    }
+
+    #[test]
+    fn peak_ewma_jumps_up_and_decays_down() {
+        let router = route(Strategy::Latency, &[1]);
+        let d = &router.resolve("m").unwrap().deployments[0];
+        d.observe(Duration::from_micros(800));
+        d.observe(Duration::from_micros(8000));
+        assert_eq!(d.ewma_us.load(Ordering::Relaxed), 8000);
+        d.observe(Duration::from_micros(0));
+        assert_eq!(d.ewma_us.load(Ordering::Relaxed), 8000 - (8000 - 1) / 8);
+    }
+
+    #[test]
+    fn exact_names_win_over_prefixes_and_the_longest_prefix_wins() {
+        let model = |name: &str, prefix: Option<&str>, upstream| Model {
+            name: name.into(),
+            prefix: prefix.map(Into::into),
+            strategy: Strategy::Weighted,
+            deployments: vec![Deployment {
+                upstream,
+                model: None,
+                weight: 1,
+            }],
+        };
+        let router = ModelRouter::new(&[
+            model("gpt-*", Some("gpt-"), 0),
+            model("gpt-4o-*", Some("gpt-4o-"), 1),
+            model("gpt-4o-mini", None, 2),
+        ])
+        .unwrap();
+        let upstream = |m: &str| router.resolve(m).map(|r| r.pick().upstream);
+        assert_eq!(upstream("gpt-4o-mini"), Some(2));
+        assert_eq!(upstream("gpt-4o-2024"), Some(1));
+        assert_eq!(upstream("gpt-3.5-turbo"), Some(0));
+        assert_eq!(upstream("claude"), None);
+        assert_eq!(router.listed().collect::<Vec<_>>(), ["gpt-4o-mini"]);
+    }
+}
