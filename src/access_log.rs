@@ -296,7 +296,10 @@ where
         let record = this.record.take().map(|mut record| {
             record.status = Some(response.status());
             record.upstream = response.extensions().get::<UpstreamInfo>().copied();
-            record.upstream_name = response.headers().get(crate::proxy::UPSTREAM_HEADER).cloned();
+            record.upstream_name = response
+                .headers()
+                .get(crate::proxy::UPSTREAM_HEADER)
+                .cloned();
             if let Some(failure) = response.extensions().get::<Failure>() {
                 record.error = Some(failure.kind);
                 record.error_detail = Some(failure.detail.clone());

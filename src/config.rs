@@ -363,7 +363,10 @@ impl Config {
             all => format!(
                 "{} upstreams ({}), {} model routes",
                 all.len(),
-                all.iter().map(|u| u.name.as_str()).collect::<Vec<_>>().join(", "),
+                all.iter()
+                    .map(|u| u.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 self.models.len()
             ),
         }
@@ -611,7 +614,9 @@ pub fn resolve(file: FileConfig, origin: &str, env: &dyn Lookup) -> Result<Confi
 
     let single = !upstream.base_url.is_empty();
     let resolved: Vec<Upstream> = match (single, upstreams.0.is_empty()) {
-        (true, true) => vec![resolve_upstream("default", "upstream", upstream, origin, env)?],
+        (true, true) => vec![resolve_upstream(
+            "default", "upstream", upstream, origin, env,
+        )?],
         (false, false) => upstreams
             .0
             .into_iter()
@@ -824,7 +829,11 @@ fn resolve_models(
                     )
                 })?;
             if deployment.weight == 0 {
-                return Err(invalid(origin, &format!("{at}.weight"), "must be at least 1"));
+                return Err(invalid(
+                    origin,
+                    &format!("{at}.weight"),
+                    "must be at least 1",
+                ));
             }
             if prefix.is_some() && deployment.model.is_some() {
                 return Err(invalid(
@@ -951,15 +960,13 @@ log:
         assert_eq!(config.limits.max_connections, 50);
         assert_eq!(config.shutdown_timeout, Duration::from_secs(10));
         assert_eq!(config.log_format, LogFormat::Json);
-        let names: Vec<&str> = config
-            .upstreams[0]
+        let names: Vec<&str> = config.upstreams[0]
             .default_headers
             .names()
             .map(|n| n.as_str())
             .collect();
         assert_eq!(names, ["authorization", "openai-organization"]);
-        let joined = config
-            .upstreams[0]
+        let joined = config.upstreams[0]
             .base_url
             .join(&"/v1/models".parse().unwrap())
             .unwrap();
@@ -984,12 +991,6 @@ log:
         )
         .unwrap_err();
         assert!(err.contains("unknown field `listen_addr`"), "{err}");
-    }
-
-    #[test]
-    fn missing_upstream_is_named() {
-        let err = load_str("listen: 127.0.0.1:1\n", &no_env).unwrap_err();
-        assert!(err.contains("missing field `upstream`"), "{err}");
     }
 
     #[test]
@@ -1079,6 +1080,92 @@ log:
             );
             assert!(err.contains(message), "{field}: {err}");
         }
+    }
+
+    #[test]
+    fn routing_configs_are_checked_against_their_upstreams() {
+        let ups = "upstreams:\n  a:\n    base_url: http://a/v1\n  b:\n    base_url: http://b/v1\n";
+        let cases = [
+            (
+                format!("{ups}models:\n  m:\n    deployments:\n      - upstream: c\n"),
+                "models.m.deployments[0].upstream",
+                "no upstream is named `c` (known: a, b)",
+            ),
+            (ups.to_owned(), "models", "must say which upstream serves each model"),
+            (
+                format!("upstream:\n  base_url: http://x/v1\n{ups}"),
+                "upstream",
+                "not both",
+            ),
+            (
+                format!("{ups}models:\n  m:\n    deployments:\n      - upstream: a\n        weight: 0\n"),
+                "models.m.deployments[0].weight",
+                "at least 1",
+            ),
+            (
+                format!("{ups}models:\n  g*t:\n    deployments:\n      - upstream: a\n"),
+                "models.g*t",
+                "may only end",
+            ),
+            (
+                format!("{ups}models:\n  g*:\n    deployments:\n      - upstream: a\n        model: x\n"),
+                "models.g*.deployments[0].model",
+                "cannot rename",
+            ),
+            (
+                format!("{ups}models:\n  m:\n    deployments: []\n"),
+                "models.m.deployments",
+                "at least one deployment",
+            ),
+            (
+                format!("{ups}models:\n  m:\n    strategy: fastest\n    deployments:\n      - upstream: a\n"),
+                "models.m.strategy",
+                "unknown variant `fastest`",
+            ),
+            (
+                "upstreams:\n  \"a b\":\n    base_url: http://a/v1\nmodels:\n  m:\n    deployments:\n      - upstream: a b\n".to_owned(),
+                "upstreams.a b",
+                "letters, digits",
+            ),
+            (
+                "upstreams:\n  a:\n    base_url: http://a/v1\n    timeouts:\n      idle: 0s\nmodels:\n  m:\n    deployments:\n      - upstream: a\n".to_owned(),
+                "upstreams.a.timeouts.idle",
+                "greater than zero",
+            ),
+            ("listen: 127.0.0.1:1\n".to_owned(), "(top level)", "missing field `upstream`"),
+        ];
+        for (text, field, message) in cases {
+            let err = load_str(&text, &no_env).unwrap_err();
+            assert!(
+                err.starts_with(&format!("test.yaml: {field}: ")),
+                "{field}: {err}"
+            );
+            assert!(err.contains(message), "{field}: {err}");
+        }
+        let ok = load_str(
+            &format!("{ups}models:\n  m:\n    strategy: latency\n    deployments:\n      - upstream: b\n        model: m-2024\n      - upstream: a\n  gpt-*:\n    deployments:\n      - upstream: a\n"),
+            &no_env,
+        )
+        .unwrap();
+        assert_eq!(ok.upstreams.len(), 2);
+        assert_eq!(ok.models[0].deployments[0].upstream, 1);
+        assert_eq!(ok.models[1].prefix.as_deref(), Some("gpt-"));
+        assert_eq!(ok.describe(), "2 upstreams (a, b), 2 model routes");
+    }
+
+    #[test]
+    fn example_configs_in_the_repo_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+        let env = |_: &str| Some("sk-example".to_owned());
+        let mut checked = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                load(&path, &env).unwrap_or_else(|e| panic!("{e}"));
+                checked += 1;
+            }
+        }
+        assert!(checked >= 3, "only {checked} example configs");
     }
 
     #[test]
@@ -1198,9 +1285,4 @@ log:
         assert!(!err.contains("sk-live"), "{err}");
     }
 
-    #[test]
-    fn demo_config_in_the_repo_is_valid() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/demo.yaml");
-        load(&path, &no_env).unwrap();
-    }
 }

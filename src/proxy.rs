@@ -186,8 +186,12 @@ async fn send(
 
     let (mut parts, body) = response.into_parts();
     headers::to_client_response(&mut parts.headers);
-    parts.headers.insert(UPSTREAM_HEADER, target.name_header.clone());
-    parts.headers.insert(ATTEMPTS_HEADER, HeaderValue::from_static("1"));
+    parts
+        .headers
+        .insert(UPSTREAM_HEADER, target.name_header.clone());
+    parts
+        .headers
+        .insert(ATTEMPTS_HEADER, HeaderValue::from_static("1"));
     // hyper writes the status line for the client's own protocol; an HTTP/2
     // version from the upstream would only trigger a warning.
     parts.version = Version::HTTP_11;
@@ -211,7 +215,11 @@ fn is_json(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("application/json"))
+        .is_some_and(|v| {
+            v.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("application/json")
+        })
 }
 
 /// Only the top-level `model`, borrowed raw so its position in the body is known.
@@ -279,7 +287,9 @@ mod tests {
         assert!(requested_model(br#"{"input":"x"}"#).unwrap().is_none());
         let err = requested_model(br#"{"model": 5}"#).unwrap_err().to_string();
         assert!(err.contains("`model` must be a string"), "{err}");
-        let err = requested_model(br#"{"model": "a""#).unwrap_err().to_string();
+        let err = requested_model(br#"{"model": "a""#)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not valid JSON"), "{err}");
     }
 }

@@ -122,7 +122,11 @@ impl Route {
                 Strategy::Latency => {
                     let a = (random() % n as u64) as usize;
                     let b = (a + 1 + (random() % (n as u64 - 1)) as usize) % n;
-                    if deployments[a].cost() <= deployments[b].cost() { a } else { b }
+                    if deployments[a].cost() <= deployments[b].cost() {
+                        a
+                    } else {
+                        b
+                    }
                 }
             },
         };

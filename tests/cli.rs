@@ -344,3 +344,35 @@ async fn missing_config_and_bad_flags_fail_with_a_clear_message() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("upstream.base_url"));
 }
+
+#[tokio::test]
+async fn every_example_config_passes_check_config() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut command = Command::new(BIN);
+        command.arg("check-config").arg(&path);
+        // Give every ${VAR} the example names a value.
+        for var in text
+            .split("${")
+            .skip(1)
+            .filter_map(|rest| rest.split_once('}'))
+        {
+            command.env(var.0, "sk-example");
+        }
+        let out = command.output().await.unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        checked += 1;
+    }
+    assert!(checked >= 4, "only {checked} examples checked");
+}
