@@ -51,6 +51,8 @@ pub struct UpstreamInfo {
     pub status: StatusCode,
     /// From sending the request to receiving the upstream's response headers.
     pub headers_after: Duration,
+    /// Whether a model route chose the upstream (then `x-llmproxy-upstream` names it).
+    pub routed: bool,
 }
 
 /// Makes unique, unguessable-looking request ids without a lock or a syscall.
@@ -296,10 +298,13 @@ where
         let record = this.record.take().map(|mut record| {
             record.status = Some(response.status());
             record.upstream = response.extensions().get::<UpstreamInfo>().copied();
-            record.upstream_name = response
-                .headers()
-                .get(crate::proxy::UPSTREAM_HEADER)
-                .cloned();
+            // Only routed answers carry the header; skip the lookup otherwise.
+            if record.upstream.is_some_and(|u| u.routed) {
+                record.upstream_name = response
+                    .headers()
+                    .get(crate::proxy::UPSTREAM_HEADER)
+                    .cloned();
+            }
             if let Some(failure) = response.extensions().get::<Failure>() {
                 record.error = Some(failure.kind);
                 record.error_detail = Some(failure.detail.clone());
@@ -442,6 +447,7 @@ mod tests {
     #[test]
     fn server_timing_splits_own_time_from_the_upstreams() {
         let upstream = UpstreamInfo {
+            routed: false,
             status: StatusCode::OK,
             headers_after: Duration::from_micros(12_345),
         };

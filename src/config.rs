@@ -1284,5 +1284,4 @@ log:
         assert!(err.starts_with("command line: --header:"), "{err}");
         assert!(!err.contains("sk-live"), "{err}");
     }
-
 }

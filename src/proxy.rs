@@ -15,8 +15,8 @@
 //!    `timeouts.response_headers`; failures before response headers become
 //!    OpenAI-shaped errors (502/504/413); an upstream error *answer* is
 //!    forwarded as it is;
-//! 5. **response filter** — drop hop-by-hop headers, name the upstream that
-//!    answered (`x-llmproxy-upstream`, `x-llmproxy-attempts`);
+//! 5. **response filter** — drop hop-by-hop headers; when routing, name the
+//!    upstream that answered (`x-llmproxy-upstream`, `x-llmproxy-attempts`);
 //! 6. **body** — the upstream body, wrapped only in the idle timeout (and the
 //!    deployment's in-flight count when routed); chunks go to the client as
 //!    they arrive, and a failure aborts the response.
@@ -73,7 +73,7 @@ pub async fn forward(
     State(proxy): State<Arc<Proxy>>,
     request: Request,
 ) -> Result<Response, ProxyError> {
-    let (mut parts, body) = request.into_parts();
+    let (parts, body) = request.into_parts();
 
     // A body that announces itself as too large is refused before any upstream work.
     let declared = parts
@@ -87,14 +87,26 @@ pub async fn forward(
         });
     }
 
-    let Some(router) = &proxy.router else {
-        return send(&proxy, 0, parts, body, None).await;
-    };
+    match &proxy.router {
+        None => send(&proxy, 0, parts, body, None).await,
+        // Boxed so the single-upstream future stays as small as before routing
+        // existed: its size is measurable on every request (bench/HISTORY.md).
+        Some(router) => Box::pin(route(&proxy, router, parts, body)).await,
+    }
+}
+
+/// Picks the upstream by the request's `model` and sends it there.
+async fn route(
+    proxy: &Proxy,
+    router: &ModelRouter,
+    mut parts: http::request::Parts,
+    body: Body,
+) -> Result<Response, ProxyError> {
     if parts.method == Method::GET && parts.uri.path() == "/v1/models" {
         return Ok(list_models(router));
     }
     if parts.method != Method::POST || !is_json(&parts.headers) {
-        return send(&proxy, 0, parts, body, None).await;
+        return send(proxy, 0, parts, body, None).await;
     }
 
     let limit = usize::try_from(proxy.max_body_size).unwrap_or(usize::MAX);
@@ -112,7 +124,7 @@ pub async fn forward(
         }
     };
     let Some((model, span)) = requested_model(&bytes)? else {
-        return send(&proxy, 0, parts, Body::from(bytes), None).await;
+        return send(proxy, 0, parts, Body::from(bytes), None).await;
     };
     let route = router
         .resolve(&model)
@@ -127,7 +139,7 @@ pub async fn forward(
         .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
     let in_flight = deployment.start();
     send(
-        &proxy,
+        proxy,
         deployment.upstream,
         parts,
         Body::from(bytes),
@@ -198,6 +210,7 @@ async fn send(
     parts.extensions.insert(UpstreamInfo {
         status: parts.status,
         headers_after,
+        routed: proxy.router.is_some(),
     });
     let body = IdleTimeout::new(body, timeouts.idle);
     let body = match routed {

@@ -234,3 +234,19 @@ async fn round_robin_alternates() {
     }
     assert_eq!(order, ["a", "b", "a", "b", "a", "b"]);
 }
+
+#[tokio::test]
+async fn the_single_upstream_shape_adds_no_routing_headers() {
+    let a = named("a").await;
+    let proxy = spawn_proxy(&a).await;
+    let got = chat(&proxy, "anything").await;
+    assert_eq!(got.json()["served_by"], "a");
+    assert!(got.header("x-llmproxy-upstream").is_none());
+    assert!(got.header("x-llmproxy-attempts").is_none());
+    // And the body reaches the upstream untouched: nothing was parsed.
+    assert!(
+        std::str::from_utf8(&a.requests()[0].body)
+            .unwrap()
+            .contains(r#""model":"anything""#)
+    );
+}
