@@ -198,12 +198,16 @@ async fn send(
 
     let (mut parts, body) = response.into_parts();
     headers::to_client_response(&mut parts.headers);
-    parts
-        .headers
-        .insert(UPSTREAM_HEADER, target.name_header.clone());
-    parts
-        .headers
-        .insert(ATTEMPTS_HEADER, HeaderValue::from_static("1"));
+    // Which upstream answered only says something when there are several;
+    // the single-upstream path stays as lean as before routing (bench/HISTORY.md).
+    if proxy.router.is_some() {
+        parts
+            .headers
+            .insert(UPSTREAM_HEADER, target.name_header.clone());
+        parts
+            .headers
+            .insert(ATTEMPTS_HEADER, HeaderValue::from_static("1"));
+    }
     // hyper writes the status line for the client's own protocol; an HTTP/2
     // version from the upstream would only trigger a warning.
     parts.version = Version::HTTP_11;
