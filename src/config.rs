@@ -295,6 +295,43 @@ pub struct ModelFile {
     /// How a deployment is chosen for each request.
     #[serde(default)]
     pub strategy: Strategy,
+    /// When and how a failed attempt is tried again.
+    #[serde(default)]
+    pub retry: RetryFile,
+}
+
+/// Retry policy of a model route. An attempt is retried only before any
+/// byte reached the client: on connect errors, timeouts before response
+/// headers, and 429/500/502/503/504 answers.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryFile {
+    /// Attempts in all, the first included (1 turns retries off).
+    pub attempts: u32,
+    /// First backoff; doubled each retry, with full jitter.
+    #[serde(with = "humantime_serde")]
+    pub backoff: Duration,
+    /// Longest backoff.
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+    /// Longest wait an upstream's `retry-after` / `retry-after-ms` may ask for.
+    #[serde(with = "humantime_serde")]
+    pub retry_after_cap: Duration,
+    /// No new attempt starts this long after the first.
+    #[serde(with = "humantime_serde")]
+    pub deadline: Duration,
+}
+
+impl Default for RetryFile {
+    fn default() -> Self {
+        Self {
+            attempts: 3,
+            backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(2),
+            retry_after_cap: Duration::from_secs(10),
+            deadline: Duration::from_secs(60),
+        }
+    }
 }
 
 /// One place a model is served.
@@ -399,6 +436,23 @@ pub struct Model {
     pub strategy: Strategy,
     /// Where it is served (never empty).
     pub deployments: Vec<Deployment>,
+    /// Retry policy.
+    pub retry: Retry,
+}
+
+/// A validated retry policy.
+#[derive(Debug, Clone, Copy)]
+pub struct Retry {
+    /// Attempts in all (at least 1).
+    pub attempts: u32,
+    /// First backoff.
+    pub backoff: Duration,
+    /// Longest backoff.
+    pub max_backoff: Duration,
+    /// Longest `retry-after` honoured.
+    pub retry_after_cap: Duration,
+    /// No attempt starts later than this after the first.
+    pub deadline: Duration,
 }
 
 /// A validated deployment.
@@ -848,11 +902,26 @@ fn resolve_models(
                 weight: deployment.weight,
             });
         }
+        let retry = model.retry;
+        if retry.attempts == 0 {
+            return Err(invalid(
+                origin,
+                &format!("{field}.retry.attempts"),
+                "must be at least 1 (1 means no retries)",
+            ));
+        }
         resolved.push(Model {
             name,
             prefix,
             strategy: model.strategy,
             deployments,
+            retry: Retry {
+                attempts: retry.attempts,
+                backoff: retry.backoff,
+                max_backoff: retry.max_backoff.max(retry.backoff),
+                retry_after_cap: retry.retry_after_cap,
+                deadline: retry.deadline,
+            },
         });
     }
     Ok(resolved)
@@ -1133,6 +1202,16 @@ log:
                 "greater than zero",
             ),
             ("listen: 127.0.0.1:1\n".to_owned(), "(top level)", "missing field `upstream`"),
+            (
+                format!("{ups}models:\n  m:\n    retry:\n      attempts: 0\n    deployments:\n      - upstream: a\n"),
+                "models.m.retry.attempts",
+                "at least 1",
+            ),
+            (
+                format!("{ups}models:\n  m:\n    retry:\n      tries: 2\n    deployments:\n      - upstream: a\n"),
+                "models.m.retry.tries",
+                "unknown field `tries`",
+            ),
         ];
         for (text, field, message) in cases {
             let err = load_str(&text, &no_env).unwrap_err();

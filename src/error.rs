@@ -61,6 +61,15 @@ impl ProxyError {
         }
     }
 
+    /// Whether another attempt (on another deployment) may succeed: the
+    /// upstream could not be reached or did not answer in time.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Self::UpstreamUnreachable(_) | Self::ConnectTimeout(_) | Self::UpstreamTimeout(_)
+        )
+    }
+
     /// A stable, low-cardinality name for logs and metric labels; also the
     /// OpenAI `code` field.
     pub fn kind(&self) -> &'static str {

@@ -25,6 +25,7 @@
 //! reaches the log line through the response (`error::Failure`).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -39,7 +40,7 @@ use crate::access_log::UpstreamInfo;
 use crate::config::Upstream;
 use crate::error::ProxyError;
 use crate::headers;
-use crate::router::{DeploymentState, InFlight, ModelRouter};
+use crate::router::{DeploymentState, InFlight, ModelRouter, Route};
 use crate::stream::{Holding, IdleTimeout};
 use crate::upstream::{self, UpstreamClient};
 
@@ -88,7 +89,7 @@ pub async fn forward(
     }
 
     match &proxy.router {
-        None => send(&proxy, 0, parts, body, None).await,
+        None => send(&proxy, 0, parts, body, None, 1).await,
         // Boxed so the single-upstream future stays as small as before routing
         // existed: its size is measurable on every request (bench/HISTORY.md).
         Some(router) => Box::pin(route(&proxy, router, parts, body)).await,
@@ -99,14 +100,14 @@ pub async fn forward(
 async fn route(
     proxy: &Proxy,
     router: &ModelRouter,
-    mut parts: http::request::Parts,
+    parts: http::request::Parts,
     body: Body,
 ) -> Result<Response, ProxyError> {
     if parts.method == Method::GET && parts.uri.path() == "/v1/models" {
         return Ok(list_models(router));
     }
     if parts.method != Method::POST || !is_json(&parts.headers) {
-        return send(proxy, 0, parts, body, None).await;
+        return send(proxy, 0, parts, body, None, 1).await;
     }
 
     let limit = usize::try_from(proxy.max_body_size).unwrap_or(usize::MAX);
@@ -124,28 +125,117 @@ async fn route(
         }
     };
     let Some((model, span)) = requested_model(&bytes)? else {
-        return send(proxy, 0, parts, Body::from(bytes), None).await;
+        return send(proxy, 0, parts, Body::from(bytes), None, 1).await;
     };
     let route = router
         .resolve(&model)
         .ok_or_else(|| ProxyError::ModelNotFound(model.clone()))?;
-    let deployment = Arc::clone(route.pick());
-    let bytes = match &deployment.model {
-        Some(renamed) if *renamed != model => rename_model(&bytes, span, renamed),
-        _ => bytes,
+    attempt_chain(proxy, route, &parts, &bytes, &model, span).await
+}
+
+/// Tries the route's deployments until one answers with something that is
+/// not worth retrying, within the route's retry policy. Nothing has reached
+/// the client while this runs (the body is only streamed once an answer is
+/// kept), so a retry can never duplicate output. A client that leaves drops
+/// this future, which ends the chain wherever it is, backoff included.
+async fn attempt_chain(
+    proxy: &Proxy,
+    route: &Route,
+    parts: &http::request::Parts,
+    bytes: &Bytes,
+    model: &str,
+    span: std::ops::Range<usize>,
+) -> Result<Response, ProxyError> {
+    let policy = route.retry;
+    let started = Instant::now();
+    let mut tried = 0u64;
+    let mut attempt = 1u32;
+    loop {
+        let (index, deployment) = route.pick_untried(tried);
+        let deployment = Arc::clone(deployment);
+        tried |= 1u64.checked_shl(index as u32).unwrap_or(0);
+        let body = match &deployment.model {
+            Some(renamed) if renamed != model => rename_model(bytes, span.clone(), renamed),
+            _ => bytes.clone(),
+        };
+        let mut headers = parts.headers.clone();
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        let mut request = http::Request::new(());
+        *request.method_mut() = parts.method.clone();
+        *request.uri_mut() = parts.uri.clone();
+        *request.headers_mut() = headers;
+        let (attempt_parts, ()) = request.into_parts();
+        let in_flight = deployment.start();
+        let result = send(
+            proxy,
+            deployment.upstream,
+            attempt_parts,
+            Body::from(body),
+            Some((deployment, in_flight)),
+            attempt,
+        )
+        .await;
+
+        let untried_left = (tried.count_ones() as usize) < route.deployments.len();
+        let wait = match &result {
+            Ok(response) if retryable_status(response.status()) => {
+                let backoff = backoff(&policy, attempt);
+                match retry_after(response.headers()) {
+                    // Another deployment is not bound by this one's retry-after.
+                    Some(_) if untried_left => Some(backoff),
+                    Some(asked) if asked <= policy.retry_after_cap => Some(asked.max(backoff)),
+                    Some(_) => None,
+                    None => Some(backoff),
+                }
+            }
+            Err(err) if err.is_retryable() => Some(backoff(&policy, attempt)),
+            _ => None,
+        };
+        match wait {
+            Some(wait)
+                if attempt < policy.attempts && started.elapsed() + wait < policy.deadline =>
+            {
+                drop(result);
+                tokio::time::sleep(wait).await;
+                attempt += 1;
+            }
+            _ => return result,
+        }
+    }
+}
+
+/// Upstream answers worth another attempt: rate limits and server trouble.
+fn retryable_status(status: http::StatusCode) -> bool {
+    matches!(status.as_u16(), 429 | 500 | 502 | 503 | 504)
+}
+
+/// Exponential backoff with full jitter: a random wait up to
+/// `backoff × 2^(attempt−1)`, capped at `max_backoff`.
+fn backoff(policy: &crate::config::Retry, attempt: u32) -> Duration {
+    let ceiling = policy
+        .backoff
+        .saturating_mul(
+            1u32.checked_shl(attempt.saturating_sub(1))
+                .unwrap_or(u32::MAX),
+        )
+        .min(policy.max_backoff);
+    let micros = u64::try_from(ceiling.as_micros()).unwrap_or(u64::MAX);
+    Duration::from_micros(crate::router::random() % micros.saturating_add(1))
+}
+
+/// The wait an upstream asks for: `retry-after-ms`, else `retry-after` in
+/// seconds (an HTTP date is not honoured: providers send seconds).
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let number = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|v| v.is_finite() && *v >= 0.0)
     };
-    parts
-        .headers
-        .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-    let in_flight = deployment.start();
-    send(
-        proxy,
-        deployment.upstream,
-        parts,
-        Body::from(bytes),
-        Some((deployment, in_flight)),
-    )
-    .await
+    number("retry-after-ms")
+        .map(|ms| Duration::from_secs_f64(ms / 1000.0))
+        .or_else(|| number("retry-after").map(Duration::from_secs_f64))
 }
 
 /// Sends the request to `proxy.targets[target]` and streams the answer back.
@@ -155,6 +245,7 @@ async fn send(
     mut parts: http::request::Parts,
     body: Body,
     routed: Option<(Arc<DeploymentState>, InFlight)>,
+    attempt: u32,
 ) -> Result<Response, ProxyError> {
     let Some(target) = proxy.targets.get(target) else {
         return Err(ProxyError::UpstreamUnreachable("no such upstream".into()));
@@ -206,7 +297,7 @@ async fn send(
             .insert(UPSTREAM_HEADER, target.name_header.clone());
         parts
             .headers
-            .insert(ATTEMPTS_HEADER, HeaderValue::from_static("1"));
+            .insert(ATTEMPTS_HEADER, HeaderValue::from(attempt));
     }
     // hyper writes the status line for the client's own protocol; an HTTP/2
     // version from the upstream would only trigger a warning.

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crate::config::{Model, Strategy};
+use crate::config::{Model, Retry, Strategy};
 
 /// Live state of one deployment.
 #[derive(Debug)]
@@ -35,6 +35,8 @@ pub struct Route {
     strategy: Strategy,
     /// The deployments, in configured order.
     pub deployments: Vec<Arc<DeploymentState>>,
+    /// Retry policy.
+    pub retry: Retry,
     total_weight: u64,
     turn: AtomicU64,
 }
@@ -72,6 +74,7 @@ impl ModelRouter {
                     })
                     .collect(),
                 turn: AtomicU64::new(0),
+                retry: model.retry,
             })
             .collect();
         Some(Self { routes })
@@ -100,6 +103,32 @@ impl ModelRouter {
 }
 
 impl Route {
+    /// Picks a deployment, preferring one not in `tried` (a bit per index):
+    /// a retry goes elsewhere while there is elsewhere to go.
+    pub fn pick_untried(&self, tried: u64) -> (usize, &Arc<DeploymentState>) {
+        let n = self.deployments.len().min(64);
+        if tried.count_ones() as usize >= n {
+            let chosen = self.pick();
+            let index = self
+                .deployments
+                .iter()
+                .position(|d| Arc::ptr_eq(d, chosen))
+                .unwrap_or(0);
+            return (index, chosen);
+        }
+        // A few draws with the strategy, then the first untried in order.
+        for _ in 0..8 {
+            let chosen = self.pick();
+            if let Some(index) = self.deployments.iter().position(|d| Arc::ptr_eq(d, chosen))
+                && tried & (1 << index) == 0
+            {
+                return (index, chosen);
+            }
+        }
+        let index = (0..n).find(|i| tried & (1 << i) == 0).unwrap_or(0);
+        (index, &self.deployments[index])
+    }
+
     /// Picks a deployment with the route's strategy.
     pub fn pick(&self) -> &Arc<DeploymentState> {
         let deployments = &self.deployments;
@@ -191,8 +220,8 @@ impl Drop for InFlight {
 }
 
 /// A fast per-thread pseudo-random number (xorshift64*), seeded from the
-/// process's random hasher: balancing needs spread, not cryptography.
-fn random() -> u64 {
+/// process's random hasher: balancing and jitter need spread, not cryptography.
+pub(crate) fn random() -> u64 {
     thread_local! {
         static STATE: Cell<u64> = Cell::new(
             std::collections::hash_map::RandomState::new().hash_one(std::thread::current().id()) | 1,
@@ -213,6 +242,27 @@ mod tests {
     use super::*;
     use crate::config::Deployment;
 
+    const RETRY: Retry = Retry {
+        attempts: 3,
+        backoff: Duration::from_millis(1),
+        max_backoff: Duration::from_millis(2),
+        retry_after_cap: Duration::from_millis(2),
+        deadline: Duration::from_secs(1),
+    };
+
+    #[test]
+    fn retries_prefer_deployments_not_yet_tried() {
+        let router = route(Strategy::Weighted, &[100, 1, 1]);
+        let route = router.resolve("m").unwrap();
+        for _ in 0..50 {
+            let (index, _) = route.pick_untried(0b001);
+            assert_ne!(index, 0);
+            assert_eq!(route.pick_untried(0b011).0, 2);
+        }
+        // With every deployment tried, any may serve again.
+        assert!(route.pick_untried(0b111).0 < 3);
+    }
+
     fn route(strategy: Strategy, weights: &[u32]) -> ModelRouter {
         let model = Model {
             name: "m".into(),
@@ -227,6 +277,7 @@ mod tests {
                     weight,
                 })
                 .collect(),
+            retry: RETRY,
         };
         ModelRouter::new(&[model]).unwrap()
     }
@@ -296,6 +347,7 @@ mod tests {
                 model: None,
                 weight: 1,
             }],
+            retry: RETRY,
         };
         let router = ModelRouter::new(&[
             model("gpt-*", Some("gpt-"), 0),

@@ -242,3 +242,185 @@ async fn the_single_upstream_shape_adds_no_routing_headers() {
             .contains(r#""model":"anything""#)
     );
 }
+
+/// An upstream that answers `status` (with `headers`) the first `fail` times, then 200.
+async fn flaky(
+    name: &'static str,
+    status: u16,
+    fail: usize,
+    headers: &'static [(&'static str, &'static str)],
+) -> Upstream {
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    spawn_upstream(move |_| {
+        let n = seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if n < fail {
+            let mut reply = Reply::json(
+                status,
+                &format!(r#"{{"error":{{"message":"{name} says {status}"}}}}"#),
+            );
+            for (k, v) in headers {
+                reply = reply.header(k, v);
+            }
+            reply
+        } else {
+            Reply::json(200, &format!(r#"{{"served_by":"{name}"}}"#))
+        }
+    })
+    .await
+}
+
+fn pair(strategy_and_retry: &str) -> String {
+    format!(
+        "  m:\n{strategy_and_retry}    deployments:\n      - upstream: a\n      - upstream: b\n"
+    )
+}
+
+#[tokio::test]
+async fn retryable_answers_are_retried_on_the_other_deployment() {
+    for status in [429u16, 500, 502, 503, 504] {
+        let a = flaky("a", status, usize::MAX, &[]).await;
+        let b = named("b").await;
+        // Round robin starts at a, so the first attempt always fails.
+        let models = pair("    strategy: round_robin\n    retry:\n      backoff: 1ms\n");
+        let proxy = spawn_proxy_with(routed(&models, &[("a", &a), ("b", &b)])).await;
+        let got = chat(&proxy, "m").await;
+        assert_eq!(got.status, 200, "status {status}");
+        assert_eq!(got.json()["served_by"], "b");
+        assert_eq!(got.header("x-llmproxy-attempts"), Some("2"));
+        assert_eq!(got.header("x-llmproxy-upstream"), Some("b"));
+        assert_eq!(a.requests().len(), 1);
+        // The retry carries the same body.
+        assert_eq!(a.requests()[0].body, b.requests()[0].body);
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_deployment_is_retried_elsewhere() {
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let b = named("b").await;
+    let yaml = format!(
+        "upstreams:\n  a:\n    base_url: http://{dead}/v1\n  b:\n    base_url: {}\nmodels:\n{}",
+        b.base_url(),
+        pair("    strategy: round_robin\n    retry:\n      backoff: 1ms\n")
+    );
+    let proxy = spawn_proxy_with(llmproxy::config::parse(&yaml, "test").unwrap()).await;
+    let got = chat(&proxy, "m").await;
+    assert_eq!(got.json()["served_by"], "b");
+    assert_eq!(got.header("x-llmproxy-attempts"), Some("2"));
+}
+
+#[tokio::test]
+async fn client_errors_are_never_retried() {
+    for status in [400u16, 401, 403, 404, 413, 422] {
+        let a = flaky("a", status, usize::MAX, &[]).await;
+        let b = named("b").await;
+        let models = pair("    strategy: round_robin\n    retry:\n      backoff: 1ms\n");
+        let proxy = spawn_proxy_with(routed(&models, &[("a", &a), ("b", &b)])).await;
+        let got = chat(&proxy, "m").await;
+        assert_eq!(got.status, status);
+        assert_eq!(got.json()["error"]["message"], format!("a says {status}"));
+        assert_eq!(got.header("x-llmproxy-attempts"), Some("1"));
+        assert!(b.requests().is_empty(), "{status} was retried");
+    }
+}
+
+#[tokio::test]
+async fn when_attempts_run_out_the_last_answer_reaches_the_client_as_it_was() {
+    let a = flaky("a", 503, usize::MAX, &[("retry-after", "0")]).await;
+    let b = flaky("b", 503, usize::MAX, &[]).await;
+    let models =
+        pair("    strategy: round_robin\n    retry:\n      attempts: 3\n      backoff: 1ms\n");
+    let proxy = spawn_proxy_with(routed(&models, &[("a", &a), ("b", &b)])).await;
+    let got = chat(&proxy, "m").await;
+    assert_eq!(got.status, 503);
+    assert_eq!(got.header("x-llmproxy-attempts"), Some("3"));
+    assert_eq!(a.requests().len() + b.requests().len(), 3);
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured_up_to_its_cap() {
+    // One deployment: the retry has to wait for it.
+    let a = flaky("a", 429, 1, &[("retry-after-ms", "600")]).await;
+    let models = "  m:\n    retry:\n      backoff: 1ms\n    deployments:\n      - upstream: a\n";
+    let proxy = spawn_proxy_with(routed(models, &[("a", &a)])).await;
+    let start = std::time::Instant::now();
+    let got = chat(&proxy, "m").await;
+    assert_eq!(got.status, 200);
+    assert!(
+        start.elapsed() >= Duration::from_millis(550),
+        "{:?}",
+        start.elapsed()
+    );
+
+    // Over the cap: not worth waiting, the 429 goes back at once.
+    let a = flaky("a", 429, 1, &[("retry-after", "30")]).await;
+    let models =
+        "  m:\n    retry:\n      retry_after_cap: 1s\n    deployments:\n      - upstream: a\n";
+    let proxy = spawn_proxy_with(routed(models, &[("a", &a)])).await;
+    let start = std::time::Instant::now();
+    let got = chat(&proxy, "m").await;
+    assert_eq!(got.status, 429);
+    assert_eq!(got.header("retry-after"), Some("30"));
+    assert!(start.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_during_backoff_stops_the_attempt_chain() {
+    let a = flaky("a", 503, usize::MAX, &[("retry-after", "2")]).await;
+    let models = "  m:\n    retry:\n      attempts: 5\n    deployments:\n      - upstream: a\n";
+    let proxy = spawn_proxy_with(routed(models, &[("a", &a)])).await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    use tokio::io::AsyncWriteExt;
+    let body = r#"{"model":"m"}"#;
+    stream
+        .write_all(format!("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(a.requests().len(), 1);
+    drop(stream);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        a.requests().len(),
+        1,
+        "a retry was sent after the client left"
+    );
+}
+
+#[tokio::test]
+async fn a_stream_that_fails_after_its_first_bytes_is_never_retried() {
+    let a = spawn_upstream(|_| {
+        let mut reply = Reply::sse(vec![(Duration::ZERO, event("partial"))]);
+        reply.end = End::Abort;
+        reply
+    })
+    .await;
+    let b = named("b").await;
+    let models = pair("    strategy: round_robin\n    retry:\n      backoff: 1ms\n");
+    let proxy = spawn_proxy_with(routed(&models, &[("a", &a), ("b", &b)])).await;
+    let response = client()
+        .request(
+            http::Request::post(proxy.url("/v1/chat/completions"))
+                .header("content-type", "application/json")
+                .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                    br#"{"model":"m","stream":true}"#,
+                )))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    use http_body_util::BodyExt;
+    assert!(
+        response.into_body().collect().await.is_err(),
+        "the failure must show"
+    );
+    assert!(
+        b.requests().is_empty(),
+        "a started stream was retried elsewhere"
+    );
+}
