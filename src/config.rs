@@ -298,6 +298,13 @@ pub struct ModelFile {
     /// When and how a failed attempt is tried again.
     #[serde(default)]
     pub retry: RetryFile,
+    /// Other models tried in order when this one's attempts are exhausted.
+    #[serde(default)]
+    pub fallbacks: Vec<String>,
+    /// Bigger-context models tried in order when the upstream answers that
+    /// the request exceeds the context window (`context_length_exceeded`).
+    #[serde(default)]
+    pub context_window_fallbacks: Vec<String>,
 }
 
 /// Retry policy of a model route. An attempt is retried only before any
@@ -438,6 +445,10 @@ pub struct Model {
     pub deployments: Vec<Deployment>,
     /// Retry policy.
     pub retry: Retry,
+    /// Indices into `Config::models` tried when attempts are exhausted.
+    pub fallbacks: Vec<usize>,
+    /// Indices into `Config::models` tried on a context-length error.
+    pub context_window_fallbacks: Vec<usize>,
 }
 
 /// A validated retry policy.
@@ -843,9 +854,42 @@ fn resolve_models(
     upstreams: &[Upstream],
     origin: &str,
 ) -> Result<Vec<Model>, ConfigError> {
+    let names: Vec<String> = models.0.iter().map(|(name, _)| name.clone()).collect();
+    let fallback_index =
+        |field: &str, list: &[String], own: &str| -> Result<Vec<usize>, ConfigError> {
+            list.iter()
+                .enumerate()
+                .map(|(i, target)| {
+                    let at = format!("{field}[{i}]");
+                    if target == own {
+                        return Err(invalid(origin, &at, "a model cannot fall back to itself"));
+                    }
+                    if target.contains('*') {
+                        return Err(invalid(
+                            origin,
+                            &at,
+                            "fallbacks name exact models, not wildcards",
+                        ));
+                    }
+                    names.iter().position(|n| n == target).ok_or_else(|| {
+                        invalid(
+                            origin,
+                            &at,
+                            format!("no model is named `{target}` under `models`"),
+                        )
+                    })
+                })
+                .collect()
+        };
     let mut resolved = Vec::with_capacity(models.0.len());
     for (name, model) in models.0 {
         let field = format!("models.{name}");
+        let fallbacks = fallback_index(&format!("{field}.fallbacks"), &model.fallbacks, &name)?;
+        let context_window_fallbacks = fallback_index(
+            &format!("{field}.context_window_fallbacks"),
+            &model.context_window_fallbacks,
+            &name,
+        )?;
         let prefix = match name.find('*') {
             None => None,
             Some(at) if at + 1 == name.len() => Some(name[..at].to_owned()),
@@ -915,6 +959,8 @@ fn resolve_models(
             prefix,
             strategy: model.strategy,
             deployments,
+            fallbacks,
+            context_window_fallbacks,
             retry: Retry {
                 attempts: retry.attempts,
                 backoff: retry.backoff,
@@ -1202,6 +1248,16 @@ log:
                 "greater than zero",
             ),
             ("listen: 127.0.0.1:1\n".to_owned(), "(top level)", "missing field `upstream`"),
+            (
+                format!("{ups}models:\n  m:\n    fallbacks: [nope]\n    deployments:\n      - upstream: a\n"),
+                "models.m.fallbacks[0]",
+                "no model is named `nope`",
+            ),
+            (
+                format!("{ups}models:\n  m:\n    context_window_fallbacks: [m]\n    deployments:\n      - upstream: a\n"),
+                "models.m.context_window_fallbacks[0]",
+                "itself",
+            ),
             (
                 format!("{ups}models:\n  m:\n    retry:\n      attempts: 0\n    deployments:\n      - upstream: a\n"),
                 "models.m.retry.attempts",

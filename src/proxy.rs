@@ -127,25 +127,95 @@ async fn route(
     let Some((model, span)) = requested_model(&bytes)? else {
         return send(proxy, 0, parts, Body::from(bytes), None, 1).await;
     };
-    let route = router
+    let primary = router
         .resolve(&model)
         .ok_or_else(|| ProxyError::ModelNotFound(model.clone()))?;
-    attempt_chain(proxy, route, &parts, &bytes, &model, span).await
+    let request = Attempted {
+        parts: &parts,
+        bytes: &bytes,
+        model: &model,
+        span,
+    };
+    let mut attempts = 0u32;
+    let (mut result, mut exhausted) = attempt_chain(proxy, primary, &request, &mut attempts).await;
+    // Its deployments exhausted, the model hands over to its fallbacks in order.
+    let mut fallbacks = primary.fallbacks.iter().filter_map(|&i| router.route(i));
+    while exhausted {
+        let Some(fallback) = fallbacks.next() else {
+            break;
+        };
+        (result, exhausted) = attempt_chain(proxy, fallback, &request, &mut attempts).await;
+    }
+    if primary.context_window_fallbacks.is_empty() {
+        return result;
+    }
+    // A request too long for the model's context goes to a bigger one.
+    let mut result = result;
+    for fallback in primary
+        .context_window_fallbacks
+        .iter()
+        .filter_map(|&i| router.route(i))
+    {
+        let response = match result {
+            Ok(response) if response.status() == http::StatusCode::BAD_REQUEST => response,
+            other => return other,
+        };
+        let (too_long, response) = context_length_exceeded(response).await;
+        if !too_long {
+            return Ok(response);
+        }
+        result = attempt_chain(proxy, fallback, &request, &mut attempts)
+            .await
+            .0;
+    }
+    result
 }
 
-/// Tries the route's deployments until one answers with something that is
-/// not worth retrying, within the route's retry policy. Nothing has reached
-/// the client while this runs (the body is only streamed once an answer is
-/// kept), so a retry can never duplicate output. A client that leaves drops
-/// this future, which ends the chain wherever it is, backoff included.
+/// The parts of a routed request every attempt is built from.
+struct Attempted<'a> {
+    parts: &'a http::request::Parts,
+    bytes: &'a Bytes,
+    /// The model the client asked for, and where it stands in `bytes`.
+    model: &'a str,
+    span: std::ops::Range<usize>,
+}
+
+/// Whether an upstream's 400 says the request exceeds the context window.
+/// Error bodies are small; the answer is rebuilt from the bytes read.
+async fn context_length_exceeded(response: Response) -> (bool, Response) {
+    const ERROR_BODY_LIMIT: usize = 64 * 1024;
+    let (parts, body) = response.into_parts();
+    match Limited::new(body, ERROR_BODY_LIMIT).collect().await {
+        Ok(collected) => {
+            let bytes = collected.to_bytes();
+            let hit = bytes
+                .windows(b"context_length_exceeded".len())
+                .any(|w| w == b"context_length_exceeded");
+            (hit, Response::from_parts(parts, Body::from(bytes)))
+        }
+        Err(err) => (
+            false,
+            ProxyError::UpstreamUnreachable(format!("reading the upstream's error failed: {err}"))
+                .into_response(),
+        ),
+    }
+}
+
+/// Tries one route's deployments until one answers with something that is
+/// not worth retrying, within the route's retry policy. Returns the last
+/// result and whether it ended exhausted (still retryable when attempts or
+/// the deadline ran out), so the caller can fall back to another model.
+///
+/// Nothing has reached the client while this runs (a body is only streamed
+/// once an answer is kept), so a retry can never duplicate output. A client
+/// that leaves drops this future, which ends the chain wherever it is,
+/// backoff included.
 async fn attempt_chain(
     proxy: &Proxy,
     route: &Route,
-    parts: &http::request::Parts,
-    bytes: &Bytes,
-    model: &str,
-    span: std::ops::Range<usize>,
-) -> Result<Response, ProxyError> {
+    request: &Attempted<'_>,
+    attempts: &mut u32,
+) -> (Result<Response, ProxyError>, bool) {
     let policy = route.retry;
     let started = Instant::now();
     let mut tried = 0u64;
@@ -154,17 +224,20 @@ async fn attempt_chain(
         let (index, deployment) = route.pick_untried(tried);
         let deployment = Arc::clone(deployment);
         tried |= 1u64.checked_shl(index as u32).unwrap_or(0);
-        let body = match &deployment.model {
-            Some(renamed) if renamed != model => rename_model(bytes, span.clone(), renamed),
-            _ => bytes.clone(),
+        let wanted = route.upstream_model(&deployment, request.model);
+        let body = if wanted == request.model {
+            request.bytes.clone()
+        } else {
+            rename_model(request.bytes, request.span.clone(), wanted)
         };
-        let mut headers = parts.headers.clone();
+        let mut headers = request.parts.headers.clone();
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-        let mut request = http::Request::new(());
-        *request.method_mut() = parts.method.clone();
-        *request.uri_mut() = parts.uri.clone();
-        *request.headers_mut() = headers;
-        let (attempt_parts, ()) = request.into_parts();
+        let mut builder = http::Request::new(());
+        *builder.method_mut() = request.parts.method.clone();
+        *builder.uri_mut() = request.parts.uri.clone();
+        *builder.headers_mut() = headers;
+        let (attempt_parts, ()) = builder.into_parts();
+        *attempts += 1;
         let in_flight = deployment.start();
         let result = send(
             proxy,
@@ -172,7 +245,7 @@ async fn attempt_chain(
             attempt_parts,
             Body::from(body),
             Some((deployment, in_flight)),
-            attempt,
+            *attempts,
         )
         .await;
 
@@ -189,7 +262,7 @@ async fn attempt_chain(
                 }
             }
             Err(err) if err.is_retryable() => Some(backoff(&policy, attempt)),
-            _ => None,
+            _ => return (result, false),
         };
         match wait {
             Some(wait)
@@ -199,7 +272,8 @@ async fn attempt_chain(
                 tokio::time::sleep(wait).await;
                 attempt += 1;
             }
-            _ => return result,
+            // Retryable, but out of attempts, time, or patience for retry-after.
+            _ => return (result, true),
         }
     }
 }

@@ -37,6 +37,10 @@ pub struct Route {
     pub deployments: Vec<Arc<DeploymentState>>,
     /// Retry policy.
     pub retry: Retry,
+    /// Routes (indices) tried in order when this one's attempts run out.
+    pub fallbacks: Vec<usize>,
+    /// Routes (indices) tried in order on a context-length error.
+    pub context_window_fallbacks: Vec<usize>,
     total_weight: u64,
     turn: AtomicU64,
 }
@@ -75,6 +79,8 @@ impl ModelRouter {
                     .collect(),
                 turn: AtomicU64::new(0),
                 retry: model.retry,
+                fallbacks: model.fallbacks.clone(),
+                context_window_fallbacks: model.context_window_fallbacks.clone(),
             })
             .collect();
         Some(Self { routes })
@@ -93,6 +99,11 @@ impl ModelRouter {
             })
     }
 
+    /// The route at `index` (fallbacks refer to routes by index).
+    pub fn route(&self, index: usize) -> Option<&Route> {
+        self.routes.get(index)
+    }
+
     /// The exact (non-wildcard) public model names, for `GET /v1/models`.
     pub fn listed(&self) -> impl Iterator<Item = &str> {
         self.routes
@@ -103,6 +114,21 @@ impl ModelRouter {
 }
 
 impl Route {
+    /// The model name a deployment of this route is asked for when the
+    /// client asked for `requested`: the deployment's own name, else the
+    /// route's (a fallback renames), else, for a wildcard, the request's.
+    pub fn upstream_model<'a>(
+        &'a self,
+        deployment: &'a DeploymentState,
+        requested: &'a str,
+    ) -> &'a str {
+        match (&deployment.model, &self.prefix) {
+            (Some(own), _) => own,
+            (None, Some(_)) => requested,
+            (None, None) => &self.name,
+        }
+    }
+
     /// Picks a deployment, preferring one not in `tried` (a bit per index):
     /// a retry goes elsewhere while there is elsewhere to go.
     pub fn pick_untried(&self, tried: u64) -> (usize, &Arc<DeploymentState>) {
@@ -278,6 +304,8 @@ mod tests {
                 })
                 .collect(),
             retry: RETRY,
+            fallbacks: Vec::new(),
+            context_window_fallbacks: Vec::new(),
         };
         ModelRouter::new(&[model]).unwrap()
     }
@@ -348,6 +376,8 @@ mod tests {
                 weight: 1,
             }],
             retry: RETRY,
+            fallbacks: Vec::new(),
+            context_window_fallbacks: Vec::new(),
         };
         let router = ModelRouter::new(&[
             model("gpt-*", Some("gpt-"), 0),

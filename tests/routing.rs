@@ -424,3 +424,54 @@ async fn a_stream_that_fails_after_its_first_bytes_is_never_retried() {
         "a started stream was retried elsewhere"
     );
 }
+
+#[tokio::test]
+async fn exhausted_models_fall_back_in_order_with_the_fallbacks_name() {
+    let a = flaky("a", 503, usize::MAX, &[]).await;
+    let b = flaky("b", 500, usize::MAX, &[]).await;
+    let c = named("c").await;
+    let models = "  big:\n    retry:\n      attempts: 2\n      backoff: 1ms\n    fallbacks: [medium, small]\n    deployments:\n      - upstream: a\n  medium:\n    retry:\n      attempts: 1\n    deployments:\n      - upstream: b\n  small:\n    deployments:\n      - upstream: c\n        model: small-2024\n";
+    let proxy = spawn_proxy_with(routed(models, &[("a", &a), ("b", &b), ("c", &c)])).await;
+    let got = chat(&proxy, "big").await;
+    assert_eq!(got.json()["served_by"], "c");
+    assert_eq!(got.header("x-llmproxy-attempts"), Some("4"));
+    assert_eq!((a.requests().len(), b.requests().len()), (2, 1));
+    let body = |u: &Upstream| String::from_utf8(u.requests()[0].body.to_vec()).unwrap();
+    assert!(body(&b).contains(r#""model":"medium""#), "{}", body(&b));
+    assert!(body(&c).contains(r#""model":"small-2024""#), "{}", body(&c));
+}
+
+#[tokio::test]
+async fn context_length_errors_go_to_the_bigger_model() {
+    let small = spawn_upstream(|_| {
+        Reply::json(400, r#"{"error":{"message":"This model's maximum context length is 8192 tokens","type":"invalid_request_error","param":"messages","code":"context_length_exceeded"}}"#)
+    })
+    .await;
+    let big = named("big").await;
+    let models = "  small:\n    context_window_fallbacks: [big]\n    deployments:\n      - upstream: s\n  big:\n    deployments:\n      - upstream: b\n";
+    let proxy = spawn_proxy_with(routed(models, &[("s", &small), ("b", &big)])).await;
+    let got = chat(&proxy, "small").await;
+    assert_eq!(got.json()["served_by"], "big");
+    assert_eq!(got.header("x-llmproxy-attempts"), Some("2"));
+    assert!(
+        String::from_utf8(big.requests()[0].body.to_vec())
+            .unwrap()
+            .contains(r#""model":"big""#)
+    );
+
+    // Any other 400 is the client's problem and goes back as it was.
+    let other = spawn_upstream(|_| {
+        Reply::json(
+            400,
+            r#"{"error":{"message":"bad temperature","code":"invalid_value"}}"#,
+        )
+    })
+    .await;
+    let models = "  small:\n    context_window_fallbacks: [big]\n    deployments:\n      - upstream: s\n  big:\n    deployments:\n      - upstream: b\n";
+    let big2 = named("big").await;
+    let proxy = spawn_proxy_with(routed(models, &[("s", &other), ("b", &big2)])).await;
+    let got = chat(&proxy, "small").await;
+    assert_eq!(got.status, 400);
+    assert_eq!(got.json()["error"]["message"], "bad temperature");
+    assert!(big2.requests().is_empty());
+}
