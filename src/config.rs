@@ -305,6 +305,34 @@ pub struct ModelFile {
     /// the request exceeds the context window (`context_length_exceeded`).
     #[serde(default)]
     pub context_window_fallbacks: Vec<String>,
+    /// When a failing deployment is taken out of rotation.
+    #[serde(default)]
+    pub circuit_breaker: BreakerFile,
+}
+
+/// A deployment failing `failures` times within `window` gets no traffic
+/// for `cooldown`, then one probe request decides whether it is back.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerFile {
+    /// Failures (connect errors, timeouts, 429 and 5xx answers) that open the breaker.
+    pub failures: u32,
+    /// The window they are counted in.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// How long an open breaker keeps traffic away.
+    #[serde(with = "humantime_serde")]
+    pub cooldown: Duration,
+}
+
+impl Default for BreakerFile {
+    fn default() -> Self {
+        Self {
+            failures: 5,
+            window: Duration::from_secs(30),
+            cooldown: Duration::from_secs(30),
+        }
+    }
 }
 
 /// Retry policy of a model route. An attempt is retried only before any
@@ -449,6 +477,19 @@ pub struct Model {
     pub fallbacks: Vec<usize>,
     /// Indices into `Config::models` tried on a context-length error.
     pub context_window_fallbacks: Vec<usize>,
+    /// Circuit breaker of each deployment.
+    pub breaker: Breaker,
+}
+
+/// A validated circuit-breaker policy.
+#[derive(Debug, Clone, Copy)]
+pub struct Breaker {
+    /// Failures within `window` that open it (at least 1).
+    pub failures: u32,
+    /// Counting window.
+    pub window: Duration,
+    /// Time without traffic before a probe.
+    pub cooldown: Duration,
 }
 
 /// A validated retry policy.
@@ -954,7 +995,20 @@ fn resolve_models(
                 "must be at least 1 (1 means no retries)",
             ));
         }
+        let breaker = model.circuit_breaker;
+        if breaker.failures == 0 {
+            return Err(invalid(
+                origin,
+                &format!("{field}.circuit_breaker.failures"),
+                "must be at least 1",
+            ));
+        }
         resolved.push(Model {
+            breaker: Breaker {
+                failures: breaker.failures,
+                window: breaker.window,
+                cooldown: breaker.cooldown,
+            },
             name,
             prefix,
             strategy: model.strategy,
@@ -1257,6 +1311,11 @@ log:
                 format!("{ups}models:\n  m:\n    context_window_fallbacks: [m]\n    deployments:\n      - upstream: a\n"),
                 "models.m.context_window_fallbacks[0]",
                 "itself",
+            ),
+            (
+                format!("{ups}models:\n  m:\n    circuit_breaker:\n      failures: 0\n    deployments:\n      - upstream: a\n"),
+                "models.m.circuit_breaker.failures",
+                "at least 1",
             ),
             (
                 format!("{ups}models:\n  m:\n    retry:\n      attempts: 0\n    deployments:\n      - upstream: a\n"),

@@ -26,6 +26,16 @@ pub enum ProxyError {
     /// No model route matches the requested model.
     #[error("The model `{0}` does not exist or is not served by this gateway")]
     ModelNotFound(String),
+    /// Every deployment of the model (and of its fallbacks) is cooling down.
+    #[error(
+        "every deployment of model `{model}` is cooling down after failures; retry after {retry_after:?}"
+    )]
+    ModelUnavailable {
+        /// The public model name.
+        model: String,
+        /// Until the first deployment takes a probe again.
+        retry_after: Duration,
+    },
     /// The request itself is malformed (bad URI, unreadable body, ...).
     #[error("{0}")]
     BadRequest(String),
@@ -58,6 +68,7 @@ impl ProxyError {
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UpstreamUnreachable(_) | Self::UpstreamProtocol(_) => StatusCode::BAD_GATEWAY,
             Self::ConnectTimeout(_) | Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::ModelUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -76,6 +87,7 @@ impl ProxyError {
         match self {
             Self::NotFound { .. } => "not_found",
             Self::ModelNotFound(_) => "model_not_found",
+            Self::ModelUnavailable { .. } => "model_unavailable",
             Self::BadRequest(_) => "bad_request",
             Self::BodyTooLarge { .. } => "request_too_large",
             Self::UpstreamUnreachable(_) => "upstream_unreachable",
@@ -139,6 +151,13 @@ impl IntoResponse for ProxyError {
             Bytes::from_static(br#"{"error":{"message":"internal error","type":"proxy_error","param":null,"code":"internal"}}"#)
         });
         let mut response = (self.status(), body).into_response();
+        if let Self::ModelUnavailable { retry_after, .. } = &self {
+            // Whole seconds, rounded up: a client must not come back too early.
+            let seconds = retry_after.as_millis().div_ceil(1000).max(1);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds as u64));
+        }
         response.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),

@@ -221,7 +221,15 @@ async fn attempt_chain(
     let mut tried = 0u64;
     let mut attempt = 1u32;
     loop {
-        let (index, deployment) = route.pick_untried(tried);
+        let now = crate::router::now_ms();
+        let Some((index, deployment, _probe)) = route.pick_available(tried, now) else {
+            // Every deployment is cooling down: exhausted, so fallbacks get a turn.
+            let error = ProxyError::ModelUnavailable {
+                model: route.name.clone(),
+                retry_after: Duration::from_millis(route.retry_after_ms(now)),
+            };
+            return (Err(error), true);
+        };
         let deployment = Arc::clone(deployment);
         tried |= 1u64.checked_shl(index as u32).unwrap_or(0);
         let wanted = route.upstream_model(&deployment, request.model);
@@ -244,10 +252,19 @@ async fn attempt_chain(
             deployment.upstream,
             attempt_parts,
             Body::from(body),
-            Some((deployment, in_flight)),
+            Some((Arc::clone(&deployment), in_flight)),
             *attempts,
         )
         .await;
+        let failed = match &result {
+            Ok(response) => retryable_status(response.status()),
+            Err(err) => err.is_retryable(),
+        };
+        if failed {
+            deployment.record_failure(crate::router::now_ms());
+        } else {
+            deployment.record_success();
+        }
 
         let untried_left = (tried.count_ones() as usize) < route.deployments.len();
         let wait = match &result {

@@ -8,10 +8,11 @@
 use std::cell::Cell;
 use std::hash::BuildHasher;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crate::config::{Model, Retry, Strategy};
+use crate::config::{Breaker, Model, Retry, Strategy};
 
 /// Live state of one deployment.
 #[derive(Debug)]
@@ -24,6 +25,33 @@ pub struct DeploymentState {
     in_flight: AtomicUsize,
     /// Peak-EWMA of time to response headers, in microseconds (0: no sample yet).
     ewma_us: AtomicU64,
+    /// Circuit breaker: failures counted since `window_start_ms`, the time
+    /// traffic may resume (`0`: closed), and whether the one probe is out.
+    failures: AtomicU32,
+    window_start_ms: AtomicU64,
+    open_until_ms: AtomicU64,
+    probing: AtomicBool,
+    breaker: Breaker,
+}
+
+/// Milliseconds on a process-wide monotonic clock, for breaker timestamps in atomics.
+pub fn now_ms() -> u64 {
+    static START: OnceLock<std::time::Instant> = OnceLock::new();
+    let start = START.get_or_init(std::time::Instant::now);
+    u64::try_from(start.elapsed().as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
+/// Where a deployment's circuit breaker stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Circuit {
+    /// Serving.
+    Closed,
+    /// Cooling down: no traffic.
+    Open,
+    /// Cooldown over: one probe request decides.
+    HalfOpen,
 }
 
 /// A model route with its deployments' live state.
@@ -74,6 +102,11 @@ impl ModelRouter {
                             weight: d.weight,
                             in_flight: AtomicUsize::new(0),
                             ewma_us: AtomicU64::new(0),
+                            failures: AtomicU32::new(0),
+                            window_start_ms: AtomicU64::new(0),
+                            open_until_ms: AtomicU64::new(0),
+                            probing: AtomicBool::new(false),
+                            breaker: model.breaker,
                         })
                     })
                     .collect(),
@@ -129,30 +162,66 @@ impl Route {
         }
     }
 
-    /// Picks a deployment, preferring one not in `tried` (a bit per index):
-    /// a retry goes elsewhere while there is elsewhere to go.
-    pub fn pick_untried(&self, tried: u64) -> (usize, &Arc<DeploymentState>) {
+    /// Picks a deployment for an attempt: never one whose breaker is open
+    /// (or half-open with its probe already out), and one not in `tried` (a
+    /// bit per index) while there is one, so a retry goes elsewhere. `None`
+    /// when every deployment is cooling down.
+    pub fn pick_available(
+        &self,
+        tried: u64,
+        now: u64,
+    ) -> Option<(usize, &Arc<DeploymentState>, Option<Probe>)> {
         let n = self.deployments.len().min(64);
-        if tried.count_ones() as usize >= n {
-            let chosen = self.pick();
-            let index = self
-                .deployments
-                .iter()
-                .position(|d| Arc::ptr_eq(d, chosen))
-                .unwrap_or(0);
-            return (index, chosen);
+        let all = if n == 64 { u64::MAX } else { (1u64 << n) - 1 };
+        let mut blocked = 0u64;
+        for (i, deployment) in self.deployments.iter().take(n).enumerate() {
+            if deployment.circuit(now) == Circuit::Open {
+                blocked |= 1 << i;
+            }
         }
-        // A few draws with the strategy, then the first untried in order.
+        loop {
+            if blocked & all == all {
+                return None;
+            }
+            let avoid = if (tried | blocked) & all == all {
+                blocked
+            } else {
+                tried | blocked
+            };
+            let index = self.pick_avoiding(avoid, n);
+            let deployment = &self.deployments[index];
+            match deployment.circuit(now) {
+                Circuit::Closed => return Some((index, deployment, None)),
+                Circuit::HalfOpen if deployment.take_probe() => {
+                    return Some((index, deployment, Some(Probe(Arc::clone(deployment)))));
+                }
+                _ => {}
+            }
+            // Half-open with its probe already out: not this one.
+            blocked |= 1 << index;
+        }
+    }
+
+    /// A strategy pick outside `avoid`: a few draws, then the first in order.
+    fn pick_avoiding(&self, avoid: u64, n: usize) -> usize {
         for _ in 0..8 {
             let chosen = self.pick();
             if let Some(index) = self.deployments.iter().position(|d| Arc::ptr_eq(d, chosen))
-                && tried & (1 << index) == 0
+                && avoid & (1 << index) == 0
             {
-                return (index, chosen);
+                return index;
             }
         }
-        let index = (0..n).find(|i| tried & (1 << i) == 0).unwrap_or(0);
-        (index, &self.deployments[index])
+        (0..n).find(|i| avoid & (1 << i) == 0).unwrap_or(0)
+    }
+
+    /// Milliseconds until the first cooling deployment takes a probe.
+    pub fn retry_after_ms(&self, now: u64) -> u64 {
+        self.deployments
+            .iter()
+            .map(|d| d.open_until_ms.load(Ordering::Relaxed).saturating_sub(now))
+            .min()
+            .unwrap_or(0)
     }
 
     /// Picks a deployment with the route's strategy.
@@ -202,6 +271,57 @@ impl Route {
 }
 
 impl DeploymentState {
+    /// The breaker's state at `now`.
+    pub fn circuit(&self, now: u64) -> Circuit {
+        match self.open_until_ms.load(Ordering::Acquire) {
+            0 => Circuit::Closed,
+            until if now < until => Circuit::Open,
+            _ => Circuit::HalfOpen,
+        }
+    }
+
+    /// A half-open deployment admits one probe and turns the rest away
+    /// until the probe's outcome is known.
+    fn take_probe(&self) -> bool {
+        self.probing
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// An attempt here failed in a way that says the deployment is in trouble.
+    pub fn record_failure(&self, now: u64) {
+        let breaker = self.breaker;
+        let cooldown = u64::try_from(breaker.cooldown.as_millis()).unwrap_or(u64::MAX);
+        if self.probing.swap(false, Ordering::AcqRel) {
+            // The probe failed: straight back to cooling down.
+            self.open_until_ms
+                .store(now.saturating_add(cooldown), Ordering::Release);
+            return;
+        }
+        let window = u64::try_from(breaker.window.as_millis()).unwrap_or(u64::MAX);
+        let start = self.window_start_ms.load(Ordering::Acquire);
+        let failures = if start == 0 || now.saturating_sub(start) > window {
+            self.window_start_ms.store(now, Ordering::Release);
+            self.failures.store(1, Ordering::Release);
+            1
+        } else {
+            self.failures.fetch_add(1, Ordering::AcqRel) + 1
+        };
+        if failures >= breaker.failures && self.circuit(now) == Circuit::Closed {
+            self.open_until_ms
+                .store(now.saturating_add(cooldown), Ordering::Release);
+            self.failures.store(0, Ordering::Release);
+        }
+    }
+
+    /// An attempt here got an answer worth keeping: a probe closes the breaker.
+    pub fn record_success(&self) {
+        if self.probing.swap(false, Ordering::AcqRel) {
+            self.open_until_ms.store(0, Ordering::Release);
+            self.failures.store(0, Ordering::Release);
+        }
+    }
+
     /// Counts a request in flight until the guard is dropped.
     pub fn start(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -232,6 +352,18 @@ impl DeploymentState {
         self.ewma_us
             .load(Ordering::Relaxed)
             .saturating_mul(in_flight + 1)
+    }
+}
+
+/// The one probe a half-open deployment lets through. If the request is
+/// abandoned before its outcome is recorded (the client left), dropping this
+/// frees the probe for the next request instead of blocking it for good.
+#[derive(Debug)]
+pub struct Probe(Arc<DeploymentState>);
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.0.probing.store(false, Ordering::Release);
     }
 }
 
@@ -268,6 +400,12 @@ mod tests {
     use super::*;
     use crate::config::Deployment;
 
+    const BREAKER: Breaker = Breaker {
+        failures: 2,
+        window: Duration::from_secs(1),
+        cooldown: Duration::from_millis(100),
+    };
+
     const RETRY: Retry = Retry {
         attempts: 3,
         backoff: Duration::from_millis(1),
@@ -276,17 +414,70 @@ mod tests {
         deadline: Duration::from_secs(1),
     };
 
+    fn pick(route: &Route, tried: u64) -> usize {
+        route.pick_available(tried, now_ms()).unwrap().0
+    }
+
     #[test]
     fn retries_prefer_deployments_not_yet_tried() {
         let router = route(Strategy::Weighted, &[100, 1, 1]);
         let route = router.resolve("m").unwrap();
         for _ in 0..50 {
-            let (index, _) = route.pick_untried(0b001);
-            assert_ne!(index, 0);
-            assert_eq!(route.pick_untried(0b011).0, 2);
+            assert_ne!(pick(route, 0b001), 0);
+            assert_eq!(pick(route, 0b011), 2);
         }
         // With every deployment tried, any may serve again.
-        assert!(route.pick_untried(0b111).0 < 3);
+        assert!(pick(route, 0b111) < 3);
+    }
+
+    #[test]
+    fn the_breaker_opens_after_n_failures_then_admits_one_probe() {
+        let router = route(Strategy::Weighted, &[1]);
+        let route = router.resolve("m").unwrap();
+        let d = &route.deployments[0];
+        let t = 1_000;
+        d.record_failure(t);
+        assert_eq!(d.circuit(t), Circuit::Closed);
+        d.record_failure(t + 1);
+        assert_eq!(d.circuit(t + 1), Circuit::Open);
+        assert!(route.pick_available(0, t + 2).is_none());
+        assert_eq!(route.retry_after_ms(t + 2), 99);
+        // Cooldown over: one probe, not two.
+        let probe = route.pick_available(0, t + 200).unwrap().2;
+        assert!(probe.is_some());
+        assert!(route.pick_available(0, t + 200).is_none());
+        // A failed probe reopens; a successful one closes.
+        d.record_failure(t + 201);
+        drop(probe);
+        assert_eq!(d.circuit(t + 202), Circuit::Open);
+        let probe = route.pick_available(0, t + 400).unwrap().2;
+        d.record_success();
+        drop(probe);
+        assert_eq!(d.circuit(t + 401), Circuit::Closed);
+        assert!(route.pick_available(0, t + 401).is_some());
+        assert!(route.pick_available(0, t + 401).is_some());
+    }
+
+    #[test]
+    fn an_abandoned_probe_frees_the_way_for_the_next() {
+        let router = route(Strategy::Weighted, &[1]);
+        let route = router.resolve("m").unwrap();
+        let d = &route.deployments[0];
+        d.record_failure(1_000);
+        d.record_failure(1_001);
+        let probe = route.pick_available(0, 1_200).unwrap().2;
+        assert!(route.pick_available(0, 1_200).is_none());
+        drop(probe);
+        assert!(route.pick_available(0, 1_200).is_some());
+    }
+
+    #[test]
+    fn failures_outside_the_window_do_not_add_up() {
+        let router = route(Strategy::Weighted, &[1]);
+        let d = &router.resolve("m").unwrap().deployments[0];
+        d.record_failure(1_000);
+        d.record_failure(1_000 + 5_000);
+        assert_eq!(d.circuit(6_001), Circuit::Closed);
     }
 
     fn route(strategy: Strategy, weights: &[u32]) -> ModelRouter {
@@ -306,6 +497,7 @@ mod tests {
             retry: RETRY,
             fallbacks: Vec::new(),
             context_window_fallbacks: Vec::new(),
+            breaker: BREAKER,
         };
         ModelRouter::new(&[model]).unwrap()
     }
@@ -378,6 +570,7 @@ mod tests {
             retry: RETRY,
             fallbacks: Vec::new(),
             context_window_fallbacks: Vec::new(),
+            breaker: BREAKER,
         };
         let router = ModelRouter::new(&[
             model("gpt-*", Some("gpt-"), 0),

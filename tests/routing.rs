@@ -475,3 +475,63 @@ async fn context_length_errors_go_to_the_bigger_model() {
     assert_eq!(got.json()["error"]["message"], "bad temperature");
     assert!(big2.requests().is_empty());
 }
+
+#[tokio::test]
+async fn a_failing_deployment_cools_down_then_a_probe_brings_it_back() {
+    // a fails its first three requests, then recovers; b always works.
+    let a = flaky("a", 503, 3, &[]).await;
+    let b = named("b").await;
+    let models = "  m:\n    retry:\n      backoff: 1ms\n    circuit_breaker:\n      failures: 2\n      window: 10s\n      cooldown: 400ms\n    deployments:\n      - upstream: a\n        weight: 1000\n      - upstream: b\n        weight: 1\n";
+    let proxy = spawn_proxy_with(routed(models, &[("a", &a), ("b", &b)])).await;
+    // Two failures on a (each retried on b) open its breaker.
+    for _ in 0..2 {
+        assert_eq!(chat(&proxy, "m").await.json()["served_by"], "b");
+    }
+    assert_eq!(a.requests().len(), 2);
+    // Cooling down: a gets nothing, b answers at the first attempt.
+    for _ in 0..5 {
+        let got = chat(&proxy, "m").await;
+        assert_eq!(got.json()["served_by"], "b");
+        assert_eq!(got.header("x-llmproxy-attempts"), Some("1"));
+    }
+    assert_eq!(a.requests().len(), 2);
+    // Cooldown over: one probe; it fails (a's third failure), so a cools again.
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert_eq!(chat(&proxy, "m").await.json()["served_by"], "b");
+    assert_eq!(a.requests().len(), 3);
+    assert_eq!(chat(&proxy, "m").await.json()["served_by"], "b");
+    assert_eq!(a.requests().len(), 3);
+    // Next probe succeeds and closes the breaker: a is back in rotation.
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert_eq!(chat(&proxy, "m").await.json()["served_by"], "a");
+    assert_eq!(chat(&proxy, "m").await.json()["served_by"], "a");
+}
+
+#[tokio::test]
+async fn with_every_deployment_cooling_the_answer_is_503_with_retry_after() {
+    let a = flaky("a", 500, usize::MAX, &[]).await;
+    let models = "  m:\n    retry:\n      attempts: 1\n    circuit_breaker:\n      failures: 1\n      cooldown: 5s\n    deployments:\n      - upstream: a\n";
+    let proxy = spawn_proxy_with(routed(models, &[("a", &a)])).await;
+    assert_eq!(
+        chat(&proxy, "m").await.status,
+        500,
+        "the upstream's own answer first"
+    );
+    let got = chat(&proxy, "m").await;
+    assert_eq!(got.status, 503);
+    assert_eq!(got.json()["error"]["code"], "model_unavailable");
+    let after: u64 = got.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=5).contains(&after), "{after}");
+    assert_eq!(a.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn a_cooling_model_falls_back() {
+    let a = flaky("a", 500, usize::MAX, &[]).await;
+    let b = named("b").await;
+    let models = "  m:\n    retry:\n      attempts: 1\n    fallbacks: [spare]\n    circuit_breaker:\n      failures: 1\n      cooldown: 5s\n    deployments:\n      - upstream: a\n  spare:\n    deployments:\n      - upstream: b\n";
+    let proxy = spawn_proxy_with(routed(models, &[("a", &a), ("b", &b)])).await;
+    assert_eq!(chat(&proxy, "m").await.json()["served_by"], "b");
+    assert_eq!(chat(&proxy, "m").await.json()["served_by"], "b");
+    assert_eq!(a.requests().len(), 1);
+}
