@@ -83,6 +83,9 @@ pub struct FileConfig {
     /// Public model names and the deployments that serve them.
     #[serde(default)]
     pub models: Ordered<ModelFile>,
+    /// The admin status endpoint.
+    #[serde(default)]
+    pub admin: AdminFile,
     /// Protection limits.
     #[serde(default)]
     pub limits: LimitsFile,
@@ -132,6 +135,15 @@ impl Default for TimeoutsFile {
             idle: Duration::from_secs(300),
         }
     }
+}
+
+/// `GET /admin/status`, guarded by a bearer token; off when no token is set.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminFile {
+    /// The token (`${VAR}` reads the environment); at least 16 characters.
+    #[serde(default)]
+    pub token: Option<String>,
 }
 
 /// Limits that protect a public-facing gateway.
@@ -416,6 +428,8 @@ pub struct Config {
     pub upstreams: Vec<Upstream>,
     /// Model routing; empty means every request goes to the first upstream.
     pub models: Vec<Model>,
+    /// The admin token; `None` turns the admin endpoint off.
+    pub admin_token: Option<crate::headers::Secret>,
     /// Protection limits.
     pub limits: Limits,
     /// Drain deadline on shutdown.
@@ -682,6 +696,7 @@ pub fn from_flags(
         },
         upstreams: Ordered::default(),
         models: Ordered::default(),
+        admin: AdminFile::default(),
         limits: LimitsFile::default(),
         shutdown_timeout: default_shutdown_timeout(),
         log: LogFile::default(),
@@ -713,6 +728,7 @@ pub fn resolve(file: FileConfig, origin: &str, env: &dyn Lookup) -> Result<Confi
         upstream,
         upstreams,
         models,
+        admin,
         limits,
         shutdown_timeout,
         log,
@@ -784,10 +800,25 @@ pub fn resolve(file: FileConfig, origin: &str, env: &dyn Lookup) -> Result<Confi
         ));
     }
 
+    let admin_token = match admin.token {
+        None => None,
+        Some(token) => {
+            let token = interpolate(&token, env).map_err(|m| invalid(origin, "admin.token", m))?;
+            if token.len() < 16 {
+                return Err(invalid(
+                    origin,
+                    "admin.token",
+                    "must be at least 16 characters (it guards the gateway's state)",
+                ));
+            }
+            Some(crate::headers::Secret::new(token))
+        }
+    };
     Ok(Config {
         listen,
         upstreams: resolved,
         models,
+        admin_token,
         limits: Limits {
             max_body_size: limits.max_body_size.0,
             max_connections: limits.max_connections,
@@ -1311,6 +1342,11 @@ log:
                 format!("{ups}models:\n  m:\n    context_window_fallbacks: [m]\n    deployments:\n      - upstream: a\n"),
                 "models.m.context_window_fallbacks[0]",
                 "itself",
+            ),
+            (
+                format!("upstream:\n  base_url: http://x/v1\nadmin:\n  token: short\n"),
+                "admin.token",
+                "at least 16",
             ),
             (
                 format!("{ups}models:\n  m:\n    circuit_breaker:\n      failures: 0\n    deployments:\n      - upstream: a\n"),

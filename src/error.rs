@@ -36,6 +36,9 @@ pub enum ProxyError {
         /// Until the first deployment takes a probe again.
         retry_after: Duration,
     },
+    /// The request lacks the credentials it needs.
+    #[error("{0}")]
+    Unauthorized(String),
     /// The request itself is malformed (bad URI, unreadable body, ...).
     #[error("{0}")]
     BadRequest(String),
@@ -65,6 +68,7 @@ impl ProxyError {
         match self {
             Self::NotFound { .. } | Self::ModelNotFound(_) => StatusCode::NOT_FOUND,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UpstreamUnreachable(_) | Self::UpstreamProtocol(_) => StatusCode::BAD_GATEWAY,
             Self::ConnectTimeout(_) | Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -89,6 +93,7 @@ impl ProxyError {
             Self::ModelNotFound(_) => "model_not_found",
             Self::ModelUnavailable { .. } => "model_unavailable",
             Self::BadRequest(_) => "bad_request",
+            Self::Unauthorized(_) => "unauthorized",
             Self::BodyTooLarge { .. } => "request_too_large",
             Self::UpstreamUnreachable(_) => "upstream_unreachable",
             Self::ConnectTimeout(_) => "upstream_connect_timeout",
@@ -104,6 +109,7 @@ impl ProxyError {
             | Self::ModelNotFound(_)
             | Self::BadRequest(_)
             | Self::BodyTooLarge { .. } => "invalid_request_error",
+            Self::Unauthorized(_) => "authentication_error",
             _ => "proxy_error",
         }
     }

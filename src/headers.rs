@@ -70,6 +70,37 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(name)
 }
 
+/// A secret string (a token): `Debug` prints `*****`, and comparing it takes
+/// the same time wherever the first difference is.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps `value`.
+    pub fn new(value: String) -> Self {
+        Self(value)
+    }
+
+    /// Whether `candidate` is the secret, in time independent of where they differ.
+    pub fn matches(&self, candidate: &[u8]) -> bool {
+        let expected = self.0.as_bytes();
+        if expected.len() != candidate.len() {
+            return false;
+        }
+        expected
+            .iter()
+            .zip(candidate)
+            .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+            == 0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("*****")
+    }
+}
+
 /// Removes the hop-by-hop headers, including every header named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if headers.contains_key(header::CONNECTION) {
@@ -251,6 +282,15 @@ mod tests {
                 "x-request-id"
             ]
         );
+    }
+
+    #[test]
+    fn secrets_compare_exactly_and_never_print() {
+        let secret = Secret::new("admin-token-0123456789".into());
+        assert!(secret.matches(b"admin-token-0123456789"));
+        assert!(!secret.matches(b"admin-token-0123456788"));
+        assert!(!secret.matches(b"admin-token"));
+        assert_eq!(format!("{secret:?}"), "*****");
     }
 
     #[test]

@@ -12,6 +12,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod access_log;
+pub mod admin;
 pub mod config;
 pub mod error;
 pub mod headers;
@@ -51,6 +52,7 @@ use crate::proxy::Proxy;
 pub fn app(proxy: Arc<Proxy>) -> Router {
     Router::new()
         .route("/", get(health).fallback(not_found))
+        .route("/admin/status", get(admin::status).fallback(not_found))
         .fallback(v1_or_not_found)
         .with_state(proxy)
 }
@@ -96,6 +98,7 @@ pub fn proxy_state(config: &Config) -> Arc<Proxy> {
         targets,
         router: router::ModelRouter::new(&config.models),
         max_body_size: config.limits.max_body_size,
+        admin_token: config.admin_token.clone(),
     })
 }
 

@@ -62,6 +62,8 @@ pub struct Proxy {
     pub router: Option<ModelRouter>,
     /// Largest request body, in bytes.
     pub max_body_size: u64,
+    /// Guards `GET /admin/status`; `None` turns it off.
+    pub admin_token: Option<crate::headers::Secret>,
 }
 
 /// The response header naming the upstream that answered.

@@ -535,3 +535,54 @@ async fn a_cooling_model_falls_back() {
     assert_eq!(chat(&proxy, "m").await.json()["served_by"], "b");
     assert_eq!(a.requests().len(), 1);
 }
+
+#[tokio::test]
+async fn the_admin_status_shows_each_deployment_behind_a_token() {
+    let a = flaky("a", 500, usize::MAX, &[]).await;
+    let b = named("b").await;
+    let models = "  m:\n    retry:\n      backoff: 1ms\n    circuit_breaker:\n      failures: 1\n      cooldown: 60s\n    deployments:\n      - upstream: a\n        weight: 1000\n      - upstream: b\n        model: m-b\n";
+    let mut file = routed(models, &[("a", &a), ("b", &b)]);
+    file.admin.token = Some("${ADMIN_TOKEN}".into());
+    let env = |name: &str| (name == "ADMIN_TOKEN").then(|| "admin-secret-0123456789".to_owned());
+    let proxy = spawn_proxy_env(file, &env).await;
+    assert_eq!(chat(&proxy, "m").await.json()["served_by"], "b");
+
+    let status = |token: Option<&'static str>| {
+        let url = proxy.url("/admin/status");
+        async move {
+            let mut request = http::Request::get(url);
+            if let Some(token) = token {
+                request = request.header("authorization", format!("Bearer {token}"));
+            }
+            send(request.body(http_body_util::Full::default()).unwrap()).await
+        }
+    };
+    assert_eq!(status(None).await.status, 401);
+    let wrong = status(Some("admin-secret-0123456788")).await;
+    assert_eq!(wrong.status, 401);
+    assert_eq!(wrong.json()["error"]["code"], "unauthorized");
+
+    let got = status(Some("admin-secret-0123456789")).await;
+    assert_eq!(got.status, 200);
+    let json = got.json();
+    assert_eq!(json["upstreams"], serde_json::json!(["a", "b"]));
+    let deployments = &json["models"][0]["deployments"];
+    assert_eq!(json["models"][0]["model"], "m");
+    assert_eq!(deployments[0]["upstream"], "a");
+    assert_eq!(deployments[0]["state"], "cooldown");
+    assert!(deployments[0]["cooldown_remaining_ms"].as_u64().unwrap() > 50_000);
+    assert_eq!(deployments[1]["upstream"], "b");
+    assert_eq!(deployments[1]["model"], "m-b");
+    assert_eq!(deployments[1]["state"], "healthy");
+    assert_eq!(deployments[1]["in_flight"], 0);
+    assert!(deployments[1]["ewma_ms"].as_f64().is_some());
+}
+
+#[tokio::test]
+async fn the_admin_endpoint_does_not_exist_without_a_token() {
+    let a = named("a").await;
+    let proxy = spawn_proxy(&a).await;
+    let got = get(&proxy.url("/admin/status")).await;
+    assert_eq!(got.status, 404);
+    assert_eq!(got.json()["error"]["code"], "not_found");
+}
