@@ -1344,7 +1344,7 @@ log:
                 "itself",
             ),
             (
-                format!("upstream:\n  base_url: http://x/v1\nadmin:\n  token: short\n"),
+                "upstream:\n  base_url: http://x/v1\nadmin:\n  token: short\n".to_owned(),
                 "admin.token",
                 "at least 16",
             ),
