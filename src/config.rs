@@ -125,6 +125,10 @@ pub struct TimeoutsFile {
     /// Longest silence between two body chunks.
     #[serde(with = "humantime_serde")]
     pub idle: Duration,
+    /// The whole exchange, from sending to the last byte (none by default:
+    /// long generations are legitimate).
+    #[serde(with = "humantime_serde")]
+    pub total: Option<Duration>,
 }
 
 impl Default for TimeoutsFile {
@@ -133,8 +137,25 @@ impl Default for TimeoutsFile {
             connect: Duration::from_secs(10),
             response_headers: Duration::from_secs(600),
             idle: Duration::from_secs(300),
+            total: None,
         }
     }
+}
+
+/// A model's own timeouts, overriding its upstreams' (connect stays the
+/// upstream's: connections are shared by every model on it).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelTimeoutsFile {
+    /// Until response headers arrive.
+    #[serde(with = "humantime_serde")]
+    pub response_headers: Option<Duration>,
+    /// Longest gap between two body chunks.
+    #[serde(with = "humantime_serde")]
+    pub idle: Option<Duration>,
+    /// The whole exchange.
+    #[serde(with = "humantime_serde")]
+    pub total: Option<Duration>,
 }
 
 /// `GET /admin/status`, guarded by a bearer token; off when no token is set.
@@ -320,6 +341,9 @@ pub struct ModelFile {
     /// When a failing deployment is taken out of rotation.
     #[serde(default)]
     pub circuit_breaker: BreakerFile,
+    /// Timeouts for this model, overriding the upstream's.
+    #[serde(default)]
+    pub timeouts: ModelTimeoutsFile,
 }
 
 /// A deployment failing `failures` times within `window` gets no traffic
@@ -493,6 +517,8 @@ pub struct Model {
     pub context_window_fallbacks: Vec<usize>,
     /// Circuit breaker of each deployment.
     pub breaker: Breaker,
+    /// Timeout overrides.
+    pub timeouts: ModelTimeouts,
 }
 
 /// A validated circuit-breaker policy.
@@ -541,6 +567,31 @@ pub struct Timeouts {
     pub response_headers: Duration,
     /// Longest gap between two body chunks.
     pub idle: Duration,
+    /// The whole exchange, if bounded.
+    pub total: Option<Duration>,
+}
+
+/// A model's validated timeout overrides.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ModelTimeouts {
+    /// Until response headers arrive.
+    pub response_headers: Option<Duration>,
+    /// Longest gap between two body chunks.
+    pub idle: Option<Duration>,
+    /// The whole exchange.
+    pub total: Option<Duration>,
+}
+
+impl Timeouts {
+    /// These timeouts with a model's overrides applied.
+    pub fn with(self, model: ModelTimeouts) -> Self {
+        Self {
+            connect: self.connect,
+            response_headers: model.response_headers.unwrap_or(self.response_headers),
+            idle: model.idle.unwrap_or(self.idle),
+            total: model.total.or(self.total),
+        }
+    }
 }
 
 /// Validated limits.
@@ -896,6 +947,7 @@ fn resolve_upstream(
         ("connect", timeouts.connect),
         ("response_headers", timeouts.response_headers),
         ("idle", timeouts.idle),
+        ("total", timeouts.total.unwrap_or(Duration::MAX)),
     ] {
         if value.is_zero() {
             return Err(invalid(
@@ -916,6 +968,7 @@ fn resolve_upstream(
             connect: timeouts.connect,
             response_headers: timeouts.response_headers,
             idle: timeouts.idle,
+            total: timeouts.total,
         },
     })
 }
@@ -1034,7 +1087,26 @@ fn resolve_models(
                 "must be at least 1",
             ));
         }
+        let overrides = model.timeouts;
+        for (name, value) in [
+            ("response_headers", overrides.response_headers),
+            ("idle", overrides.idle),
+            ("total", overrides.total),
+        ] {
+            if value.is_some_and(|v| v.is_zero()) {
+                return Err(invalid(
+                    origin,
+                    &format!("{field}.timeouts.{name}"),
+                    "must be greater than zero",
+                ));
+            }
+        }
         resolved.push(Model {
+            timeouts: ModelTimeouts {
+                response_headers: overrides.response_headers,
+                idle: overrides.idle,
+                total: overrides.total,
+            },
             breaker: Breaker {
                 failures: breaker.failures,
                 window: breaker.window,

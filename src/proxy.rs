@@ -173,6 +173,14 @@ async fn route(
     result
 }
 
+/// What a routed attempt carries into `send`.
+struct Routed {
+    deployment: Arc<DeploymentState>,
+    /// Held until the answer has been streamed.
+    in_flight: InFlight,
+    timeouts: crate::config::ModelTimeouts,
+}
+
 /// The parts of a routed request every attempt is built from.
 struct Attempted<'a> {
     parts: &'a http::request::Parts,
@@ -254,7 +262,11 @@ async fn attempt_chain(
             deployment.upstream,
             attempt_parts,
             Body::from(body),
-            Some((Arc::clone(&deployment), in_flight)),
+            Some(Routed {
+                deployment: Arc::clone(&deployment),
+                in_flight,
+                timeouts: route.timeouts,
+            }),
             *attempts,
         )
         .await;
@@ -337,7 +349,7 @@ async fn send(
     target: usize,
     mut parts: http::request::Parts,
     body: Body,
-    routed: Option<(Arc<DeploymentState>, InFlight)>,
+    routed: Option<Routed>,
     attempt: u32,
 ) -> Result<Response, ProxyError> {
     let Some(target) = proxy.targets.get(target) else {
@@ -366,18 +378,21 @@ async fn send(
         ),
     );
 
-    let timeouts = &upstream.timeouts;
-    let sent_at = Instant::now();
-    let response = match tokio::time::timeout(
-        timeouts.response_headers,
-        target.client.request(upstream_request),
-    )
-    .await
-    {
-        Ok(Ok(response)) => response,
-        Ok(Err(err)) => return Err(upstream::classify(&err, timeouts, proxy.max_body_size)),
-        Err(_) => return Err(ProxyError::UpstreamTimeout(timeouts.response_headers)),
+    let timeouts = match &routed {
+        Some(routed) => upstream.timeouts.with(routed.timeouts),
+        None => upstream.timeouts,
     };
+    // The headers wait is also bounded by what is left of the total.
+    let headers_wait = timeouts.total.map_or(timeouts.response_headers, |t| {
+        t.min(timeouts.response_headers)
+    });
+    let sent_at = Instant::now();
+    let response =
+        match tokio::time::timeout(headers_wait, target.client.request(upstream_request)).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(err)) => return Err(upstream::classify(&err, &timeouts, proxy.max_body_size)),
+            Err(_) => return Err(ProxyError::UpstreamTimeout(headers_wait)),
+        };
     let headers_after = sent_at.elapsed();
 
     let (mut parts, body) = response.into_parts();
@@ -400,13 +415,13 @@ async fn send(
         headers_after,
         routed: proxy.router.is_some(),
     });
-    let body = IdleTimeout::new(body, timeouts.idle);
+    let body = IdleTimeout::new(body, timeouts.idle).with_total(sent_at, timeouts.total);
     let body = match routed {
         None => Body::new(body),
-        Some((deployment, in_flight)) => {
-            deployment.observe(headers_after);
+        Some(routed) => {
+            routed.deployment.observe(headers_after);
             // The deployment stays busy until the answer has been streamed.
-            Body::new(Holding::new(body, in_flight))
+            Body::new(Holding::new(body, routed.in_flight))
         }
     };
     Ok(Response::from_parts(parts, body))

@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crate::config::{Breaker, Model, Retry, Strategy};
+use crate::config::{Breaker, Model, ModelTimeouts, Retry, Strategy};
 
 /// Live state of one deployment.
 #[derive(Debug)]
@@ -69,6 +69,8 @@ pub struct Route {
     pub fallbacks: Vec<usize>,
     /// Routes (indices) tried in order on a context-length error.
     pub context_window_fallbacks: Vec<usize>,
+    /// Timeout overrides for the route's requests.
+    pub timeouts: ModelTimeouts,
     total_weight: u64,
     turn: AtomicU64,
 }
@@ -113,6 +115,7 @@ impl ModelRouter {
                 turn: AtomicU64::new(0),
                 retry: model.retry,
                 fallbacks: model.fallbacks.clone(),
+                timeouts: model.timeouts,
                 context_window_fallbacks: model.context_window_fallbacks.clone(),
             })
             .collect();
@@ -565,6 +568,7 @@ mod tests {
             fallbacks: Vec::new(),
             context_window_fallbacks: Vec::new(),
             breaker: BREAKER,
+            timeouts: ModelTimeouts::default(),
         };
         ModelRouter::new(&[model]).unwrap()
     }
@@ -638,6 +642,7 @@ mod tests {
             fallbacks: Vec::new(),
             context_window_fallbacks: Vec::new(),
             breaker: BREAKER,
+            timeouts: ModelTimeouts::default(),
         };
         let router = ModelRouter::new(&[
             model("gpt-*", Some("gpt-"), 0),

@@ -27,6 +27,9 @@ pub enum BodyError {
     /// The upstream sent nothing for longer than `timeouts.idle`.
     #[error("upstream sent nothing for {0:?} (idle timeout)")]
     Idle(Duration),
+    /// The exchange ran longer than `timeouts.total`.
+    #[error("upstream exchange exceeded the total timeout of {0:?}")]
+    Total(Duration),
 }
 
 pin_project_lite::pin_project! {
@@ -42,6 +45,8 @@ pin_project_lite::pin_project! {
         timer: Sleep,
         idle: Duration,
         last_frame: Instant,
+        // `timeouts.total`: when the whole exchange must be over.
+        total: Option<(Instant, Duration)>,
     }
 }
 
@@ -54,7 +59,20 @@ impl<B> IdleTimeout<B> {
             timer: tokio::time::sleep_until(now + idle),
             idle,
             last_frame: now,
+            total: None,
         }
+    }
+
+    /// Also fails the body once `started + total` has passed.
+    pub fn with_total(mut self, started: Instant, total: Option<Duration>) -> Self {
+        if let Some(total) = total {
+            let end = started + total;
+            if end < self.last_frame + self.idle {
+                self.timer = tokio::time::sleep_until(end);
+            }
+            self.total = Some((end, total));
+        }
+        self
     }
 }
 
@@ -80,11 +98,20 @@ where
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => loop {
                 ready!(this.timer.as_mut().poll(cx));
-                let deadline = *this.last_frame + *this.idle;
-                if deadline <= Instant::now() {
+                let now = Instant::now();
+                if let Some((end, total)) = *this.total
+                    && end <= now
+                {
+                    return Poll::Ready(Some(Err(BodyError::Total(total))));
+                }
+                let idle_deadline = *this.last_frame + *this.idle;
+                if idle_deadline <= now {
                     return Poll::Ready(Some(Err(BodyError::Idle(*this.idle))));
                 }
-                this.timer.as_mut().reset(deadline);
+                let next = this
+                    .total
+                    .map_or(idle_deadline, |(end, _)| end.min(idle_deadline));
+                this.timer.as_mut().reset(next);
             },
         }
     }
@@ -163,6 +190,14 @@ mod tests {
         );
         let bytes = body.collect().await.unwrap().to_bytes();
         assert_eq!(&bytes[..], b"c0c1c2c3c4");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_longer_than_total_fails_even_with_short_gaps() {
+        let body = IdleTimeout::new(delayed_chunks(&[50; 20]), Duration::from_millis(100))
+            .with_total(Instant::now(), Some(Duration::from_millis(260)));
+        let err = body.collect().await.unwrap_err();
+        assert!(matches!(err, BodyError::Total(_)), "{err}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -586,3 +586,60 @@ async fn the_admin_endpoint_does_not_exist_without_a_token() {
     assert_eq!(got.status, 404);
     assert_eq!(got.json()["error"]["code"], "not_found");
 }
+
+#[tokio::test]
+async fn a_models_own_timeouts_override_its_upstreams() {
+    let slow = spawn_upstream(|_| {
+        let mut reply = Reply::json(200, r#"{"served_by":"slow"}"#);
+        reply.head_delay = Duration::from_millis(600);
+        reply
+    })
+    .await;
+    let models = "  quick:\n    retry:\n      attempts: 1\n    timeouts:\n      response_headers: 150ms\n    deployments:\n      - upstream: s\n  patient:\n    deployments:\n      - upstream: s\n";
+    let proxy = spawn_proxy_with(routed(models, &[("s", &slow)])).await;
+    let start = std::time::Instant::now();
+    let got = chat(&proxy, "quick").await;
+    assert_eq!(got.status, 504);
+    assert_eq!(got.json()["error"]["code"], "upstream_timeout");
+    assert!(
+        start.elapsed() < Duration::from_millis(550),
+        "{:?}",
+        start.elapsed()
+    );
+    // The same upstream, through a model without the override, waits.
+    assert_eq!(chat(&proxy, "patient").await.json()["served_by"], "slow");
+}
+
+#[tokio::test]
+async fn a_total_timeout_ends_a_stream_that_runs_too_long() {
+    let upstream = spawn_upstream(|_| {
+        Reply::sse(
+            (0..40)
+                .map(|i| (Duration::from_millis(50), event(&i.to_string())))
+                .collect(),
+        )
+    })
+    .await;
+    let mut file = config_for(&upstream.base_url());
+    file.upstream.timeouts.total = Some(Duration::from_millis(400));
+    let proxy = spawn_proxy_with(file).await;
+    let start = std::time::Instant::now();
+    let response = client()
+        .request(
+            http::Request::post(proxy.url("/v1/chat/completions"))
+                .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    use http_body_util::BodyExt;
+    assert!(
+        response.into_body().collect().await.is_err(),
+        "a cut stream must not end cleanly"
+    );
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(350) && took < Duration::from_millis(1500),
+        "{took:?}"
+    );
+}
