@@ -176,6 +176,8 @@ struct Record {
     upstream: Option<UpstreamInfo>,
     /// `x-llmproxy-upstream` of the answer: which upstream served it.
     upstream_name: Option<HeaderValue>,
+    /// `x-llmproxy-attempts` of the answer.
+    attempts: Option<u32>,
     error: Option<&'static str>,
     error_detail: Option<Arc<str>>,
     first_byte: Option<Instant>,
@@ -197,6 +199,7 @@ impl Drop for Record {
             status = self.status.map(|s| s.as_u16()),
             upstream = self.upstream_name.as_ref().and_then(|v| v.to_str().ok()),
             upstream_status = self.upstream.map(|u| u.status.as_u16()),
+            attempts = self.attempts,
             latency_us = us(end - self.start),
             ttfb_us = self.first_byte.map(|t| us(t - self.start)),
             upstream_us = self.upstream.map(|u| us(u.headers_after)),
@@ -255,6 +258,7 @@ where
             status: None,
             upstream: None,
             upstream_name: None,
+            attempts: None,
             error: None,
             error_detail: None,
             first_byte: None,
@@ -300,10 +304,11 @@ where
             record.upstream = response.extensions().get::<UpstreamInfo>().copied();
             // Only routed answers carry the header; skip the lookup otherwise.
             if record.upstream.is_some_and(|u| u.routed) {
-                record.upstream_name = response
-                    .headers()
-                    .get(crate::proxy::UPSTREAM_HEADER)
-                    .cloned();
+                let headers = response.headers();
+                record.upstream_name = headers.get(crate::proxy::UPSTREAM_HEADER).cloned();
+                record.attempts = headers
+                    .get(crate::proxy::ATTEMPTS_HEADER)
+                    .and_then(|v| v.to_str().ok()?.parse().ok());
             }
             if let Some(failure) = response.extensions().get::<Failure>() {
                 record.error = Some(failure.kind);

@@ -109,6 +109,9 @@ pub struct UpstreamFile {
     /// Upstream timeouts.
     #[serde(default)]
     pub timeouts: TimeoutsFile,
+    /// Most requests in flight to it at once, over every model routed to it.
+    #[serde(default)]
+    pub max_concurrent: Option<usize>,
 }
 
 /// Upstream timeouts. LLM answers can take minutes, so the defaults are long.
@@ -417,6 +420,9 @@ pub struct DeploymentFile {
     /// Share of traffic for the `weighted` and `round_robin` strategies.
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// Most requests in flight on this deployment at once.
+    #[serde(default)]
+    pub max_concurrent: Option<usize>,
 }
 
 fn default_weight() -> u32 {
@@ -496,6 +502,8 @@ pub struct Upstream {
     pub default_headers: DefaultHeaders,
     /// Timeouts.
     pub timeouts: Timeouts,
+    /// Most routed requests in flight at once.
+    pub max_concurrent: Option<usize>,
 }
 
 /// A validated model route.
@@ -556,6 +564,8 @@ pub struct Deployment {
     pub model: Option<String>,
     /// Share of traffic (at least 1).
     pub weight: u32,
+    /// Most requests in flight at once.
+    pub max_concurrent: Option<usize>,
 }
 
 /// Validated upstream timeouts.
@@ -744,6 +754,7 @@ pub fn from_flags(
             base_url: upstream.to_owned(),
             default_headers: Ordered(default_headers),
             timeouts: TimeoutsFile::default(),
+            max_concurrent: None,
         },
         upstreams: Ordered::default(),
         models: Ordered::default(),
@@ -957,9 +968,17 @@ fn resolve_upstream(
             ));
         }
     }
+    if upstream.max_concurrent == Some(0) {
+        return Err(invalid(
+            origin,
+            &format!("{field}.max_concurrent"),
+            "must be at least 1",
+        ));
+    }
     let host = HeaderValue::from_str(base_url.authority.as_str())
         .map_err(|_| invalid(origin, &url_field, "the host is not a valid Host header"))?;
     Ok(Upstream {
+        max_concurrent: upstream.max_concurrent,
         name: name.to_owned(),
         host,
         base_url,
@@ -1065,10 +1084,18 @@ fn resolve_models(
                     "a wildcard route passes the requested name through; it cannot rename it",
                 ));
             }
+            if deployment.max_concurrent == Some(0) {
+                return Err(invalid(
+                    origin,
+                    &format!("{at}.max_concurrent"),
+                    "must be at least 1",
+                ));
+            }
             deployments.push(Deployment {
                 upstream,
                 model: deployment.model,
                 weight: deployment.weight,
+                max_concurrent: deployment.max_concurrent,
             });
         }
         let retry = model.retry;

@@ -36,6 +36,9 @@ pub enum ProxyError {
         /// Until the first deployment takes a probe again.
         retry_after: Duration,
     },
+    /// Every deployment of the model is at its concurrency cap.
+    #[error("every deployment of model `{0}` is at its concurrency limit; retry shortly")]
+    ModelAtCapacity(String),
     /// The request lacks the credentials it needs.
     #[error("{0}")]
     Unauthorized(String),
@@ -72,7 +75,9 @@ impl ProxyError {
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UpstreamUnreachable(_) | Self::UpstreamProtocol(_) => StatusCode::BAD_GATEWAY,
             Self::ConnectTimeout(_) | Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            Self::ModelUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ModelUnavailable { .. } | Self::ModelAtCapacity(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -92,6 +97,7 @@ impl ProxyError {
             Self::NotFound { .. } => "not_found",
             Self::ModelNotFound(_) => "model_not_found",
             Self::ModelUnavailable { .. } => "model_unavailable",
+            Self::ModelAtCapacity(_) => "model_at_capacity",
             Self::BadRequest(_) => "bad_request",
             Self::Unauthorized(_) => "unauthorized",
             Self::BodyTooLarge { .. } => "request_too_large",
@@ -157,7 +163,12 @@ impl IntoResponse for ProxyError {
             Bytes::from_static(br#"{"error":{"message":"internal error","type":"proxy_error","param":null,"code":"internal"}}"#)
         });
         let mut response = (self.status(), body).into_response();
-        if let Self::ModelUnavailable { retry_after, .. } = &self {
+        let retry_after = match &self {
+            Self::ModelUnavailable { retry_after, .. } => Some(*retry_after),
+            Self::ModelAtCapacity(_) => Some(Duration::from_secs(1)),
+            _ => None,
+        };
+        if let Some(retry_after) = retry_after {
             // Whole seconds, rounded up: a client must not come back too early.
             let seconds = retry_after.as_millis().div_ceil(1000).max(1);
             response

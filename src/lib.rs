@@ -96,7 +96,14 @@ pub fn proxy_state(config: &Config) -> Arc<Proxy> {
         .collect();
     Arc::new(Proxy {
         targets,
-        router: router::ModelRouter::new(&config.models),
+        router: router::ModelRouter::new(
+            &config.models,
+            &config
+                .upstreams
+                .iter()
+                .map(|u| u.max_concurrent)
+                .collect::<Vec<_>>(),
+        ),
         max_body_size: config.limits.max_body_size,
         admin_token: config.admin_token.clone(),
     })

@@ -40,7 +40,7 @@ use crate::access_log::UpstreamInfo;
 use crate::config::Upstream;
 use crate::error::ProxyError;
 use crate::headers;
-use crate::router::{DeploymentState, InFlight, ModelRouter, Route};
+use crate::router::{DeploymentState, InFlight, ModelRouter, Route, Unavailable};
 use crate::stream::{Holding, IdleTimeout};
 use crate::upstream::{self, UpstreamClient};
 
@@ -232,15 +232,22 @@ async fn attempt_chain(
     let mut attempt = 1u32;
     loop {
         let now = crate::router::now_ms();
-        let Some((index, deployment, _probe)) = route.pick_available(tried, now) else {
-            // Every deployment is cooling down: exhausted, so fallbacks get a turn.
-            let error = ProxyError::ModelUnavailable {
-                model: route.name.clone(),
-                retry_after: Duration::from_millis(route.retry_after_ms(now)),
-            };
-            return (Err(error), true);
+        let admitted = match route.pick_available(tried, now) {
+            Ok(admitted) => admitted,
+            // Nowhere to go: exhausted, so fallbacks get a turn.
+            Err(Unavailable::Cooling) => {
+                let error = ProxyError::ModelUnavailable {
+                    model: route.name.clone(),
+                    retry_after: Duration::from_millis(route.retry_after_ms(now)),
+                };
+                return (Err(error), true);
+            }
+            Err(Unavailable::AtCapacity) => {
+                return (Err(ProxyError::ModelAtCapacity(route.name.clone())), true);
+            }
         };
-        let deployment = Arc::clone(deployment);
+        let (index, in_flight, _probe) = (admitted.index, admitted.in_flight, admitted.probe);
+        let deployment = Arc::clone(admitted.deployment);
         tried |= 1u64.checked_shl(index as u32).unwrap_or(0);
         let wanted = route.upstream_model(&deployment, request.model);
         let body = if wanted == request.model {
@@ -256,7 +263,6 @@ async fn attempt_chain(
         *builder.headers_mut() = headers;
         let (attempt_parts, ()) = builder.into_parts();
         *attempts += 1;
-        let in_flight = deployment.start();
         let result = send(
             proxy,
             deployment.upstream,

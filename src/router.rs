@@ -14,6 +14,61 @@ use std::time::Duration;
 
 use crate::config::{Breaker, Model, ModelTimeouts, Retry, Strategy};
 
+/// Requests in flight against a cap: a deployment's, or an upstream's shared
+/// by every deployment on it.
+#[derive(Debug, Default)]
+pub struct Gauge {
+    in_flight: AtomicUsize,
+    cap: Option<usize>,
+}
+
+impl Gauge {
+    /// A gauge with an optional cap.
+    pub fn new(cap: Option<usize>) -> Self {
+        Self {
+            in_flight: AtomicUsize::new(0),
+            cap,
+        }
+    }
+
+    /// Counts one more if under the cap (increment first, so racing callers
+    /// can never overshoot it together).
+    fn try_acquire(&self) -> bool {
+        let before = self.in_flight.fetch_add(1, Ordering::AcqRel);
+        if self.cap.is_some_and(|cap| before >= cap) {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    fn release(&self) {
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Why no deployment could take an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unavailable {
+    /// Every deployment's breaker is open (or its probe is out).
+    Cooling,
+    /// The rest are at their concurrency caps.
+    AtCapacity,
+}
+
+/// A deployment chosen for an attempt, counted in flight until dropped.
+#[derive(Debug)]
+pub struct Admitted<'a> {
+    /// Index of the deployment in its route.
+    pub index: usize,
+    /// The deployment.
+    pub deployment: &'a Arc<DeploymentState>,
+    /// Held while the answer streams.
+    pub in_flight: InFlight,
+    /// The half-open probe, if this attempt is it.
+    pub probe: Option<Probe>,
+}
+
 /// Live state of one deployment.
 #[derive(Debug)]
 pub struct DeploymentState {
@@ -22,7 +77,8 @@ pub struct DeploymentState {
     /// The upstream's model name, when it differs from the requested one.
     pub model: Option<String>,
     weight: u32,
-    in_flight: AtomicUsize,
+    in_flight: Gauge,
+    upstream_load: Arc<Gauge>,
     /// Peak-EWMA of time to response headers, in microseconds (0: no sample yet).
     ewma_us: AtomicU64,
     /// Circuit breaker: failures counted since `window_start_ms`, the time
@@ -83,10 +139,15 @@ pub struct ModelRouter {
 
 impl ModelRouter {
     /// Builds the router; `None` when no models are configured.
-    pub fn new(models: &[Model]) -> Option<Self> {
+    /// `upstream_caps` holds each upstream's `max_concurrent`, by index.
+    pub fn new(models: &[Model], upstream_caps: &[Option<usize>]) -> Option<Self> {
         if models.is_empty() {
             return None;
         }
+        let loads: Vec<Arc<Gauge>> = upstream_caps
+            .iter()
+            .map(|&cap| Arc::new(Gauge::new(cap)))
+            .collect();
         let routes = models
             .iter()
             .map(|model| Route {
@@ -102,7 +163,8 @@ impl ModelRouter {
                             upstream: d.upstream,
                             model: d.model.clone(),
                             weight: d.weight,
-                            in_flight: AtomicUsize::new(0),
+                            in_flight: Gauge::new(d.max_concurrent),
+                            upstream_load: loads.get(d.upstream).cloned().unwrap_or_default(),
                             ewma_us: AtomicU64::new(0),
                             failures: AtomicU32::new(0),
                             window_start_ms: AtomicU64::new(0),
@@ -166,17 +228,14 @@ impl Route {
     }
 
     /// Picks a deployment for an attempt: never one whose breaker is open
-    /// (or half-open with its probe already out), and one not in `tried` (a
-    /// bit per index) while there is one, so a retry goes elsewhere. `None`
-    /// when every deployment is cooling down.
-    pub fn pick_available(
-        &self,
-        tried: u64,
-        now: u64,
-    ) -> Option<(usize, &Arc<DeploymentState>, Option<Probe>)> {
+    /// (or half-open with its probe already out) or that is at a
+    /// concurrency cap, and one not in `tried` (a bit per index) while there
+    /// is one, so a retry goes elsewhere.
+    pub fn pick_available(&self, tried: u64, now: u64) -> Result<Admitted<'_>, Unavailable> {
         let n = self.deployments.len().min(64);
         let all = if n == 64 { u64::MAX } else { (1u64 << n) - 1 };
         let mut blocked = 0u64;
+        let mut full = false;
         for (i, deployment) in self.deployments.iter().take(n).enumerate() {
             if deployment.circuit(now) == Circuit::Open {
                 blocked |= 1 << i;
@@ -184,7 +243,11 @@ impl Route {
         }
         loop {
             if blocked & all == all {
-                return None;
+                return Err(if full {
+                    Unavailable::AtCapacity
+                } else {
+                    Unavailable::Cooling
+                });
             }
             let avoid = if (tried | blocked) & all == all {
                 blocked
@@ -193,15 +256,25 @@ impl Route {
             };
             let index = self.pick_avoiding(avoid, n);
             let deployment = &self.deployments[index];
-            match deployment.circuit(now) {
-                Circuit::Closed => return Some((index, deployment, None)),
-                Circuit::HalfOpen if deployment.take_probe() => {
-                    return Some((index, deployment, Some(Probe(Arc::clone(deployment)))));
-                }
-                _ => {}
-            }
-            // Half-open with its probe already out: not this one.
             blocked |= 1 << index;
+            let probe = match deployment.circuit(now) {
+                Circuit::Closed => None,
+                Circuit::HalfOpen if deployment.take_probe() => Some(Probe(Arc::clone(deployment))),
+                // Half-open with its probe already out.
+                _ => continue,
+            };
+            match deployment.try_start() {
+                Some(in_flight) => {
+                    return Ok(Admitted {
+                        index,
+                        deployment,
+                        in_flight,
+                        probe,
+                    });
+                }
+                // At a cap; a probe taken for it is released on drop.
+                None => full = true,
+            }
         }
     }
 
@@ -243,7 +316,7 @@ impl Route {
                     let start = (random() % n as u64) as usize;
                     (0..n)
                         .map(|i| (start + i) % n)
-                        .min_by_key(|&i| deployments[i].in_flight.load(Ordering::Relaxed))
+                        .min_by_key(|&i| deployments[i].in_flight.in_flight.load(Ordering::Relaxed))
                         .unwrap_or(0)
                 }
                 Strategy::Latency => {
@@ -325,10 +398,17 @@ impl DeploymentState {
         }
     }
 
-    /// Counts a request in flight until the guard is dropped.
-    pub fn start(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(Arc::clone(self))
+    /// Counts a request in flight until the guard is dropped, or `None`
+    /// when the deployment or its upstream is at its concurrency cap.
+    pub fn try_start(self: &Arc<Self>) -> Option<InFlight> {
+        if !self.in_flight.try_acquire() {
+            return None;
+        }
+        if !self.upstream_load.try_acquire() {
+            self.in_flight.release();
+            return None;
+        }
+        Some(InFlight(Arc::clone(self)))
     }
 
     /// Feeds the latency estimate: a slower sample is taken at once (peak),
@@ -351,7 +431,7 @@ impl DeploymentState {
     /// Expected wait: latency times the queue it would join. Unmeasured
     /// deployments cost nothing, so each gets tried.
     fn cost(&self) -> u64 {
-        let in_flight = self.in_flight.load(Ordering::Relaxed) as u64;
+        let in_flight = self.in_flight.in_flight.load(Ordering::Relaxed) as u64;
         self.ewma_us
             .load(Ordering::Relaxed)
             .saturating_mul(in_flight + 1)
@@ -426,7 +506,7 @@ impl ModelRouter {
                                 .open_until_ms
                                 .load(Ordering::Relaxed)
                                 .saturating_sub(now),
-                            in_flight: d.in_flight.load(Ordering::Relaxed),
+                            in_flight: d.in_flight.in_flight.load(Ordering::Relaxed),
                             ewma_ms: (ewma > 0).then(|| ewma as f64 / 1000.0),
                             recent_failures: d.failures.load(Ordering::Relaxed),
                         }
@@ -443,7 +523,8 @@ pub struct InFlight(Arc<DeploymentState>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.in_flight.release();
+        self.0.upstream_load.release();
     }
 }
 
@@ -485,7 +566,7 @@ mod tests {
     };
 
     fn pick(route: &Route, tried: u64) -> usize {
-        route.pick_available(tried, now_ms()).unwrap().0
+        route.pick_available(tried, now_ms()).unwrap().index
     }
 
     #[test]
@@ -510,22 +591,25 @@ mod tests {
         assert_eq!(d.circuit(t), Circuit::Closed);
         d.record_failure(t + 1);
         assert_eq!(d.circuit(t + 1), Circuit::Open);
-        assert!(route.pick_available(0, t + 2).is_none());
+        assert_eq!(
+            route.pick_available(0, t + 2).unwrap_err(),
+            Unavailable::Cooling
+        );
         assert_eq!(route.retry_after_ms(t + 2), 99);
         // Cooldown over: one probe, not two.
-        let probe = route.pick_available(0, t + 200).unwrap().2;
-        assert!(probe.is_some());
-        assert!(route.pick_available(0, t + 200).is_none());
+        let probe = route.pick_available(0, t + 200).unwrap();
+        assert!(probe.probe.is_some());
+        assert!(route.pick_available(0, t + 200).is_err());
         // A failed probe reopens; a successful one closes.
         d.record_failure(t + 201);
         drop(probe);
         assert_eq!(d.circuit(t + 202), Circuit::Open);
-        let probe = route.pick_available(0, t + 400).unwrap().2;
+        let probe = route.pick_available(0, t + 400).unwrap();
         d.record_success();
         drop(probe);
         assert_eq!(d.circuit(t + 401), Circuit::Closed);
-        assert!(route.pick_available(0, t + 401).is_some());
-        assert!(route.pick_available(0, t + 401).is_some());
+        assert!(route.pick_available(0, t + 401).is_ok());
+        assert!(route.pick_available(0, t + 401).is_ok());
     }
 
     #[test]
@@ -535,10 +619,52 @@ mod tests {
         let d = &route.deployments[0];
         d.record_failure(1_000);
         d.record_failure(1_001);
-        let probe = route.pick_available(0, 1_200).unwrap().2;
-        assert!(route.pick_available(0, 1_200).is_none());
+        let probe = route.pick_available(0, 1_200).unwrap();
+        assert!(route.pick_available(0, 1_200).is_err());
         drop(probe);
-        assert!(route.pick_available(0, 1_200).is_some());
+        assert!(route.pick_available(0, 1_200).is_ok());
+    }
+
+    #[test]
+    fn concurrency_caps_send_requests_elsewhere_then_say_so() {
+        let model = Model {
+            name: "m".into(),
+            prefix: None,
+            strategy: Strategy::Weighted,
+            deployments: vec![
+                Deployment {
+                    upstream: 0,
+                    model: None,
+                    weight: 1000,
+                    max_concurrent: Some(1),
+                },
+                Deployment {
+                    upstream: 1,
+                    model: None,
+                    weight: 1,
+                    max_concurrent: None,
+                },
+            ],
+            retry: RETRY,
+            fallbacks: Vec::new(),
+            context_window_fallbacks: Vec::new(),
+            breaker: BREAKER,
+            timeouts: ModelTimeouts::default(),
+        };
+        // Upstream 1 takes two at once.
+        let router = ModelRouter::new(&[model], &[None, Some(2)]).unwrap();
+        let route = router.resolve("m").unwrap();
+        let first = route.pick_available(0, 1).unwrap();
+        assert_eq!(first.index, 0);
+        let second = route.pick_available(0, 1).unwrap();
+        let third = route.pick_available(0, 1).unwrap();
+        assert_eq!((second.index, third.index), (1, 1));
+        assert_eq!(
+            route.pick_available(0, 1).unwrap_err(),
+            Unavailable::AtCapacity
+        );
+        drop(first);
+        assert_eq!(route.pick_available(0, 1).unwrap().index, 0);
     }
 
     #[test]
@@ -562,6 +688,7 @@ mod tests {
                     upstream: i,
                     model: None,
                     weight,
+                    max_concurrent: None,
                 })
                 .collect(),
             retry: RETRY,
@@ -570,7 +697,7 @@ mod tests {
             breaker: BREAKER,
             timeouts: ModelTimeouts::default(),
         };
-        ModelRouter::new(&[model]).unwrap()
+        ModelRouter::new(&[model], &vec![None; weights.len()]).unwrap()
     }
 
     fn counts(router: &ModelRouter, n: usize) -> Vec<usize> {
@@ -600,7 +727,7 @@ mod tests {
     fn least_in_flight_avoids_the_busy_deployment() {
         let router = route(Strategy::LeastInFlight, &[1, 1]);
         let route = router.resolve("m").unwrap();
-        let _busy = route.deployments[0].start();
+        let _busy = route.deployments[0].try_start().unwrap();
         for _ in 0..50 {
             assert_eq!(route.pick().upstream, 1);
         }
@@ -637,6 +764,7 @@ mod tests {
                 upstream,
                 model: None,
                 weight: 1,
+                max_concurrent: None,
             }],
             retry: RETRY,
             fallbacks: Vec::new(),
@@ -644,11 +772,14 @@ mod tests {
             breaker: BREAKER,
             timeouts: ModelTimeouts::default(),
         };
-        let router = ModelRouter::new(&[
-            model("gpt-*", Some("gpt-"), 0),
-            model("gpt-4o-*", Some("gpt-4o-"), 1),
-            model("gpt-4o-mini", None, 2),
-        ])
+        let router = ModelRouter::new(
+            &[
+                model("gpt-*", Some("gpt-"), 0),
+                model("gpt-4o-*", Some("gpt-4o-"), 1),
+                model("gpt-4o-mini", None, 2),
+            ],
+            &[None, None, None],
+        )
         .unwrap();
         let upstream = |m: &str| router.resolve(m).map(|r| r.pick().upstream);
         assert_eq!(upstream("gpt-4o-mini"), Some(2));

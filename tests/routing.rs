@@ -643,3 +643,35 @@ async fn a_total_timeout_ends_a_stream_that_runs_too_long() {
         "{took:?}"
     );
 }
+
+#[tokio::test]
+async fn concurrency_caps_overflow_to_other_deployments_then_answer_503() {
+    let slow =
+        spawn_upstream(|_| Reply::sse(vec![(Duration::from_millis(800), event("slow"))])).await;
+    let spare = named("spare").await;
+    let mut yaml = format!(
+        "upstreams:\n  s:\n    base_url: {}\n    max_concurrent: 1\n  spare:\n    base_url: {}\nmodels:\n",
+        slow.base_url(),
+        spare.base_url()
+    );
+    yaml.push_str(
+        "  capped:\n    retry:\n      attempts: 1\n    deployments:\n      - upstream: s\n",
+    );
+    yaml.push_str("  overflow:\n    deployments:\n      - upstream: s\n        weight: 1000\n      - upstream: spare\n        max_concurrent: 5\n");
+    let proxy = spawn_proxy_with(llmproxy::config::parse(&yaml, "test").unwrap()).await;
+    let url = proxy.url("/v1/chat/completions");
+    let held = tokio::spawn(async move { post(&url, r#"{"model":"capped"}"#).await });
+    while slow.requests().is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The upstream's one slot is taken, whichever model asks.
+    let got = chat(&proxy, "capped").await;
+    assert_eq!(got.status, 503);
+    assert_eq!(got.json()["error"]["code"], "model_at_capacity");
+    assert_eq!(got.header("retry-after"), Some("1"));
+    assert_eq!(chat(&proxy, "overflow").await.json()["served_by"], "spare");
+    assert_eq!(slow.requests().len(), 1);
+    held.await.unwrap();
+    // Once the stream is over the slot is free again.
+    assert_eq!(chat(&proxy, "capped").await.status, 200);
+}
