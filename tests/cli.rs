@@ -376,3 +376,35 @@ async fn every_example_config_passes_check_config() {
     }
     assert!(checked >= 4, "only {checked} examples checked");
 }
+
+#[tokio::test]
+async fn routed_requests_log_their_upstream_and_attempts() {
+    let failing = spawn_upstream(|_| Reply::json(503, r#"{"error":{"message":"busy"}}"#)).await;
+    let working = spawn_upstream(|_| Reply::json(200, r#"{"ok":true}"#)).await;
+    let config = temp_config(
+        "routed",
+        &format!(
+            "upstreams:\n  first:\n    base_url: {}\n  second:\n    base_url: {}\nmodels:\n  m:\n    strategy: round_robin\n    retry:\n      backoff: 1ms\n    deployments:\n      - upstream: first\n      - upstream: second\n",
+            failing.base_url(),
+            working.base_url()
+        ),
+    );
+    let mut bin = Bin::start(
+        &["--config", config.to_str().unwrap(), "--log-format", "json"],
+        &[],
+    )
+    .await;
+    let got = post(&bin.url("/v1/chat/completions"), r#"{"model":"m"}"#).await;
+    assert_eq!(got.status, 200);
+    bin.terminate();
+    bin.wait_exit(Duration::from_secs(10)).await;
+    let logs = bin.logs();
+    let line = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["target"] == "llmproxy::access")
+        .unwrap_or_else(|| panic!("no access line in {logs}"));
+    assert_eq!(line["upstream"], "second");
+    assert_eq!(line["attempts"], 2);
+    assert_eq!(line["status"], 200);
+}
