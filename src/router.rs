@@ -627,30 +627,7 @@ mod tests {
 
     #[test]
     fn concurrency_caps_send_requests_elsewhere_then_say_so() {
-        let model = Model {
-            name: "m".into(),
-            prefix: None,
-            strategy: Strategy::Weighted,
-            deployments: vec![
-                Deployment {
-                    upstream: 0,
-                    model: None,
-                    weight: 1000,
-                    max_concurrent: Some(1),
-                },
-                Deployment {
-                    upstream: 1,
-                    model: None,
-                    weight: 1,
-                    max_concurrent: None,
-                },
-            ],
-            retry: RETRY,
-            fallbacks: Vec::new(),
-            context_window_fallbacks: Vec::new(),
-            breaker: BREAKER,
-            timeouts: ModelTimeouts::default(),
-        };
+        let model = model("m", Strategy::Weighted, &[(1000, Some(1)), (1, None)]);
         // Upstream 1 takes two at once.
         let router = ModelRouter::new(&[model], &[None, Some(2)]).unwrap();
         let route = router.resolve("m").unwrap();
@@ -676,19 +653,21 @@ mod tests {
         assert_eq!(d.circuit(6_001), Circuit::Closed);
     }
 
-    fn route(strategy: Strategy, weights: &[u32]) -> ModelRouter {
-        let model = Model {
-            name: "m".into(),
-            prefix: None,
+    /// A model `name` served by deployments on upstreams 0, 1, … with these
+    /// weights and caps.
+    fn model(name: &str, strategy: Strategy, deployments: &[(u32, Option<usize>)]) -> Model {
+        Model {
+            name: name.into(),
+            prefix: name.strip_suffix('*').map(Into::into),
             strategy,
-            deployments: weights
+            deployments: deployments
                 .iter()
                 .enumerate()
-                .map(|(i, &weight)| Deployment {
-                    upstream: i,
+                .map(|(upstream, &(weight, max_concurrent))| Deployment {
+                    upstream,
                     model: None,
                     weight,
-                    max_concurrent: None,
+                    max_concurrent,
                 })
                 .collect(),
             retry: RETRY,
@@ -696,8 +675,16 @@ mod tests {
             context_window_fallbacks: Vec::new(),
             breaker: BREAKER,
             timeouts: ModelTimeouts::default(),
-        };
-        ModelRouter::new(&[model], &vec![None; weights.len()]).unwrap()
+        }
+    }
+
+    fn route(strategy: Strategy, weights: &[u32]) -> ModelRouter {
+        let deployments: Vec<(u32, Option<usize>)> = weights.iter().map(|&w| (w, None)).collect();
+        ModelRouter::new(
+            &[model("m", strategy, &deployments)],
+            &vec![None; weights.len()],
+        )
+        .unwrap()
     }
 
     fn counts(router: &ModelRouter, n: usize) -> Vec<usize> {
@@ -756,35 +743,17 @@ mod tests {
 
     #[test]
     fn exact_names_win_over_prefixes_and_the_longest_prefix_wins() {
-        let model = |name: &str, prefix: Option<&str>, upstream| Model {
-            name: name.into(),
-            prefix: prefix.map(Into::into),
-            strategy: Strategy::Weighted,
-            deployments: vec![Deployment {
-                upstream,
-                model: None,
-                weight: 1,
-                max_concurrent: None,
-            }],
-            retry: RETRY,
-            fallbacks: Vec::new(),
-            context_window_fallbacks: Vec::new(),
-            breaker: BREAKER,
-            timeouts: ModelTimeouts::default(),
-        };
-        let router = ModelRouter::new(
-            &[
-                model("gpt-*", Some("gpt-"), 0),
-                model("gpt-4o-*", Some("gpt-4o-"), 1),
-                model("gpt-4o-mini", None, 2),
-            ],
-            &[None, None, None],
-        )
-        .unwrap();
-        let upstream = |m: &str| router.resolve(m).map(|r| r.pick().upstream);
-        assert_eq!(upstream("gpt-4o-mini"), Some(2));
-        assert_eq!(upstream("gpt-4o-2024"), Some(1));
-        assert_eq!(upstream("gpt-3.5-turbo"), Some(0));
+        // Each route's one deployment is on upstream 0; tell them apart by weight.
+        let routes = [
+            model("gpt-*", Strategy::Weighted, &[(1, None)]),
+            model("gpt-4o-*", Strategy::Weighted, &[(2, None)]),
+            model("gpt-4o-mini", Strategy::Weighted, &[(3, None)]),
+        ];
+        let router = ModelRouter::new(&routes, &[None]).unwrap();
+        let upstream = |m: &str| router.resolve(m).map(|r| r.pick().weight);
+        assert_eq!(upstream("gpt-4o-mini"), Some(3));
+        assert_eq!(upstream("gpt-4o-2024"), Some(2));
+        assert_eq!(upstream("gpt-3.5-turbo"), Some(1));
         assert_eq!(upstream("claude"), None);
         assert_eq!(router.listed().collect::<Vec<_>>(), ["gpt-4o-mini"]);
     }

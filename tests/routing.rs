@@ -393,32 +393,14 @@ async fn a_client_that_leaves_during_backoff_stops_the_attempt_chain() {
 
 #[tokio::test]
 async fn a_stream_that_fails_after_its_first_bytes_is_never_retried() {
-    let a = spawn_upstream(|_| {
-        let mut reply = Reply::sse(vec![(Duration::ZERO, event("partial"))]);
-        reply.end = End::Abort;
-        reply
-    })
-    .await;
+    let a = spawn_dying_upstream().await;
     let b = named("b").await;
     let models = pair("    strategy: round_robin\n    retry:\n      backoff: 1ms\n");
     let proxy = spawn_proxy_with(routed(&models, &[("a", &a), ("b", &b)])).await;
-    let response = client()
-        .request(
-            http::Request::post(proxy.url("/v1/chat/completions"))
-                .header("content-type", "application/json")
-                .body(http_body_util::Full::new(bytes::Bytes::from_static(
-                    br#"{"model":"m","stream":true}"#,
-                )))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    use http_body_util::BodyExt;
-    assert!(
-        response.into_body().collect().await.is_err(),
-        "the failure must show"
-    );
+    let url = proxy.url("/v1/chat/completions");
+    let (status, aborted) = post_expecting_abort(&url, r#"{"model":"m","stream":true}"#).await;
+    assert_eq!(status, 200);
+    assert!(aborted, "the failure must show");
     assert!(
         b.requests().is_empty(),
         "a started stream was retried elsewhere"

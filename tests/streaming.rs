@@ -217,26 +217,11 @@ async fn upstream_dying_mid_stream_never_looks_complete_downstream() {
 
 #[tokio::test]
 async fn a_real_client_sees_an_error_when_the_upstream_dies() {
-    let upstream = spawn_upstream(|_| {
-        let mut reply = Reply::sse(vec![(Duration::ZERO, event("partial"))]);
-        reply.end = End::Abort;
-        reply
-    })
-    .await;
+    let upstream = spawn_dying_upstream().await;
     let proxy = spawn_proxy(&upstream).await;
-    let response = client()
-        .request(
-            Request::post(proxy.url("/v1/chat/completions"))
-                .body(Full::default())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    assert!(
-        response.into_body().collect().await.is_err(),
-        "body must fail, not end cleanly"
-    );
+    let (status, aborted) = post_expecting_abort(&proxy.url("/v1/chat/completions"), "{}").await;
+    assert_eq!(status, 200);
+    assert!(aborted, "body must fail, not end cleanly");
 }
 
 #[tokio::test]

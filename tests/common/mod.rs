@@ -204,6 +204,32 @@ impl Upstream {
     }
 }
 
+/// An upstream that sends one SSE event, then dies mid-stream.
+pub async fn spawn_dying_upstream() -> Upstream {
+    spawn_upstream(|_| {
+        let mut reply = Reply::sse(vec![(Duration::ZERO, event("partial"))]);
+        reply.end = End::Abort;
+        reply
+    })
+    .await
+}
+
+/// POSTs `body` as JSON and reads the answer: its status, and whether the
+/// body failed (ended abnormally) instead of ending cleanly.
+pub async fn post_expecting_abort(url: &str, body: &'static str) -> (StatusCode, bool) {
+    let response = client()
+        .request(
+            Request::post(url)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from_static(body.as_bytes())))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = response.status();
+    (status, response.into_body().collect().await.is_err())
+}
+
 /// Starts a scripted upstream; `handler` picks the reply for each request.
 pub async fn spawn_upstream(
     handler: impl Fn(&Recorded) -> Reply + Send + Sync + 'static,
