@@ -152,7 +152,6 @@ async fn route(
         return result;
     }
     // A request too long for the model's context goes to a bigger one.
-    let mut result = result;
     for fallback in primary
         .context_window_fallbacks
         .iter()
