@@ -250,24 +250,35 @@ async fn json_access_log_has_one_line_per_request_with_every_field() {
     assert!(line["upstream_us"].as_u64() <= line["latency_us"].as_u64());
 }
 
-#[tokio::test]
-async fn sigterm_stops_accepting_lets_streams_finish_and_exits_zero() {
-    let upstream = spawn_upstream(|_| {
+/// An upstream streaming `chunks` events 100 ms apart.
+async fn slow_stream_upstream(chunks: usize) -> Upstream {
+    spawn_upstream(move |_| {
         Reply::sse(
-            (0..10)
-                .map(|i| (std::time::Duration::from_millis(100), event(&i.to_string())))
+            (0..chunks)
+                .map(|i| (Duration::from_millis(100), event(&i.to_string())))
                 .collect(),
         )
     })
-    .await;
-    let mut bin = Bin::start(&["--upstream", &upstream.base_url()], &[]).await;
-    let mut stream = tokio::net::TcpStream::connect(bin.addr).await.unwrap();
+    .await
+}
+
+/// Starts a streamed request on a raw connection and waits for its first bytes.
+async fn open_stream(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream
         .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
         .await
         .unwrap();
     let mut first = vec![0u8; 512];
     let _ = stream.read(&mut first).await.unwrap();
+    stream
+}
+
+#[tokio::test]
+async fn sigterm_stops_accepting_lets_streams_finish_and_exits_zero() {
+    let upstream = slow_stream_upstream(10).await;
+    let mut bin = Bin::start(&["--upstream", &upstream.base_url()], &[]).await;
+    let mut stream = open_stream(bin.addr).await;
     bin.terminate();
 
     // New connections are refused soon after the signal...
@@ -292,14 +303,7 @@ async fn sigterm_stops_accepting_lets_streams_finish_and_exits_zero() {
 
 #[tokio::test]
 async fn shutdown_deadline_cuts_streams_that_run_too_long() {
-    let upstream = spawn_upstream(|_| {
-        Reply::sse(
-            (0..100)
-                .map(|i| (std::time::Duration::from_millis(100), event(&i.to_string())))
-                .collect(),
-        )
-    })
-    .await;
+    let upstream = slow_stream_upstream(100).await;
     let config = temp_config(
         "deadline",
         &format!(
@@ -308,13 +312,7 @@ async fn shutdown_deadline_cuts_streams_that_run_too_long() {
         ),
     );
     let mut bin = Bin::start(&["--config", config.to_str().unwrap()], &[]).await;
-    let mut stream = tokio::net::TcpStream::connect(bin.addr).await.unwrap();
-    stream
-        .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
-        .await
-        .unwrap();
-    let mut first = vec![0u8; 512];
-    let _ = stream.read(&mut first).await.unwrap();
+    let mut stream = open_stream(bin.addr).await;
     let start = Instant::now();
     bin.terminate();
     assert!(bin.wait_exit(Duration::from_secs(5)).await.success());
