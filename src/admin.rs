@@ -1,8 +1,10 @@
 //! `GET /admin/status`: each deployment's health, load and latency, for
 //! operators. Guarded by `admin.token` (a bearer token compared in constant
-//! time); without a configured token the path does not exist (404).
+//! time); without a configured token the path does not exist (404). Wrong
+//! tokens are throttled ([`Guard`]).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::extract::State;
 use axum::http::{HeaderMap, header};
@@ -11,6 +13,48 @@ use serde_json::json;
 
 use crate::error::ProxyError;
 use crate::proxy::Proxy;
+
+/// Wrong tokens accepted per second, from all clients together.
+const WRONG_TOKENS_PER_SECOND: u64 = 10;
+
+/// Throttles token guessing: after [`WRONG_TOKENS_PER_SECOND`] wrong tokens
+/// within one second, every admin request is answered 429 until the second
+/// is over — the right token too, or the throttle would not slow a guesser.
+/// Counted for all clients together (no per-address table to grow): the
+/// worst an attacker can do is keep the operator's status page at 429.
+#[derive(Debug, Default)]
+pub struct Guard {
+    /// The current second (since the process's clock origin) in the high
+    /// 32 bits, wrong tokens in it in the low 32: one atomic, no lock.
+    state: AtomicU64,
+}
+
+impl Guard {
+    fn now_second() -> u64 {
+        crate::router::now_ms() / 1000
+    }
+
+    /// Whether requests are refused for the rest of this second.
+    fn throttled(&self) -> bool {
+        let state = self.state.load(Ordering::Relaxed);
+        state >> 32 == Self::now_second() & 0xffff_ffff
+            && state & 0xffff_ffff >= WRONG_TOKENS_PER_SECOND
+    }
+
+    /// Counts one wrong token.
+    fn wrong_token(&self) {
+        let second = Self::now_second() & 0xffff_ffff;
+        let _ = self
+            .state
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |state| {
+                Some(if state >> 32 == second {
+                    state.saturating_add(1)
+                } else {
+                    second << 32 | 1
+                })
+            });
+    }
+}
 
 /// The status handler.
 pub async fn status(State(proxy): State<Arc<Proxy>>, headers: HeaderMap) -> Response {
@@ -21,10 +65,15 @@ pub async fn status(State(proxy): State<Arc<Proxy>>, headers: HeaderMap) -> Resp
         }
         .into_response();
     };
+    if proxy.admin_guard.throttled() {
+        return ProxyError::Throttled("too many wrong admin tokens; retry in a second".into())
+            .into_response();
+    }
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
     if !presented.is_some_and(|p| token.matches(p)) {
+        proxy.admin_guard.wrong_token();
         return ProxyError::Unauthorized(
             "the admin endpoint needs `Authorization: Bearer <admin.token>`".into(),
         )

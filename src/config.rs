@@ -40,6 +40,12 @@ impl<F: Fn(&str) -> Option<String>> Lookup for F {
 }
 
 /// A configuration problem, always naming where it is (file or flag) and which field.
+///
+/// Messages never show a value: they name the field and say what is wrong.
+/// As a second line of defence, every error leaving [`resolve`] or
+/// [`from_flags`] is scrubbed of every value read from the environment and
+/// every header value ([`Secrets`]), so even a message written carelessly
+/// cannot print a key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
@@ -60,6 +66,65 @@ pub enum ConfigError {
         /// What is wrong with it.
         message: String,
     },
+}
+
+impl ConfigError {
+    /// This error with every known secret replaced by `*****`.
+    fn scrubbed(self, secrets: &Secrets) -> Self {
+        match self {
+            Self::Invalid {
+                origin,
+                field,
+                message,
+            } => Self::Invalid {
+                origin,
+                field: secrets.scrub(field),
+                message: secrets.scrub(message),
+            },
+            read @ Self::Read { .. } => read,
+        }
+    }
+}
+
+/// Values that must never appear in an error: what `${VAR}` resolved to,
+/// and header values as written. Values shorter than four characters are
+/// not scrubbed (they would garble messages, and are no keys).
+#[derive(Default)]
+pub struct Secrets(std::cell::RefCell<Vec<String>>);
+
+impl Secrets {
+    fn add(&self, value: &str) {
+        let value = value.trim();
+        if value.len() >= 4 {
+            self.0.borrow_mut().push(value.to_owned());
+        }
+    }
+
+    fn scrub(&self, mut text: String) -> String {
+        // Longest first, so a secret containing another is replaced whole.
+        let mut secrets = self.0.borrow().clone();
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        for secret in &secrets {
+            if text.contains(secret.as_str()) {
+                text = text.replace(secret.as_str(), "*****");
+            }
+        }
+        text
+    }
+}
+
+/// A [`Lookup`] that remembers every value it hands out, for scrubbing.
+struct Recording<'a> {
+    env: &'a dyn Lookup,
+    secrets: &'a Secrets,
+}
+
+impl Lookup for Recording<'_> {
+    fn get(&self, name: &str) -> Option<String> {
+        let value = self.env.get(name)?;
+        self.secrets.add(&value);
+        Some(value)
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -178,9 +243,21 @@ pub struct LimitsFile {
     pub max_body_size: ByteSize,
     /// Connections served at once; further ones wait in the listen backlog.
     pub max_connections: usize,
-    /// Time a client has to send its request headers (slowloris guard).
+    /// Requests in flight at once over all connections (each may hold an
+    /// upstream socket); over it, 503. Defaults to `max_connections`.
+    pub max_in_flight: Option<usize>,
+    /// Concurrent streams one HTTP/2 connection may open.
+    pub max_streams_per_connection: u32,
+    /// Request body bytes held in memory at once over every request (routing
+    /// reads JSON bodies whole to find `model`); over it, 503.
+    pub max_buffered_bytes: ByteSize,
+    /// Time a client has to send its request headers (slowloris guard), and
+    /// to start its first request after connecting.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// Time a client has to send its whole request body; over it, 408.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
 }
 
 impl Default for LimitsFile {
@@ -188,7 +265,11 @@ impl Default for LimitsFile {
         Self {
             max_body_size: ByteSize(32 * 1024 * 1024),
             max_connections: 10_000,
+            max_in_flight: None,
+            max_streams_per_connection: 100,
+            max_buffered_bytes: ByteSize(512 * 1024 * 1024),
             header_read_timeout: Duration::from_secs(30),
+            body_read_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -244,7 +325,7 @@ impl ByteSize {
         let (digits, unit) = text.split_at(split);
         let number: u64 = digits
             .parse()
-            .map_err(|_| format!("`{text}` is not a size (e.g. 1048576, 512KiB, 32MiB)"))?;
+            .map_err(|_| "is not a size (e.g. 1048576, 512KiB, 32MiB)".to_owned())?;
         let factor: u64 = match unit.trim() {
             "" | "B" => 1,
             "KB" => 1000,
@@ -253,16 +334,14 @@ impl ByteSize {
             "MiB" => 1 << 20,
             "GB" => 1000 * 1000 * 1000,
             "GiB" => 1 << 30,
-            other => {
-                return Err(format!(
-                    "unknown size unit `{other}` (use B, KB, KiB, MB, MiB, GB or GiB)"
-                ));
+            _ => {
+                return Err("unknown size unit (use B, KB, KiB, MB, MiB, GB or GiB)".to_owned());
             }
         };
         number
             .checked_mul(factor)
             .map(ByteSize)
-            .ok_or_else(|| format!("`{text}` is too large"))
+            .ok_or_else(|| "is too large".to_owned())
     }
 }
 
@@ -307,9 +386,11 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Ordered<T> {
                 self,
                 mut map: A,
             ) -> Result<Ordered<T>, A::Error> {
-                let mut list: Vec<(String, T)> = Vec::with_capacity(map.size_hint().unwrap_or(0));
+                let mut list: Vec<(String, T)> = Vec::new();
+                // A set beside the list: a linear check, even for 50,000 models.
+                let mut seen = std::collections::HashSet::new();
                 while let Some((key, value)) = map.next_entry::<String, T>()? {
-                    if list.iter().any(|(k, _)| *k == key) {
+                    if !seen.insert(key.clone()) {
                         return Err(serde::de::Error::custom(format!("`{key}` is given twice")));
                     }
                     list.push((key, value));
@@ -611,8 +692,16 @@ pub struct Limits {
     pub max_body_size: u64,
     /// Connections served at once.
     pub max_connections: usize,
-    /// Time to receive request headers.
+    /// Requests in flight at once.
+    pub max_in_flight: usize,
+    /// Concurrent streams per HTTP/2 connection.
+    pub max_streams_per_connection: u32,
+    /// Request body bytes buffered at once, over every request.
+    pub max_buffered_bytes: u64,
+    /// Time to receive request headers (and the first request).
     pub header_read_timeout: Duration,
+    /// Time to receive a whole request body.
+    pub body_read_timeout: Duration,
 }
 
 /// An upstream base URL, split once so joining a request path is one allocation.
@@ -626,35 +715,43 @@ pub struct BaseUrl {
 
 impl BaseUrl {
     /// Parses and checks a base URL: http(s), a host, no credentials, no query.
+    ///
+    /// Messages never repeat the URL: it may have come from a `${VAR}` that
+    /// holds a key, or carry one in its query.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let uri: Uri = text
-            .parse()
-            .map_err(|e| format!("`{text}` is not a valid URL: {e}"))?;
+        const EXAMPLE: &str =
+            "write it as http(s)://HOST[:PORT]/PATH, e.g. https://api.openai.com/v1";
+        let uri: Uri = text.trim().parse().map_err(|_| {
+            if text.trim().contains("://") {
+                format!("is not a valid URL; {EXAMPLE}")
+            } else {
+                format!("is not a URL with a scheme; {EXAMPLE}")
+            }
+        })?;
         let scheme = uri
             .scheme()
             .cloned()
-            .ok_or_else(|| format!("`{text}` has no scheme (use http:// or https://)"))?;
+            .ok_or_else(|| format!("has no scheme (http:// or https://); {EXAMPLE}"))?;
         if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
-            return Err(format!(
-                "`{text}` has scheme `{scheme}`; only http and https are supported"
-            ));
+            return Err(format!("has a scheme other than http or https; {EXAMPLE}"));
         }
         let authority = uri
             .authority()
             .cloned()
-            .ok_or_else(|| format!("`{text}` has no host"))?;
+            .ok_or_else(|| format!("has no host; {EXAMPLE}"))?;
         if authority.as_str().contains('@') {
             return Err(
-                "credentials in the URL are not supported; put them in default_headers".into(),
+                "has credentials in it, which are not supported; put them in default_headers"
+                    .into(),
             );
         }
         if authority.host().is_empty() {
-            return Err(format!("`{text}` has no host"));
+            return Err(format!("has no host; {EXAMPLE}"));
         }
         if uri.query().is_some() {
-            return Err(format!(
-                "`{text}` has a query string, which is not supported"
-            ));
+            return Err(
+                "has a query string, which is not supported; put keys in default_headers".into(),
+            );
         }
         Ok(Self {
             scheme,
@@ -698,19 +795,38 @@ impl BaseUrl {
     }
 }
 
+/// Largest config file read: far above any real one (50,000 models fit in
+/// a few MiB), small enough that a wrong path cannot exhaust memory.
+const MAX_FILE_SIZE: u64 = 16 * 1024 * 1024;
+
+/// Deepest `[`/`{` nesting accepted. No llmproxy field nests more than a few
+/// levels; a pathological file must fail fast rather than keep the YAML
+/// parser busy for minutes.
+const MAX_FLOW_DEPTH: usize = 32;
+
 /// Reads, parses and validates a config file.
 pub fn load(path: &Path, env: &dyn Lookup) -> Result<Config, ConfigError> {
     let origin = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let read_error = |source| ConfigError::Read {
         path: origin.clone(),
         source,
-    })?;
+    };
+    let size = std::fs::metadata(path).map_err(read_error)?.len();
+    if size > MAX_FILE_SIZE {
+        return Err(invalid(
+            &origin,
+            "(file)",
+            format!("is {size} bytes; config files are limited to {MAX_FILE_SIZE} bytes"),
+        ));
+    }
+    let text = std::fs::read_to_string(path).map_err(read_error)?;
     let file = parse(&text, &origin)?;
     resolve(file, &origin, env)
 }
 
 /// Parses YAML text into the file structs, naming the field path on error.
 pub fn parse(text: &str, origin: &str) -> Result<FileConfig, ConfigError> {
+    check_nesting(text, origin)?;
     let deserializer = serde_yaml_ng::Deserializer::from_str(text);
     serde_path_to_error::deserialize(deserializer).map_err(|err| {
         let path = err.path().to_string();
@@ -726,8 +842,89 @@ pub fn parse(text: &str, origin: &str) -> Result<FileConfig, ConfigError> {
         {
             message = rest.to_owned();
         }
-        invalid(origin, &field, message)
+        invalid(origin, &field, without_values(&message))
     })
+}
+
+/// Refuses flow collections (`[`, `{`) nested deeper than [`MAX_FLOW_DEPTH`],
+/// in one linear pass that skips quoted strings and comments.
+fn check_nesting(text: &str, origin: &str) -> Result<(), ConfigError> {
+    let mut depth = 0usize;
+    let mut line = 1usize;
+    let mut quote: Option<u8> = None;
+    let mut comment = false;
+    let mut previous = b'\n';
+    for &byte in text.as_bytes() {
+        if byte == b'\n' {
+            line += 1;
+            comment = false;
+            // A plain scalar's quote cannot span lines; a quoted one can, but
+            // resetting here only makes the count stricter, never laxer.
+            quote = None;
+        } else if comment {
+        } else if let Some(open) = quote {
+            if byte == open {
+                quote = None;
+            }
+        } else {
+            match byte {
+                b'"' | b'\''
+                    if matches!(previous, b' ' | b'\t' | b'[' | b'{' | b',' | b':' | b'\n') =>
+                {
+                    quote = Some(byte);
+                }
+                b'#' if matches!(previous, b' ' | b'\t' | b'\n') => comment = true,
+                b'[' | b'{' => {
+                    depth += 1;
+                    if depth > MAX_FLOW_DEPTH {
+                        return Err(invalid(
+                            origin,
+                            "(file)",
+                            format!(
+                                "`[`/`{{` nested deeper than {MAX_FLOW_DEPTH} levels at line {line}"
+                            ),
+                        ));
+                    }
+                }
+                b']' | b'}' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+        previous = byte;
+    }
+    Ok(())
+}
+
+/// A YAML/serde message with the values it quotes taken out.
+///
+/// serde writes the offending value into its messages (`invalid type: string
+/// "Authorization Bearer sk-…", expected a mapping`), and a value in a config
+/// file may be a key. Field names (`unknown field `x``) and what was expected
+/// (`expected one of `text`, `json``) are kept: they come from llmproxy.
+pub fn without_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find(['"', '`']) {
+        let (before, from) = rest.split_at(at);
+        let mark = from.as_bytes()[0] as char;
+        let Some(end) = from[1..].find(mark) else {
+            break;
+        };
+        let quoted = &from[..end + 2];
+        let keep = mark == '`'
+            && (before.ends_with("field ")
+                || out.contains("expected")
+                || before.contains("expected"));
+        if keep {
+            out.push_str(before);
+            out.push_str(quoted);
+        } else {
+            out.push_str(before.strip_suffix(' ').unwrap_or(before));
+        }
+        rest = &from[end + 2..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The quick-start configuration: `--upstream URL` and `--header 'Name: value'` flags.
@@ -738,12 +935,16 @@ pub fn from_flags(
 ) -> Result<Config, ConfigError> {
     let origin = "command line";
     let mut default_headers = Vec::with_capacity(headers.len());
-    for flag in headers {
+    for (i, flag) in headers.iter().enumerate() {
+        // Never shown: a malformed flag is most likely a key typed without its name.
         let Some((name, value)) = flag.split_once(':') else {
             return Err(invalid(
                 origin,
                 "--header",
-                format!("`{}` is not `Name: value`", redact_flag(flag)),
+                format!(
+                    "header flag #{} is not `Name: value` (e.g. -H 'Authorization: Bearer ${{OPENAI_API_KEY}}')",
+                    i + 1
+                ),
             ));
         };
         default_headers.push((name.trim().to_owned(), value.trim().to_owned()));
@@ -763,16 +964,15 @@ pub fn from_flags(
         shutdown_timeout: default_shutdown_timeout(),
         log: LogFile::default(),
     };
-    resolve(file, origin, env)
-}
-
-/// Shows a malformed `--header` flag without what may be a secret after a space.
-fn redact_flag(flag: &str) -> String {
-    match flag.split_once(char::is_whitespace) {
-        Some((name, _)) => format!("{name} *****"),
-        None if flag.len() > 40 => format!("{}…", &flag[..flag.floor_char_boundary(12)]),
-        None => flag.to_owned(),
-    }
+    resolve(file, origin, env).map_err(|err| {
+        // The URL typed on the command line may carry a key in its query.
+        let secrets = Secrets::default();
+        secrets.add(upstream);
+        if let Some((_, query)) = upstream.split_once('?') {
+            secrets.add(query);
+        }
+        err.scrubbed(&secrets)
+    })
 }
 
 fn invalid(origin: &str, field: &str, message: impl Into<String>) -> ConfigError {
@@ -785,6 +985,56 @@ fn invalid(origin: &str, field: &str, message: impl Into<String>) -> ConfigError
 
 /// Validates the file structs and builds the runtime configuration.
 pub fn resolve(file: FileConfig, origin: &str, env: &dyn Lookup) -> Result<Config, ConfigError> {
+    let secrets = Secrets::default();
+    for upstream in std::iter::once(&file.upstream).chain(file.upstreams.0.iter().map(|(_, u)| u)) {
+        for (_, value) in &upstream.default_headers.0 {
+            secrets.add(value);
+        }
+    }
+    let env = Recording {
+        env,
+        secrets: &secrets,
+    };
+    resolve_recorded(file, origin, &env).map_err(|err| err.scrubbed(&secrets))
+}
+
+/// The longest each duration may be: generous for any real deployment, and
+/// far from where adding it to a clock could overflow.
+mod max {
+    use std::time::Duration;
+    pub const HOUR: Duration = Duration::from_secs(60 * 60);
+    pub const DAY: Duration = Duration::from_secs(24 * 60 * 60);
+    pub const WEEK: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+}
+
+/// Checks that a duration is within `(0, max]`, naming the field.
+fn duration(
+    origin: &str,
+    field: &str,
+    value: Duration,
+    max: Duration,
+) -> Result<Duration, ConfigError> {
+    if value.is_zero() {
+        return Err(invalid(origin, field, "must be greater than zero"));
+    }
+    if value > max {
+        return Err(invalid(
+            origin,
+            field,
+            format!(
+                "is longer than the maximum of {}",
+                humantime_serde::re::humantime::format_duration(max)
+            ),
+        ));
+    }
+    Ok(value)
+}
+
+fn resolve_recorded(
+    file: FileConfig,
+    origin: &str,
+    env: &dyn Lookup,
+) -> Result<Config, ConfigError> {
     let FileConfig {
         listen,
         upstream,
@@ -833,11 +1083,38 @@ pub fn resolve(file: FileConfig, origin: &str, env: &dyn Lookup) -> Result<Confi
         ));
     }
 
-    if limits.header_read_timeout.is_zero() {
+    duration(
+        origin,
+        "limits.header_read_timeout",
+        limits.header_read_timeout,
+        max::HOUR,
+    )?;
+    duration(
+        origin,
+        "limits.body_read_timeout",
+        limits.body_read_timeout,
+        max::DAY,
+    )?;
+    duration(origin, "shutdown_timeout", shutdown_timeout, max::DAY)?;
+    if limits.max_streams_per_connection == 0 {
         return Err(invalid(
             origin,
-            "limits.header_read_timeout",
+            "limits.max_streams_per_connection",
             "must be greater than zero",
+        ));
+    }
+    if limits.max_in_flight == Some(0) {
+        return Err(invalid(
+            origin,
+            "limits.max_in_flight",
+            "must be greater than zero",
+        ));
+    }
+    if limits.max_buffered_bytes.0 < limits.max_body_size.0 {
+        return Err(invalid(
+            origin,
+            "limits.max_buffered_bytes",
+            "must be at least limits.max_body_size (one largest body must fit)",
         ));
     }
     if limits.max_body_size.0 == 0 {
@@ -858,7 +1135,7 @@ pub fn resolve(file: FileConfig, origin: &str, env: &dyn Lookup) -> Result<Confi
         return Err(invalid(
             origin,
             "log.level",
-            format!("`{}`: {e}", log.level),
+            format!("is not a log filter: {e}"),
         ));
     }
 
@@ -884,7 +1161,11 @@ pub fn resolve(file: FileConfig, origin: &str, env: &dyn Lookup) -> Result<Confi
         limits: Limits {
             max_body_size: limits.max_body_size.0,
             max_connections: limits.max_connections,
+            max_in_flight: limits.max_in_flight.unwrap_or(limits.max_connections),
+            max_streams_per_connection: limits.max_streams_per_connection,
+            max_buffered_bytes: limits.max_buffered_bytes.0,
             header_read_timeout: limits.header_read_timeout,
+            body_read_timeout: limits.body_read_timeout,
         },
         shutdown_timeout,
         log_format: log.format,
@@ -923,15 +1204,19 @@ fn resolve_upstream(
         let header_name = HeaderName::from_bytes(header.as_bytes()).map_err(|_| {
             invalid(
                 origin,
-                &header_field,
-                format!("`{header}` is not a valid header name"),
+                &format!("{field}.default_headers"),
+                format!(
+                    "entry #{} does not have a valid header name (letters, digits, `-`)",
+                    headers.len() + 1
+                ),
             )
         })?;
-        if crate::headers::is_hop_by_hop(&header_name) || header_name == http::header::HOST {
+        if !crate::headers::may_be_default(&header_name) {
             return Err(invalid(
                 origin,
                 &header_field,
-                "is a per-connection header and cannot be set for the upstream",
+                "describes the connection or the message framing (hop-by-hop, Host, \
+                 Content-Length, Expect) and cannot be set for the upstream",
             ));
         }
         if headers.iter().any(|(n, _)| *n == header_name) {
@@ -954,18 +1239,18 @@ fn resolve_upstream(
     }
 
     let timeouts = upstream.timeouts;
-    for (name, value) in [
-        ("connect", timeouts.connect),
-        ("response_headers", timeouts.response_headers),
-        ("idle", timeouts.idle),
-        ("total", timeouts.total.unwrap_or(Duration::MAX)),
+    for (name, value, longest) in [
+        ("connect", Some(timeouts.connect), max::HOUR),
+        (
+            "response_headers",
+            Some(timeouts.response_headers),
+            max::DAY,
+        ),
+        ("idle", Some(timeouts.idle), max::DAY),
+        ("total", timeouts.total, max::WEEK),
     ] {
-        if value.is_zero() {
-            return Err(invalid(
-                origin,
-                &format!("{field}.timeouts.{name}"),
-                "must be greater than zero",
-            ));
+        if let Some(value) = value {
+            duration(origin, &format!("{field}.timeouts.{name}"), value, longest)?;
         }
     }
     if upstream.max_concurrent == Some(0) {
@@ -998,7 +1283,17 @@ fn resolve_models(
     upstreams: &[Upstream],
     origin: &str,
 ) -> Result<Vec<Model>, ConfigError> {
-    let names: Vec<String> = models.0.iter().map(|(name, _)| name.clone()).collect();
+    let names: std::collections::HashMap<String, usize> = models
+        .0
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| (name.clone(), i))
+        .collect();
+    let upstream_index: std::collections::HashMap<&str, usize> = upstreams
+        .iter()
+        .enumerate()
+        .map(|(i, u)| (u.name.as_str(), i))
+        .collect();
     let fallback_index =
         |field: &str, list: &[String], own: &str| -> Result<Vec<usize>, ConfigError> {
             list.iter()
@@ -1015,7 +1310,7 @@ fn resolve_models(
                             "fallbacks name exact models, not wildcards",
                         ));
                     }
-                    names.iter().position(|n| n == target).ok_or_else(|| {
+                    names.get(target).copied().ok_or_else(|| {
                         invalid(
                             origin,
                             &at,
@@ -1055,9 +1350,9 @@ fn resolve_models(
         let mut deployments = Vec::with_capacity(model.deployments.len());
         for (i, deployment) in model.deployments.into_iter().enumerate() {
             let at = format!("{field}.deployments[{i}]");
-            let upstream = upstreams
-                .iter()
-                .position(|u| u.name == deployment.upstream)
+            let upstream = upstream_index
+                .get(deployment.upstream.as_str())
+                .copied()
                 .ok_or_else(|| {
                     let known: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
                     invalid(
@@ -1115,17 +1410,26 @@ fn resolve_models(
             ));
         }
         let overrides = model.timeouts;
-        for (name, value) in [
-            ("response_headers", overrides.response_headers),
-            ("idle", overrides.idle),
-            ("total", overrides.total),
+        for (name, value, longest) in [
+            ("response_headers", overrides.response_headers, max::DAY),
+            ("idle", overrides.idle, max::DAY),
+            ("total", overrides.total, max::WEEK),
         ] {
-            if value.is_some_and(|v| v.is_zero()) {
-                return Err(invalid(
-                    origin,
-                    &format!("{field}.timeouts.{name}"),
-                    "must be greater than zero",
-                ));
+            if let Some(value) = value {
+                duration(origin, &format!("{field}.timeouts.{name}"), value, longest)?;
+            }
+        }
+        for (name, value, longest) in [
+            ("retry.backoff", retry.backoff, max::HOUR),
+            ("retry.max_backoff", retry.max_backoff, max::HOUR),
+            ("retry.retry_after_cap", retry.retry_after_cap, max::DAY),
+            ("retry.deadline", retry.deadline, max::DAY),
+            ("circuit_breaker.window", breaker.window, max::DAY),
+            ("circuit_breaker.cooldown", breaker.cooldown, max::DAY),
+        ] {
+            // Zero is meaningful here (no backoff, never honour retry-after).
+            if value > longest {
+                duration(origin, &format!("{field}.{name}"), value, longest)?;
             }
         }
         resolved.push(Model {
@@ -1298,12 +1602,12 @@ log:
             (
                 "upstream:\n  base_url: ftp://x/v1\n",
                 "upstream.base_url",
-                "only http and https",
+                "scheme other than http or https",
             ),
             (
                 "upstream:\n  base_url: not a url\n",
                 "upstream.base_url",
-                "not a valid URL",
+                "not a URL with a scheme",
             ),
             (
                 "upstream:\n  base_url: /v1\n",
@@ -1322,13 +1626,13 @@ log:
             ),
             (
                 "upstream:\n  base_url: http://x/v1\n  default_headers:\n    \"bad header\": x\n",
-                "upstream.default_headers.bad header",
-                "not a valid header name",
+                "upstream.default_headers",
+                "entry #1 does not have a valid header name",
             ),
             (
                 "upstream:\n  base_url: http://x/v1\n  default_headers:\n    Connection: close\n",
                 "upstream.default_headers.Connection",
-                "per-connection",
+                "describes the connection or the message framing",
             ),
             (
                 "upstream:\n  base_url: http://x/v1\n  default_headers:\n    Authorization: a\n    authorization: b\n",
@@ -1363,7 +1667,7 @@ log:
             (
                 "upstream:\n  base_url: http://x/v1\nlog:\n  format: xml\n",
                 "log.format",
-                "unknown variant `xml`",
+                "unknown variant, expected `text` or `json`",
             ),
             (
                 "upstream:\n  base_url: http://x/v1\nlimits:\n  max_connections: 0\n",
@@ -1419,7 +1723,7 @@ log:
             (
                 format!("{ups}models:\n  m:\n    strategy: fastest\n    deployments:\n      - upstream: a\n"),
                 "models.m.strategy",
-                "unknown variant `fastest`",
+                "unknown variant, expected one of",
             ),
             (
                 "upstreams:\n  \"a b\":\n    base_url: http://a/v1\nmodels:\n  m:\n    deployments:\n      - upstream: a b\n".to_owned(),

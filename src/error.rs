@@ -45,6 +45,25 @@ pub enum ProxyError {
     /// The request itself is malformed (bad URI, unreadable body, ...).
     #[error("{0}")]
     BadRequest(String),
+    /// The request path could reach outside the upstream's base path.
+    #[error("{0}")]
+    BadPath(String),
+    /// A method llmproxy does not forward (`CONNECT`, `TRACE`, extensions).
+    #[error("method {0} is not forwarded; llmproxy forwards {methods}", methods = crate::wire::FORWARDED_METHODS)]
+    MethodNotAllowed(http::Method),
+    /// The client did not finish sending its body within `limits.body_read_timeout`.
+    #[error("the request body was not received within {0:?} (limits.body_read_timeout)")]
+    RequestBodyTimeout(Duration),
+    /// A gateway-wide limit is reached (in-flight requests, buffered body
+    /// bytes); the request was not started and can be retried.
+    #[error("the gateway is at its limit of {0}; retry shortly")]
+    Overloaded(&'static str),
+    /// Too many attempts (wrong admin tokens); retry after a second.
+    #[error("{0}")]
+    Throttled(String),
+    /// A defect in llmproxy (a panic while handling the request).
+    #[error("internal error in llmproxy while handling the request")]
+    Internal,
     /// The request body is larger than `limits.max_body_size`.
     #[error("request body is larger than the limit of {limit} bytes")]
     BodyTooLarge {
@@ -70,12 +89,16 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::NotFound { .. } | Self::ModelNotFound(_) => StatusCode::NOT_FOUND,
-            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::BadRequest(_) | Self::BadPath(_) => StatusCode::BAD_REQUEST,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::RequestBodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Throttled(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UpstreamUnreachable(_) | Self::UpstreamProtocol(_) => StatusCode::BAD_GATEWAY,
             Self::ConnectTimeout(_) | Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            Self::ModelUnavailable { .. } | Self::ModelAtCapacity(_) => {
+            Self::ModelUnavailable { .. } | Self::ModelAtCapacity(_) | Self::Overloaded(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
         }
@@ -99,6 +122,12 @@ impl ProxyError {
             Self::ModelUnavailable { .. } => "model_unavailable",
             Self::ModelAtCapacity(_) => "model_at_capacity",
             Self::BadRequest(_) => "bad_request",
+            Self::BadPath(_) => "invalid_path",
+            Self::MethodNotAllowed(_) => "method_not_allowed",
+            Self::RequestBodyTimeout(_) => "request_timeout",
+            Self::Overloaded(_) => "server_busy",
+            Self::Internal => "internal_error",
+            Self::Throttled(_) => "rate_limit_exceeded",
             Self::Unauthorized(_) => "unauthorized",
             Self::BodyTooLarge { .. } => "request_too_large",
             Self::UpstreamUnreachable(_) => "upstream_unreachable",
@@ -114,6 +143,9 @@ impl ProxyError {
             Self::NotFound { .. }
             | Self::ModelNotFound(_)
             | Self::BadRequest(_)
+            | Self::BadPath(_)
+            | Self::MethodNotAllowed(_)
+            | Self::RequestBodyTimeout(_)
             | Self::BodyTooLarge { .. } => "invalid_request_error",
             Self::Unauthorized(_) => "authentication_error",
             _ => "proxy_error",
@@ -165,15 +197,25 @@ impl IntoResponse for ProxyError {
         let mut response = (self.status(), body).into_response();
         let retry_after = match &self {
             Self::ModelUnavailable { retry_after, .. } => Some(*retry_after),
-            Self::ModelAtCapacity(_) => Some(Duration::from_secs(1)),
+            Self::ModelAtCapacity(_) | Self::Overloaded(_) | Self::Throttled(_) => {
+                Some(Duration::from_secs(1))
+            }
             _ => None,
         };
         if let Some(retry_after) = retry_after {
             // Whole seconds, rounded up: a client must not come back too early.
-            let seconds = retry_after.as_millis().div_ceil(1000).max(1);
+            let seconds = u64::try_from(retry_after.as_millis().div_ceil(1000))
+                .unwrap_or(u64::MAX)
+                .max(1);
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(seconds as u64));
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if matches!(self, Self::MethodNotAllowed(_)) {
+            response.headers_mut().insert(
+                header::ALLOW,
+                HeaderValue::from_static(crate::wire::FORWARDED_METHODS),
+            );
         }
         response.headers_mut().insert(
             header::CONTENT_TYPE,

@@ -70,6 +70,17 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(name)
 }
 
+/// Whether `name` may be set as a configured default header. Hop-by-hop
+/// headers describe a connection, and `Host`, `Content-Length` and `Expect`
+/// describe the framing of each message: a fixed value would misroute or
+/// truncate every request (`Content-Length: 2` cuts every body to two bytes).
+pub fn may_be_default(name: &HeaderName) -> bool {
+    !is_hop_by_hop(name)
+        && *name != header::HOST
+        && *name != header::CONTENT_LENGTH
+        && *name != header::EXPECT
+}
+
 /// A secret string (a token): `Debug` prints `*****`, and comparing it takes
 /// the same time wherever the first difference is.
 #[derive(Clone)]
@@ -139,7 +150,15 @@ pub fn to_upstream_request(headers: &mut HeaderMap, host: &HeaderValue, defaults
 }
 
 /// Turns the upstream's response headers into the client's, in place.
+///
+/// An answer framed with `Transfer-Encoding` *and* `Content-Length` is
+/// chunked: RFC 9112 §6.3 says the length is to be ignored, and hyper
+/// decodes it as chunked. Passing the stale length on would frame the
+/// client's copy by it — truncated, or cut off short of it — so it goes.
 pub fn to_client_response(headers: &mut HeaderMap) {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     strip_hop_by_hop(headers);
 }
 
@@ -282,6 +301,39 @@ mod tests {
                 "x-request-id"
             ]
         );
+    }
+
+    #[test]
+    fn a_chunked_answer_loses_its_stale_content_length() {
+        let mut headers = map(&[("content-length", "5"), ("transfer-encoding", "chunked")]);
+        to_client_response(&mut headers);
+        assert!(headers.is_empty(), "{headers:?}");
+        let mut headers = map(&[("content-length", "5")]);
+        to_client_response(&mut headers);
+        assert_eq!(values(&headers, "content-length"), ["5"]);
+    }
+
+    #[test]
+    fn framing_headers_cannot_be_defaults() {
+        for name in [
+            "content-length",
+            "transfer-encoding",
+            "host",
+            "connection",
+            "te",
+            "expect",
+            "upgrade",
+        ] {
+            assert!(!may_be_default(&HeaderName::from_static(name)), "{name}");
+        }
+        for name in [
+            "authorization",
+            "api-key",
+            "openai-organization",
+            "content-type",
+        ] {
+            assert!(may_be_default(&HeaderName::from_static(name)), "{name}");
+        }
     }
 
     #[test]

@@ -1,18 +1,24 @@
 //! llmproxy: an OpenAI-compatible LLM gateway.
 //!
 //! Where a request goes, from socket to socket:
-//! - [`run`] accepts a connection (bounded by `limits.max_connections`,
-//!   with a header read timeout against slowloris) and serves it with hyper;
+//! - [`run`] accepts a connection (bounded by `limits.max_connections`; a
+//!   client has `limits.header_read_timeout` to send its first request, and
+//!   an HTTP/2 connection at most `limits.max_streams_per_connection` streams)
+//!   and serves it with hyper;
 //! - [`access_log::AccessLog`] gives the request its id, will add
 //!   `Server-Timing`, and logs it once the response is over;
+//! - [`catch_panic::CatchPanic`] turns a panic into a 500, never a dropped
+//!   connection;
 //! - [`app`] routes it: `GET /` is the health check, `/v1/*` goes to
 //!   [`proxy::forward`], anything else is a 404 in the OpenAI error shape;
-//! - [`proxy::forward`] sends it upstream and streams the answer back.
+//! - [`proxy::forward`] checks the method, path and size ([`wire`]), takes an
+//!   in-flight permit, sends the request upstream and streams the answer back.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod access_log;
 pub mod admin;
+pub mod catch_panic;
 pub mod config;
 pub mod error;
 pub mod headers;
@@ -22,9 +28,11 @@ pub mod proxy;
 pub mod router;
 pub mod stream;
 pub mod upstream;
+pub mod wire;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -106,7 +114,54 @@ pub fn proxy_state(config: &Config) -> Arc<Proxy> {
         ),
         max_body_size: config.limits.max_body_size,
         admin_token: config.admin_token.clone(),
+        admin_guard: admin::Guard::default(),
+        in_flight: Arc::new(Semaphore::new(config.limits.max_in_flight)),
+        body_budget: Arc::new(Semaphore::new(
+            usize::try_from(config.limits.max_buffered_bytes)
+                .unwrap_or(usize::MAX)
+                .min(Semaphore::MAX_PERMITS),
+        )),
+        body_read_timeout: config.limits.body_read_timeout,
     })
+}
+
+/// Resolves when `timeout` has passed without the connection starting a
+/// request; never, once it has.
+///
+/// hyper's `header_read_timeout` only starts once it knows the protocol, and
+/// telling HTTP/1 from HTTP/2 waits for 24 bytes with no timer: a client that
+/// connects and sends nothing (or half the HTTP/2 preface) would hold its
+/// connection slot forever. This bounds the time to the first request; after
+/// it, hyper's timer (HTTP/1) and keep-alive pings (HTTP/2) take over. A
+/// connection that never started a request is also dropped at once on
+/// shutdown (the drain has nothing to wait for).
+async fn no_request_by(timeout: Duration, seen: &AtomicBool) {
+    tokio::time::sleep(timeout).await;
+    if seen.load(Ordering::Relaxed) {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// The per-connection service: notes that a request has started, then
+/// hands it to the shared service.
+#[derive(Clone)]
+struct FirstRequest<S> {
+    inner: S,
+    seen: Arc<AtomicBool>,
+}
+
+impl<S, R> hyper::service::Service<R> for FirstRequest<S>
+where
+    S: hyper::service::Service<R>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, request: R) -> Self::Future {
+        self.seen.store(true, Ordering::Relaxed);
+        self.inner.call(request)
+    }
 }
 
 /// Binds a listener with a backlog deep enough for connection bursts (the
@@ -129,7 +184,10 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let service = AccessLog::new(app(proxy_state(&config)));
+    // The access log is outermost so that every answer, a caught panic's
+    // 500 included, gets exactly one log line and a request id.
+    let service = AccessLog::new(catch_panic::CatchPanic(app(proxy_state(&config))));
+    let first_request_timeout = config.limits.header_read_timeout;
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -139,7 +197,11 @@ pub async fn run(
     builder
         .http2()
         .timer(TokioTimer::new())
-        .keep_alive_interval(Duration::from_secs(30));
+        .keep_alive_interval(Duration::from_secs(30))
+        // Streams beyond this are refused by the client's own h2 stack; the
+        // in-flight cap in `proxy::forward` bounds what all connections hold.
+        .max_concurrent_streams(config.limits.max_streams_per_connection)
+        .max_pending_accept_reset_streams(Some(64));
 
     // Connections over the limit are not refused: they wait in the kernel's
     // listen backlog until a permit frees up, which is what a client retrying
@@ -177,16 +239,30 @@ pub async fn run(
         if let Err(err) = stream.set_nodelay(true) {
             tracing::debug!(%err, "could not set TCP_NODELAY");
         }
+        let seen = Arc::new(AtomicBool::new(false));
         let connection = builder
             .serve_connection(
                 TokioIo::new(stream),
-                TowerToHyperService::new(service.clone()),
+                FirstRequest {
+                    inner: TowerToHyperService::new(service.clone()),
+                    seen: Arc::clone(&seen),
+                },
             )
             .into_owned();
         let watched = graceful.watch(connection);
         tokio::spawn(async move {
-            if let Err(err) = watched.await {
-                tracing::debug!(%err, "client connection ended with an error");
+            tokio::select! {
+                served = watched => {
+                    if let Err(err) = served {
+                        tracing::debug!(%err, "client connection ended with an error");
+                    }
+                }
+                () = no_request_by(first_request_timeout, &seen) => {
+                    tracing::debug!(
+                        timeout = ?first_request_timeout,
+                        "closed a connection that sent no request (limits.header_read_timeout)"
+                    );
+                }
             }
             drop(permit);
         });

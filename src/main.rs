@@ -125,7 +125,7 @@ fn main() -> ExitCode {
                 config.log_format = format;
             }
             let _log = init_logging(config.log_format, &config.log_level);
-            fit_open_file_limit(&mut config.limits.max_connections);
+            fit_open_file_limit(&mut config.limits);
             serve_blocking(cli.workers, async move {
                 let listener = llmproxy::bind(config.listen)?;
                 llmproxy::run(listener, config, shutdown_signal()).await
@@ -180,12 +180,14 @@ fn init_logging(format: LogFormat, level: &str) -> FlushGuard {
     guard
 }
 
-/// Each proxied connection holds two sockets (client and upstream), and the
-/// default soft limit is often 1024: raise it to the hard limit. When even
-/// that cannot carry `limits.max_connections`, lower the cap to what it can,
-/// so excess clients wait in the listen backlog instead of failing with 502
-/// when the upstream socket cannot be opened.
-fn fit_open_file_limit(max_connections: &mut usize) {
+/// Each client connection holds a socket, and each request in flight may
+/// hold an upstream socket (HTTP/2 multiplexes many requests over one client
+/// connection), and the default soft limit is often 1024: raise it to the
+/// hard limit. When even that cannot carry `max_connections + max_in_flight`,
+/// lower both to what it can, so excess clients wait in the listen backlog
+/// (or get a 503 for excess streams) instead of failing with 502 when the
+/// upstream socket cannot be opened.
+fn fit_open_file_limit(limits: &mut llmproxy::config::Limits) {
     let limit = match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) => limit,
         Err(err) => {
@@ -195,15 +197,19 @@ fn fit_open_file_limit(max_connections: &mut usize) {
     };
     // Listener, epoll, stdio and a margin for DNS and logs.
     const RESERVED: u64 = 64;
-    let fits = usize::try_from(limit.saturating_sub(RESERVED) / 2).unwrap_or(usize::MAX);
-    if fits < *max_connections {
+    let available = usize::try_from(limit.saturating_sub(RESERVED)).unwrap_or(usize::MAX);
+    let wanted = limits.max_connections.saturating_add(limits.max_in_flight);
+    if wanted > available {
+        let half = (available / 2).max(1);
         tracing::warn!(
             open_file_limit = limit,
-            configured = *max_connections,
-            effective = fits,
-            "limits.max_connections lowered to what the open-file limit can carry (2 files per connection)"
+            max_connections = limits.max_connections,
+            max_in_flight = limits.max_in_flight,
+            effective = half,
+            "limits.max_connections and limits.max_in_flight lowered to what the open-file limit can carry (a socket each)"
         );
-        *max_connections = fits.max(1);
+        limits.max_connections = limits.max_connections.min(half);
+        limits.max_in_flight = limits.max_in_flight.min(half);
     }
 }
 

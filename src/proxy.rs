@@ -30,10 +30,11 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Version, header};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Limited};
 use serde_json::value::RawValue;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::access_log::UpstreamInfo;
@@ -41,8 +42,9 @@ use crate::config::Upstream;
 use crate::error::ProxyError;
 use crate::headers;
 use crate::router::{DeploymentState, InFlight, ModelRouter, Route, Unavailable};
-use crate::stream::{Holding, IdleTimeout};
-use crate::upstream::{self, UpstreamClient};
+use crate::stream::{BodyTimedOut, Deadline, Holding, IdleTimeout, Replay};
+use crate::upstream::{self, RequestBody, UpstreamClient};
+use crate::wire;
 
 /// One upstream with its own pooled client (timeouts differ per upstream).
 pub struct Target {
@@ -64,6 +66,15 @@ pub struct Proxy {
     pub max_body_size: u64,
     /// Guards `GET /admin/status`; `None` turns it off.
     pub admin_token: Option<crate::headers::Secret>,
+    /// Throttles wrong admin tokens.
+    pub admin_guard: crate::admin::Guard,
+    /// Permits for requests in flight (`limits.max_in_flight`).
+    pub in_flight: Arc<Semaphore>,
+    /// Permits for request bytes buffered at once, over every request
+    /// (`limits.max_buffered_bytes`).
+    pub body_budget: Arc<Semaphore>,
+    /// How long a client may take to send its request body.
+    pub body_read_timeout: Duration,
 }
 
 /// The response header naming the upstream that answered.
@@ -78,23 +89,34 @@ pub async fn forward(
 ) -> Result<Response, ProxyError> {
     let (parts, body) = request.into_parts();
 
-    // A body that announces itself as too large is refused before any upstream work.
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    // The request filter: what may be forwarded at all, before any upstream work.
+    wire::check_method(&parts.method)?;
+    wire::check_path(parts.uri.path())?;
+    // hyper has already refused a malformed length; what is left is the size.
+    let declared = wire::content_length(&parts.headers)
+        .map_err(|err| ProxyError::BadRequest(err.to_string()))?;
     if declared.is_some_and(|len| len > proxy.max_body_size) {
         return Err(ProxyError::BodyTooLarge {
             limit: proxy.max_body_size,
         });
     }
+    // Each request in flight may hold an upstream socket: counting requests,
+    // not only connections, keeps HTTP/2 multiplexing inside the fd budget.
+    let Ok(permit) = Arc::clone(&proxy.in_flight).try_acquire_owned() else {
+        return Err(ProxyError::Overloaded(
+            "requests in flight (limits.max_in_flight)",
+        ));
+    };
+    let body = Deadline::new(body, Instant::now(), proxy.body_read_timeout);
 
     match &proxy.router {
-        None => send(&proxy, 0, parts, body, None, 1).await,
+        None => send(&proxy, Attempt::single(), parts, body, Some(permit)).await,
         // Boxed so the single-upstream future stays as small as before routing
         // existed: its size is measurable on every request (bench/HISTORY.md).
-        Some(router) => Box::pin(route(&proxy, router, parts, body)).await,
+        Some(router) => {
+            let response = Box::pin(route(&proxy, router, parts, body, declared)).await?;
+            Ok(response.map(|body| Body::new(Holding::new(body, permit))))
+        }
     }
 }
 
@@ -103,31 +125,19 @@ async fn route(
     proxy: &Proxy,
     router: &ModelRouter,
     parts: http::request::Parts,
-    body: Body,
+    body: RequestBody,
+    declared: Option<u64>,
 ) -> Result<Response, ProxyError> {
     if parts.method == Method::GET && parts.uri.path() == "/v1/models" {
         return Ok(list_models(router));
     }
     if parts.method != Method::POST || !is_json(&parts.headers) {
-        return send(proxy, 0, parts, body, None, 1).await;
+        return send(proxy, Attempt::single(), parts, body, None).await;
     }
 
-    let limit = usize::try_from(proxy.max_body_size).unwrap_or(usize::MAX);
-    let bytes = match Limited::new(body, limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => {
-            return Err(ProxyError::BodyTooLarge {
-                limit: proxy.max_body_size,
-            });
-        }
-        Err(err) => {
-            return Err(ProxyError::BadRequest(format!(
-                "reading the request body failed: {err}"
-            )));
-        }
-    };
+    let (bytes, _budget) = read_body(proxy, body, declared).await?;
     let Some((model, span)) = requested_model(&bytes)? else {
-        return send(proxy, 0, parts, Body::from(bytes), None, 1).await;
+        return send(proxy, Attempt::single(), parts, buffered(bytes), None).await;
     };
     let primary = router
         .resolve(&model)
@@ -172,6 +182,60 @@ async fn route(
     result
 }
 
+/// Reads a request body that routing must see whole, within the body limit,
+/// the body deadline, and the gateway-wide budget of buffered bytes. The
+/// returned permit holds the body's share of that budget until dropped.
+///
+/// A declared length is reserved from the budget before a byte is read (so
+/// twenty clients announcing 31 MiB and stalling cannot take 620 MiB); a
+/// chunked body reserves as it arrives.
+async fn read_body(
+    proxy: &Proxy,
+    body: RequestBody,
+    declared: Option<u64>,
+) -> Result<(Bytes, Option<OwnedSemaphorePermit>), ProxyError> {
+    let over_budget =
+        || ProxyError::Overloaded("buffered request bytes (limits.max_buffered_bytes)");
+    let reserve = |bytes: u64| -> Result<Option<OwnedSemaphorePermit>, ProxyError> {
+        if bytes == 0 {
+            return Ok(None);
+        }
+        let n = u32::try_from(bytes).map_err(|_| over_budget())?;
+        Arc::clone(&proxy.body_budget)
+            .try_acquire_many_owned(n)
+            .map(Some)
+            .map_err(|_| over_budget())
+    };
+    let mut held = reserve(declared.unwrap_or(0))?;
+    let capacity = declared.map_or(0, |len| usize::try_from(len).unwrap_or(0));
+    let mut buffer = BytesMut::with_capacity(capacity);
+    let mut body = std::pin::pin!(body);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|err| match err.downcast_ref::<BodyTimedOut>() {
+            Some(timed_out) => ProxyError::RequestBodyTimeout(timed_out.0),
+            None => ProxyError::BadRequest(format!("reading the request body failed: {err}")),
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        let total = buffer.len() as u64 + data.len() as u64;
+        if total > proxy.max_body_size {
+            return Err(ProxyError::BodyTooLarge {
+                limit: proxy.max_body_size,
+            });
+        }
+        if declared.is_none() {
+            match (held.as_mut(), reserve(data.len() as u64)?) {
+                (Some(held), Some(more)) => held.merge(more),
+                (None, more) => held = more,
+                (Some(_), None) => {}
+            }
+        }
+        buffer.extend_from_slice(&data);
+    }
+    Ok((buffer.freeze(), held))
+}
+
 /// What a routed attempt carries into `send`.
 struct Routed {
     deployment: Arc<DeploymentState>,
@@ -190,24 +254,38 @@ struct Attempted<'a> {
 }
 
 /// Whether an upstream's 400 says the request exceeds the context window.
-/// Error bodies are small; the answer is rebuilt from the bytes read.
+///
+/// Only the first 64 KiB are read to decide (provider error bodies are far
+/// smaller); whatever was read is put back in front of the rest, so the
+/// client gets the upstream's whole answer, however long, when it is not
+/// a context-length error.
 async fn context_length_exceeded(response: Response) -> (bool, Response) {
-    const ERROR_BODY_LIMIT: usize = 64 * 1024;
-    let (parts, body) = response.into_parts();
-    match Limited::new(body, ERROR_BODY_LIMIT).collect().await {
-        Ok(collected) => {
-            let bytes = collected.to_bytes();
-            let hit = bytes
-                .windows(b"context_length_exceeded".len())
-                .any(|w| w == b"context_length_exceeded");
-            (hit, Response::from_parts(parts, Body::from(bytes)))
+    const PEEK: usize = 64 * 1024;
+    const CODE: &[u8] = b"context_length_exceeded";
+    let (parts, mut body) = response.into_parts();
+    let mut peeked = BytesMut::new();
+    while peeked.len() < PEEK {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    peeked.extend_from_slice(&data);
+                }
+            }
+            Some(Err(err)) => {
+                return (
+                    false,
+                    ProxyError::UpstreamUnreachable(format!(
+                        "reading the upstream's error failed: {err}"
+                    ))
+                    .into_response(),
+                );
+            }
+            None => break,
         }
-        Err(err) => (
-            false,
-            ProxyError::UpstreamUnreachable(format!("reading the upstream's error failed: {err}"))
-                .into_response(),
-        ),
     }
+    let hit = peeked.windows(CODE.len()).any(|w| w == CODE);
+    let body = Body::new(Replay::new(peeked.freeze(), body));
+    (hit, Response::from_parts(parts, body))
 }
 
 /// Tries one route's deployments until one answers with something that is
@@ -264,15 +342,18 @@ async fn attempt_chain(
         *attempts += 1;
         let result = send(
             proxy,
-            deployment.upstream,
+            Attempt {
+                target: deployment.upstream,
+                number: *attempts,
+                routed: Some(Routed {
+                    deployment: Arc::clone(&deployment),
+                    in_flight,
+                    timeouts: route.timeouts,
+                }),
+            },
             attempt_parts,
-            Body::from(body),
-            Some(Routed {
-                deployment: Arc::clone(&deployment),
-                in_flight,
-                timeouts: route.timeouts,
-            }),
-            *attempts,
+            buffered(body),
+            None,
         )
         .await;
         let failed = match &result {
@@ -289,7 +370,7 @@ async fn attempt_chain(
         let wait = match &result {
             Ok(response) if retryable_status(response.status()) => {
                 let backoff = backoff(&policy, attempt);
-                match retry_after(response.headers()) {
+                match wire::retry_after(response.headers()) {
                     // Another deployment is not bound by this one's retry-after.
                     Some(_) if untried_left => Some(backoff),
                     Some(asked) if asked <= policy.retry_after_cap => Some(asked.max(backoff)),
@@ -333,30 +414,45 @@ fn backoff(policy: &crate::config::Retry, attempt: u32) -> Duration {
     Duration::from_micros(crate::router::random() % micros.saturating_add(1))
 }
 
-/// The wait an upstream asks for: `retry-after-ms`, else `retry-after` in
-/// seconds (an HTTP date is not honoured: providers send seconds).
-fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let number = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .filter(|v| v.is_finite() && *v >= 0.0)
-    };
-    number("retry-after-ms")
-        .map(|ms| Duration::from_secs_f64(ms / 1000.0))
-        .or_else(|| number("retry-after").map(Duration::from_secs_f64))
+/// One attempt: which upstream, its number in the request's chain, and the
+/// routing state it holds (none on the single-upstream path).
+struct Attempt {
+    target: usize,
+    number: u32,
+    routed: Option<Routed>,
 }
 
-/// Sends the request to `proxy.targets[target]` and streams the answer back.
+impl Attempt {
+    /// The one attempt of a request that no model route claims: the first upstream.
+    fn single() -> Self {
+        Self {
+            target: 0,
+            number: 1,
+            routed: None,
+        }
+    }
+}
+
+/// A buffered body (routed requests), in the type the upstream client sends.
+fn buffered(bytes: Bytes) -> RequestBody {
+    // Already complete: the deadline never arms.
+    Deadline::new(Body::from(bytes), Instant::now(), Duration::MAX)
+}
+
+/// Sends the request to the attempt's upstream and streams the answer back;
+/// `held` (the request's in-flight permit) is released when the answer ends.
 async fn send(
     proxy: &Proxy,
-    target: usize,
+    attempt: Attempt,
     mut parts: http::request::Parts,
-    body: Body,
-    routed: Option<Routed>,
-    attempt: u32,
+    body: RequestBody,
+    held: Option<OwnedSemaphorePermit>,
 ) -> Result<Response, ProxyError> {
+    let Attempt {
+        target,
+        number: attempt,
+        routed,
+    } = attempt;
     let Some(target) = proxy.targets.get(target) else {
         return Err(ProxyError::UpstreamUnreachable("no such upstream".into()));
     };
@@ -399,6 +495,14 @@ async fn send(
             Err(_) => return Err(ProxyError::UpstreamTimeout(headers_wait)),
         };
     let headers_after = sent_at.elapsed();
+    // No upgrade was asked for (`Upgrade` never crosses), so a 101 is a
+    // broken upstream; forwarding it would leave the client on a dead socket.
+    if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+        return Err(ProxyError::UpstreamProtocol(
+            "the upstream answered 101 Switching Protocols to a request that asked for no upgrade"
+                .into(),
+        ));
+    }
 
     let (mut parts, body) = response.into_parts();
     headers::to_client_response(&mut parts.headers);
@@ -422,11 +526,11 @@ async fn send(
     });
     let body = IdleTimeout::new(body, timeouts.idle).with_total(sent_at, timeouts.total);
     let body = match routed {
-        None => Body::new(body),
+        None => Body::new(Holding::new(body, held)),
         Some(routed) => {
             routed.deployment.observe(headers_after);
             // The deployment stays busy until the answer has been streamed.
-            Body::new(Holding::new(body, routed.in_flight))
+            Body::new(Holding::new(body, (routed.in_flight, held)))
         }
     };
     Ok(Response::from_parts(parts, body))

@@ -1,10 +1,12 @@
-//! Body wrappers for the response path: the upstream's body is never
-//! collected, only wrapped to watch it.
+//! Body wrappers: bodies are never collected on the way through, only
+//! wrapped to watch them.
 //!
-//! [`IdleTimeout`] ends a stream that goes silent for too long. It fails the
-//! body with an error instead of ending it, so hyper aborts the downstream
-//! response (no final chunk is written) and a client can never take a stalled
-//! answer for a complete one.
+//! [`IdleTimeout`] ends an upstream answer that goes silent for too long. It
+//! fails the body with an error instead of ending it, so hyper aborts the
+//! downstream response (no final chunk is written) and a client can never
+//! take a stalled answer for a complete one. [`Deadline`] bounds the time a
+//! client may take to send its request body. [`Replay`] puts bytes read ahead
+//! (to peek at an error answer) back in front of the rest of a body.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -50,13 +52,22 @@ pin_project_lite::pin_project! {
     }
 }
 
+/// `start + after`, or a time so far ahead it never comes when that
+/// overflows: a timer must never panic on the request path, whatever the
+/// configuration says (limits are also checked when it is loaded).
+pub fn deadline_after(start: Instant, after: Duration) -> Instant {
+    start
+        .checked_add(after)
+        .unwrap_or_else(|| start + Duration::from_secs(100 * 365 * 24 * 60 * 60))
+}
+
 impl<B> IdleTimeout<B> {
     /// Wraps `inner`; the first frame is also due within `idle`.
     pub fn new(inner: B, idle: Duration) -> Self {
         let now = Instant::now();
         Self {
             inner,
-            timer: tokio::time::sleep_until(now + idle),
+            timer: tokio::time::sleep_until(deadline_after(now, idle)),
             idle,
             last_frame: now,
             total: None,
@@ -66,8 +77,8 @@ impl<B> IdleTimeout<B> {
     /// Also fails the body once `started + total` has passed.
     pub fn with_total(mut self, started: Instant, total: Option<Duration>) -> Self {
         if let Some(total) = total {
-            let end = started + total;
-            if end < self.last_frame + self.idle {
+            let end = deadline_after(started, total);
+            if end < deadline_after(self.last_frame, self.idle) {
                 self.timer = tokio::time::sleep_until(end);
             }
             self.total = Some((end, total));
@@ -104,7 +115,7 @@ where
                 {
                     return Poll::Ready(Some(Err(BodyError::Total(total))));
                 }
-                let idle_deadline = *this.last_frame + *this.idle;
+                let idle_deadline = deadline_after(*this.last_frame, *this.idle);
                 if idle_deadline <= now {
                     return Poll::Ready(Some(Err(BodyError::Idle(*this.idle))));
                 }
@@ -162,6 +173,126 @@ impl<B: Body, T> Body for Holding<B, T> {
     }
 }
 
+/// The client did not finish its request body in time (`limits.body_read_timeout`).
+#[derive(Debug, thiserror::Error)]
+#[error("the request body was not received within {0:?} (limits.body_read_timeout)")]
+pub struct BodyTimedOut(pub Duration);
+
+pin_project_lite::pin_project! {
+    /// Fails a request body that is not over by a deadline.
+    ///
+    /// A body that is already complete when first polled (most API calls: the
+    /// JSON arrives with the headers) never arms a timer, so the bound costs
+    /// nothing unless a client is actually slow. (Boxed when armed: the
+    /// upstream client wants an `Unpin` body.)
+    pub struct Deadline<B> {
+        #[pin]
+        inner: B,
+        timer: Option<Pin<Box<Sleep>>>,
+        deadline: Instant,
+        limit: Duration,
+    }
+}
+
+impl<B> Deadline<B> {
+    /// Wraps `inner`; it must end within `limit` of `start`.
+    pub fn new(inner: B, start: Instant, limit: Duration) -> Self {
+        Self {
+            inner,
+            timer: None,
+            deadline: deadline_after(start, limit),
+            limit,
+        }
+    }
+}
+
+impl<B> Body for Deadline<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
+            Poll::Pending => {
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(*this.deadline)));
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimedOut(*this.limit))))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// `prefix` (bytes already read from `inner`), then the rest of `inner`.
+    pub struct Replay<B> {
+        prefix: Option<Bytes>,
+        #[pin]
+        inner: B,
+    }
+}
+
+impl<B> Replay<B> {
+    /// Puts `prefix` back in front of `inner`.
+    pub fn new(prefix: Bytes, inner: B) -> Self {
+        Self {
+            prefix: (!prefix.is_empty()).then_some(prefix),
+            inner,
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for Replay<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        if let Some(prefix) = this.prefix.take() {
+            return Poll::Ready(Some(Ok(Frame::data(prefix))));
+        }
+        this.inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let inner = self.inner.size_hint();
+        let extra = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
+        // Upper first: `set_lower` asserts lower <= upper.
+        let mut hint = SizeHint::new();
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper.saturating_add(extra));
+        }
+        hint.set_lower(inner.lower().saturating_add(extra));
+        hint
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,6 +329,41 @@ mod tests {
             .with_total(Instant::now(), Some(Duration::from_millis(260)));
         let err = body.collect().await.unwrap_err();
         assert!(matches!(err, BodyError::Total(_)), "{err}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_body_slower_than_its_deadline_fails() {
+        let body = Deadline::new(
+            delayed_chunks(&[10, 10, 500]),
+            Instant::now(),
+            Duration::from_millis(100),
+        );
+        let err = body.collect().await.unwrap_err();
+        assert!(err.downcast_ref::<BodyTimedOut>().is_some(), "{err}");
+        let fast = Deadline::new(
+            delayed_chunks(&[10, 10]),
+            Instant::now(),
+            Duration::from_millis(100),
+        );
+        assert_eq!(&fast.collect().await.unwrap().to_bytes()[..], b"c0c1");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn absurd_durations_do_not_panic() {
+        let body = IdleTimeout::new(delayed_chunks(&[1]), Duration::MAX)
+            .with_total(Instant::now(), Some(Duration::MAX));
+        assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"c0");
+    }
+
+    #[tokio::test]
+    async fn replay_puts_the_peeked_bytes_first() {
+        let body = Replay::new(Bytes::from_static(b"ab"), delayed_chunks(&[0, 0]));
+        assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"abc0c1");
+        let sized = Replay::new(
+            Bytes::from_static(b"ab"),
+            http_body_util::Full::new(Bytes::from_static(b"cd")),
+        );
+        assert_eq!(sized.size_hint().exact(), Some(4));
     }
 
     #[tokio::test(start_paused = true)]

@@ -3,8 +3,13 @@
 //! One hyper-util client serves every request: connections are pooled and
 //! reused, `https://` goes through rustls (ALPN offers HTTP/2 and HTTP/1.1),
 //! and TCP_NODELAY is set so a streamed chunk is never held back by Nagle.
+//! `timeouts.connect` bounds the whole connection set-up, TLS handshake
+//! included ([`TimedConnect`]).
 
 use std::error::Error as StdError;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http_body_util::{LengthLimitError, Limited};
@@ -16,11 +21,58 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::config::Timeouts;
 use crate::error::ProxyError;
 
-/// The request body sent upstream: the client's, streamed, capped at the body limit.
-pub type UpstreamBody = Limited<axum::body::Body>;
+/// A request body on its way upstream: the client's (streamed, or buffered
+/// when routing had to read it), bounded by `limits.body_read_timeout`.
+pub type RequestBody = crate::stream::Deadline<axum::body::Body>;
+
+/// The request body sent upstream, also capped at the body limit.
+pub type UpstreamBody = Limited<RequestBody>;
 
 /// The pooled HTTP(S) client.
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
+pub type UpstreamClient = Client<TimedConnect<HttpsConnector<HttpConnector>>, UpstreamBody>;
+
+/// Boxed error of the connector.
+type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// A connector whose whole connect — DNS, TCP and the TLS handshake — must
+/// finish within `timeout`. hyper-util's own connect timeout covers TCP
+/// only, so an https upstream that accepts and never answers the handshake
+/// would otherwise hang until the response-headers timeout.
+#[derive(Clone)]
+pub struct TimedConnect<C> {
+    inner: C,
+    timeout: Duration,
+}
+
+impl<C> tower::Service<http::Uri> for TimedConnect<C>
+where
+    C: tower::Service<http::Uri>,
+    C::Future: Send + 'static,
+    C::Error: Into<BoxError>,
+{
+    type Response = C::Response;
+    type Error = BoxError;
+    // One box per new connection, not per request: pooled connections skip this.
+    type Future = Pin<Box<dyn Future<Output = Result<C::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let connecting = self.inner.call(uri);
+        let timeout = self.timeout;
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, connecting).await {
+                Ok(result) => result.map_err(Into::into),
+                Err(_) => Err(Box::new(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connect (TCP and TLS handshake) timed out",
+                )) as BoxError),
+            }
+        })
+    }
+}
 
 /// How long an unused pooled connection is kept. Below the usual 120 s of
 /// provider load balancers, so we close first and never send on a dead socket.
@@ -42,10 +94,13 @@ pub fn client(timeouts: &Timeouts) -> UpstreamClient {
             hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots()
         }
     };
-    let connector = tls
-        .https_or_http()
-        .enable_all_versions()
-        .wrap_connector(http);
+    let connector = TimedConnect {
+        inner: tls
+            .https_or_http()
+            .enable_all_versions()
+            .wrap_connector(http),
+        timeout: timeouts.connect,
+    };
 
     Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
@@ -65,6 +120,9 @@ pub fn classify(
 ) -> ProxyError {
     if find::<LengthLimitError>(err).is_some() {
         return ProxyError::BodyTooLarge { limit };
+    }
+    if let Some(timed_out) = find::<crate::stream::BodyTimedOut>(err) {
+        return ProxyError::RequestBodyTimeout(timed_out.0);
     }
     if err.is_connect() {
         if find::<std::io::Error>(err).is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut) {
