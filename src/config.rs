@@ -832,6 +832,18 @@ pub fn parse(text: &str, origin: &str) -> Result<FileConfig, ConfigError> {
         let path = err.path().to_string();
         let field = if path == "." {
             "(top level)".to_owned()
+        } else if path.contains(char::is_whitespace) {
+            // A key with a space is likely a header line written as a key.
+            path.split('.')
+                .map(|key| {
+                    if key.contains(char::is_whitespace) {
+                        "<key>"
+                    } else {
+                        key
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(".")
         } else {
             path
         };
@@ -911,8 +923,11 @@ pub fn without_values(message: &str) -> String {
             break;
         };
         let quoted = &from[..end + 2];
+        // A key with a space in it is a header line written as a key
+        // (`Authorization Bearer sk-…: x`): not shown either.
+        let plain_key = !quoted.contains(char::is_whitespace) && quoted.len() <= 66;
         let keep = mark == '`'
-            && (before.ends_with("field ")
+            && ((before.ends_with("field ") && plain_key)
                 || out.contains("expected")
                 || before.contains("expected"));
         if keep {
@@ -1916,5 +1931,97 @@ log:
         .to_string();
         assert!(err.starts_with("command line: --header:"), "{err}");
         assert!(!err.contains("sk-live"), "{err}");
+    }
+
+    const SECRET: &str = "sk-prop-5ecret-value-0123456789";
+
+    fn secret_env(name: &str) -> Option<String> {
+        (name == "KEY").then(|| SECRET.to_owned())
+    }
+
+    /// A value in any of the shapes a careless or hostile config may hold.
+    fn any_value() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just("${KEY}".to_owned()),
+            Just(format!("\"Bearer {SECRET}\"")),
+            Just(format!("\"https://h/v1?key={SECRET}\"")),
+            Just("\"https://h/v1?key=${KEY}\"".to_owned()),
+            Just(format!("[\"{SECRET}\"]")),
+            Just(format!("{{a: \"{SECRET}\"}}")),
+            Just("\"${KEY}\\n\"".to_owned()),
+            Just("18446744073709551615s".to_owned()),
+            Just("500000000000y".to_owned()),
+            Just("0s".to_owned()),
+            Just("-1".to_owned()),
+            Just("1e30".to_owned()),
+            Just("[[[[[[".to_owned()),
+            "[a-zA-Z0-9 :/._${}\\[\\]-]{0,24}",
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn no_config_panics_or_prints_a_secret(
+            template in 0usize..8,
+            a in any_value(),
+            b in any_value(),
+        ) {
+            let text = match template {
+                0 => format!("upstream:\n  base_url: {a}\n"),
+                1 => format!("upstream:\n  base_url: http://x/v1\n  default_headers:\n    Authorization: {a}\n    {b}: x\n"),
+                2 => format!("upstream:\n  base_url: http://x/v1\n  default_headers: {a}\n"),
+                3 => format!("upstream:\n  base_url: http://x/v1\n  timeouts:\n    idle: {a}\n    total: {b}\n"),
+                4 => format!("upstream:\n  base_url: http://x/v1\nlimits:\n  header_read_timeout: {a}\n  max_body_size: {b}\n"),
+                5 => format!("upstreams:\n  a:\n    base_url: {a}\nmodels:\n  m:\n    retry:\n      deadline: {b}\n    deployments:\n      - upstream: a\n"),
+                6 => format!("upstream:\n  base_url: http://x/v1\nadmin:\n  token: {a}\nlog:\n  level: {b}\n"),
+                _ => format!("upstream:\n  base_url: http://x/v1\nlog:\n  format: {a}\n  level: {b}\n"),
+            };
+            match load_str(&text, &secret_env) {
+                Ok(config) => {
+                    // A config that loads never carries an absurd duration.
+                    for upstream in &config.upstreams {
+                        proptest::prop_assert!(upstream.timeouts.idle <= max::DAY);
+                        proptest::prop_assert!(upstream.timeouts.total.is_none_or(|t| t <= max::WEEK));
+                    }
+                    proptest::prop_assert!(config.limits.header_read_timeout <= max::HOUR);
+                }
+                Err(err) => {
+                    proptest::prop_assert!(!err.contains("5ecret"), "{text}\n→ {err}");
+                }
+            }
+            let flags = from_flags(&a.replace("${KEY}", SECRET), &[b.replace("${KEY}", SECRET)], &secret_env);
+            if let Err(err) = flags {
+                proptest::prop_assert!(!err.to_string().contains("5ecret"), "{a} {b}\n→ {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn serde_messages_lose_their_values_but_keep_field_names() {
+        assert_eq!(
+            without_values(r#"invalid type: string "Bearer sk-x", expected a mapping"#),
+            "invalid type: string, expected a mapping"
+        );
+        assert_eq!(
+            without_values("unknown field `conect`, expected one of `connect`, `idle`"),
+            "unknown field `conect`, expected one of `connect`, `idle`"
+        );
+        assert_eq!(
+            without_values("invalid type: integer `5`, expected a string"),
+            "invalid type: integer, expected a string"
+        );
+        let err = load_str(
+            "upstream:\n  base_url: http://x/v1\n  timeouts:\n    Authorization Bearer sk-key-in-a-key: 1s\n",
+            &no_env,
+        )
+        .unwrap_err();
+        assert!(!err.contains("sk-key-in-a-key"), "{err}");
+        assert!(
+            err.contains("upstream.timeouts.<key>: unknown field"),
+            "{err}"
+        );
     }
 }

@@ -294,6 +294,37 @@ mod tests {
                 "upstream_timeout",
                 "proxy_error",
             ),
+            (
+                ProxyError::BadPath("dots".into()),
+                400,
+                "invalid_path",
+                "invalid_request_error",
+            ),
+            (
+                ProxyError::MethodNotAllowed(http::Method::TRACE),
+                405,
+                "method_not_allowed",
+                "invalid_request_error",
+            ),
+            (
+                ProxyError::RequestBodyTimeout(Duration::from_secs(1)),
+                408,
+                "request_timeout",
+                "invalid_request_error",
+            ),
+            (
+                ProxyError::Overloaded("x"),
+                503,
+                "server_busy",
+                "proxy_error",
+            ),
+            (
+                ProxyError::Throttled("x".into()),
+                429,
+                "rate_limit_exceeded",
+                "proxy_error",
+            ),
+            (ProxyError::Internal, 500, "internal_error", "proxy_error"),
         ];
         for (err, status, code, kind) in cases {
             let message = err.to_string();

@@ -358,4 +358,73 @@ mod tests {
             assert!(!printed.contains(secret), "{secret} leaked in {printed}");
         }
     }
+
+    fn any_name() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just("Authorization".to_owned()),
+            Just("authorization".to_owned()),
+            Just("Connection".to_owned()),
+            Just("Keep-Alive".to_owned()),
+            Just("Transfer-Encoding".to_owned()),
+            Just("Content-Length".to_owned()),
+            Just("TE".to_owned()),
+            Just("Upgrade".to_owned()),
+            Just("Proxy-Connection".to_owned()),
+            Just("Host".to_owned()),
+            Just("api-key".to_owned()),
+            "[A-Za-z][A-Za-z0-9-]{0,12}",
+        ]
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_header_policy_holds_for_any_headers(
+            client in proptest::collection::vec((any_name(), "[ -~]{0,20}"), 0..12),
+            configured in proptest::collection::vec((any_name(), "[!-~]{1,20}"), 0..4),
+            upstream in proptest::collection::vec((any_name(), "[ -~]{0,20}"), 0..12),
+        ) {
+            let mut headers = HeaderMap::new();
+            for (name, value) in &client {
+                headers.append(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_str(value).unwrap());
+            }
+            let listed: Vec<String> = headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(',').map(|n| n.trim().to_ascii_lowercase()).collect::<Vec<_>>())
+                .filter(|n| !n.is_empty())
+                .collect();
+            // Defaults as the config loader admits them: unique, never framing.
+            let mut admitted: Vec<(HeaderName, HeaderValue)> = Vec::new();
+            for (name, value) in &configured {
+                let name = HeaderName::from_bytes(name.as_bytes()).unwrap();
+                if may_be_default(&name) && !admitted.iter().any(|(n, _)| *n == name) {
+                    admitted.push((name, HeaderValue::from_str(value).unwrap()));
+                }
+            }
+            to_upstream_request(&mut headers, &HOST, &DefaultHeaders::new(admitted.clone()));
+            for (name, value) in &admitted {
+                let sent: Vec<_> = headers.get_all(name).iter().collect();
+                proptest::prop_assert_eq!(sent, vec![value], "{} once, the configured value", name);
+            }
+            for name in headers.keys() {
+                proptest::prop_assert!(!is_hop_by_hop(name), "{} crossed", name);
+                let configured = admitted.iter().any(|(n, _)| n == name);
+                proptest::prop_assert!(configured || *name == header::HOST || !listed.contains(&name.as_str().to_owned()), "{} was listed in Connection", name);
+            }
+            proptest::prop_assert_eq!(headers.get_all(header::HOST).iter().count(), 1);
+
+            let mut answer = HeaderMap::new();
+            for (name, value) in &upstream {
+                answer.append(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_str(value).unwrap());
+            }
+            let chunked = answer.contains_key(header::TRANSFER_ENCODING);
+            to_client_response(&mut answer);
+            for name in answer.keys() {
+                proptest::prop_assert!(!is_hop_by_hop(name), "{} crossed back", name);
+            }
+            proptest::prop_assert!(!(chunked && answer.contains_key(header::CONTENT_LENGTH)));
+        }
+    }
 }

@@ -406,3 +406,151 @@ async fn routed_requests_log_their_upstream_and_attempts() {
     assert_eq!(line["attempts"], 2);
     assert_eq!(line["status"], 200);
 }
+
+/// `check-config` on `text`: the exit code and what it printed.
+async fn check_config_text(name: &str, text: &str) -> (Option<i32>, String) {
+    let path = temp_config(name, text);
+    let out = check_config(&path).await;
+    let _ = std::fs::remove_file(&path);
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test]
+async fn config_errors_never_print_a_secret() {
+    const SECRET: &str = "sk-live-0123456789abcdefSECRET";
+    let files = [
+        "upstream:\n  base_url: \"https://h/v1?key=${LLMPROXY_TEST_SECRET}\"\n",
+        "upstream:\n  base_url: ${LLMPROXY_TEST_SECRET}\n",
+        "upstream:\n  base_url: https://h/v1\n  default_headers: \"Authorization Bearer sk-live-0123456789abcdefSECRET\"\n",
+        "upstream:\n  base_url: https://h/v1\n  default_headers:\n    - \"Authorization: Bearer sk-live-0123456789abcdefSECRET\"\n",
+        "upstream:\n  base_url: https://h/v1\n  default_headers:\n    Authorization: [\"Bearer sk-live-0123456789abcdefSECRET\"]\n",
+        "upstream:\n  base_url: https://h/v1\n  default_headers:\n    Authorization: \"Bearer ${LLMPROXY_TEST_SECRET}\\n\"\n",
+        "upstream:\n  base_url: \"https://h/v1?key=sk-live-0123456789abcdefSECRET\"\n",
+        "upstream:\n  base_url: https://h/v1\nadmin:\n  token: ${LLMPROXY_TEST_SHORT}\n",
+    ];
+    for (i, text) in files.iter().enumerate() {
+        let path = temp_config(&format!("secret-{i}"), text);
+        let out = Command::new(BIN)
+            .arg("check-config")
+            .arg(&path)
+            .env("LLMPROXY_TEST_SECRET", SECRET)
+            .env("LLMPROXY_TEST_SHORT", "sk-short")
+            .output()
+            .await
+            .unwrap();
+        let _ = std::fs::remove_file(&path);
+        let printed = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.status.code(), Some(2), "{text}: {printed}");
+        assert!(!printed.contains("0123456789abcdef"), "{text}: {printed}");
+        assert!(!printed.contains("sk-short"), "{text}: {printed}");
+    }
+    // The quick-start flags, at start-up.
+    for args in [
+        vec![
+            "--upstream",
+            "http://h/v1?key=sk-live-0123456789abcdefSECRET",
+        ],
+        vec![
+            "--upstream",
+            "http://h/v1",
+            "-H",
+            "sk-live-0123456789abcdefSECRET",
+        ],
+        vec![
+            "--upstream",
+            "http://h/v1",
+            "-H",
+            "Bearer sk-live-0123456789abcdefSECRET",
+        ],
+        vec!["--upstream", "sk-live-0123456789abcdefSECRET"],
+    ] {
+        let out = Command::new(BIN).args(&args).output().await.unwrap();
+        let printed = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {printed}");
+        assert!(!printed.contains("0123456789abcdef"), "{args:?}: {printed}");
+    }
+}
+
+#[tokio::test]
+async fn durations_that_would_overflow_are_refused_at_load() {
+    for (yaml, field) in [
+        (
+            "upstream:\n  base_url: http://x/v1\n  timeouts:\n    idle: 500000000000y\n",
+            "upstream.timeouts.idle",
+        ),
+        (
+            "upstream:\n  base_url: http://x/v1\n  timeouts:\n    total: 18446744073709551615s\n",
+            "upstream.timeouts.total",
+        ),
+        (
+            "upstream:\n  base_url: http://x/v1\nlimits:\n  header_read_timeout: 18446744073709551615s\n",
+            "limits.header_read_timeout",
+        ),
+        (
+            "upstreams:\n  a:\n    base_url: http://x/v1\nmodels:\n  m:\n    retry:\n      deadline: 100000000d\n    deployments:\n      - upstream: a\n",
+            "models.m.retry.deadline",
+        ),
+    ] {
+        let (code, printed) = check_config_text("duration", yaml).await;
+        assert_eq!(code, Some(2), "{printed}");
+        assert!(printed.contains(field), "{printed}");
+        assert!(printed.contains("maximum"), "{printed}");
+    }
+}
+
+#[tokio::test]
+async fn framing_headers_are_refused_as_defaults() {
+    for name in ["Content-Length", "Transfer-Encoding", "Host", "Expect"] {
+        let (code, printed) = check_config_text(
+            "framing",
+            &format!("upstream:\n  base_url: http://x/v1\n  default_headers:\n    {name}: \"2\"\n"),
+        )
+        .await;
+        assert_eq!(code, Some(2), "{name}: {printed}");
+        assert!(
+            printed.contains(&format!("upstream.default_headers.{name}")),
+            "{printed}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn check_config_stays_fast_on_pathological_and_huge_files() {
+    let nested = format!(
+        "upstream:\n  base_url: http://x/v1\nlog: {}\n",
+        "[".repeat(200_000)
+    );
+    let started = Instant::now();
+    let (code, printed) = check_config_text("nested", &nested).await;
+    assert_eq!(code, Some(2));
+    assert!(printed.contains("nested deeper than"), "{printed}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    let mut many = String::from("upstreams:\n  a:\n    base_url: http://a/v1\nmodels:\n");
+    for i in 0..50_000 {
+        many.push_str(&format!(
+            "  m{i}:\n    fallbacks: [m0]\n    deployments:\n      - upstream: a\n"
+        ));
+    }
+    many = many.replacen("  m0:\n    fallbacks: [m0]\n", "  m0:\n", 1);
+    let started = Instant::now();
+    let (code, printed) = check_config_text("many", &many).await;
+    assert_eq!(code, Some(0), "{}", &printed[..printed.len().min(300)]);
+    // Generous for a debug build on a shared core; the trial saw 8.6 s in release.
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+}
