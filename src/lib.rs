@@ -142,6 +142,14 @@ async fn no_request_by(timeout: Duration, seen: &AtomicBool) {
     }
 }
 
+/// Resolves once shutdown has begun if the connection has not started a
+/// request by then; never otherwise.
+async fn idle_at_shutdown(stopping: &mut tokio::sync::watch::Receiver<bool>, seen: &AtomicBool) {
+    if stopping.wait_for(|stopping| *stopping).await.is_err() || seen.load(Ordering::Relaxed) {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// The per-connection service: notes that a request has started, then
 /// hands it to the shared service.
 #[derive(Clone)]
@@ -208,6 +216,8 @@ pub async fn run(
     // against a busy server would want.
     let permits = Arc::new(Semaphore::new(config.limits.max_connections));
     let graceful = GracefulShutdown::new();
+    // Tells connections that have not started a request to close at once.
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
     tokio::pin!(shutdown);
 
     tracing::info!(
@@ -250,6 +260,7 @@ pub async fn run(
             )
             .into_owned();
         let watched = graceful.watch(connection);
+        let mut stopping = stopping.clone();
         tokio::spawn(async move {
             tokio::select! {
                 served = watched => {
@@ -263,12 +274,16 @@ pub async fn run(
                         "closed a connection that sent no request (limits.header_read_timeout)"
                     );
                 }
+                // Nothing to drain on a connection that never started a request
+                // (silent, or halfway through its first headers).
+                () = idle_at_shutdown(&mut stopping, &seen) => {}
             }
             drop(permit);
         });
     }
 
     drop(listener);
+    let _ = stopping_tx.send(true);
     tracing::info!(
         connections = graceful.count(),
         deadline = ?config.shutdown_timeout,
