@@ -55,6 +55,11 @@ pub struct UpstreamInfo {
     pub routed: bool,
 }
 
+/// The model a routed request asked for, left in the response extensions
+/// for the log line (routed requests only).
+#[derive(Debug, Clone)]
+pub struct RequestedModel(pub Box<str>);
+
 /// Makes unique, unguessable-looking request ids without a lock or a syscall.
 ///
 /// An id is a per-process random prefix and a counter pushed through a
@@ -178,6 +183,8 @@ struct Record {
     upstream_name: Option<HeaderValue>,
     /// `x-llmproxy-attempts` of the answer.
     attempts: Option<u32>,
+    /// The model a routed request asked for.
+    model: Option<Box<str>>,
     error: Option<&'static str>,
     error_detail: Option<Arc<str>>,
     first_byte: Option<Instant>,
@@ -199,6 +206,7 @@ impl Drop for Record {
             status = self.status.map(|s| s.as_u16()),
             upstream = self.upstream_name.as_ref().and_then(|v| v.to_str().ok()),
             upstream_status = self.upstream.map(|u| u.status.as_u16()),
+            model = self.model.as_deref(),
             attempts = self.attempts,
             latency_us = us(end - self.start),
             ttfb_us = self.first_byte.map(|t| us(t - self.start)),
@@ -259,6 +267,7 @@ where
             upstream: None,
             upstream_name: None,
             attempts: None,
+            model: None,
             error: None,
             error_detail: None,
             first_byte: None,
@@ -302,7 +311,15 @@ where
         let record = this.record.take().map(|mut record| {
             record.status = Some(response.status());
             record.upstream = response.extensions().get::<UpstreamInfo>().copied();
-            // Only routed answers carry the header; skip the lookup otherwise.
+            // Only routed requests carry a model; routed answers and routed
+            // failures carry the headers. Skip the lookups otherwise.
+            if let Some(model) = response.extensions_mut().remove::<RequestedModel>() {
+                record.model = Some(model.0);
+                record.attempts = response
+                    .headers()
+                    .get(crate::proxy::ATTEMPTS_HEADER)
+                    .and_then(|v| v.to_str().ok()?.parse().ok());
+            }
             if record.upstream.is_some_and(|u| u.routed) {
                 let headers = response.headers();
                 record.upstream_name = headers.get(crate::proxy::UPSTREAM_HEADER).cloned();

@@ -22,6 +22,26 @@ use crate::headers::DefaultHeaders;
 pub trait Lookup {
     /// The variable's value, or `None` when it is not set.
     fn get(&self, name: &str) -> Option<String>;
+
+    /// Whether values are stand-ins (`check-config --no-env`): then a value
+    /// built from `${VAR}` is not checked beyond its structure.
+    fn placeholder(&self) -> bool {
+        false
+    }
+}
+
+/// `check-config --no-env`: every variable is "set" to a stand-in, so a
+/// config's structure can be checked in CI without its real keys.
+pub struct NoEnv;
+
+impl Lookup for NoEnv {
+    fn get(&self, _name: &str) -> Option<String> {
+        Some("no-env-placeholder-value".to_owned())
+    }
+
+    fn placeholder(&self) -> bool {
+        true
+    }
 }
 
 /// The process environment.
@@ -124,6 +144,10 @@ impl Lookup for Recording<'_> {
         let value = self.env.get(name)?;
         self.secrets.add(&value);
         Some(value)
+    }
+
+    fn placeholder(&self) -> bool {
+        self.env.placeholder()
     }
 }
 
@@ -241,8 +265,9 @@ pub struct AdminFile {
 pub struct LimitsFile {
     /// Largest request body accepted; base64 images need tens of MiB.
     pub max_body_size: ByteSize,
-    /// Connections served at once; further ones wait in the listen backlog.
-    pub max_connections: usize,
+    /// Connections served at once; further ones wait in the listen backlog
+    /// (10,000 unless set).
+    pub max_connections: Option<usize>,
     /// Requests in flight at once over all connections (each may hold an
     /// upstream socket); over it, 503. Defaults to `max_connections`.
     pub max_in_flight: Option<usize>,
@@ -264,7 +289,7 @@ impl Default for LimitsFile {
     fn default() -> Self {
         Self {
             max_body_size: ByteSize(32 * 1024 * 1024),
-            max_connections: 10_000,
+            max_connections: None,
             max_in_flight: None,
             max_streams_per_connection: 100,
             max_buffered_bytes: ByteSize(512 * 1024 * 1024),
@@ -273,6 +298,9 @@ impl Default for LimitsFile {
         }
     }
 }
+
+/// `limits.max_connections` when not set.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 
 /// Log settings.
 #[derive(Debug, Deserialize)]
@@ -549,6 +577,9 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Log filter.
     pub log_level: String,
+    /// Things that are allowed but probably not meant (`field: what`), shown
+    /// by `check-config` and logged at start-up.
+    pub warnings: Vec<String>,
 }
 
 impl Config {
@@ -702,6 +733,9 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// Time to receive a whole request body.
     pub body_read_timeout: Duration,
+    /// Whether `max_connections` and `max_in_flight` are the shipped
+    /// defaults: those are fitted to the open-file limit without a warning.
+    pub defaults_fitted_quietly: bool,
 }
 
 /// An upstream base URL, split once so joining a request path is one allocation.
@@ -789,6 +823,21 @@ impl BaseUrl {
             .build()
     }
 
+    /// Whether the path has a segment like `v1`, `v1beta` or `v2` (OpenAI-style
+    /// APIs are versioned; a bare host is usually a forgotten `/v1`).
+    pub fn has_version_segment(&self) -> bool {
+        self.path.split('/').any(|segment| {
+            segment
+                .strip_prefix('v')
+                .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+        })
+    }
+
+    /// `host:port` as configured.
+    pub fn authority(&self) -> &str {
+        self.authority.as_str()
+    }
+
     /// The URL as configured (it holds no credentials: `parse` refuses them).
     pub fn display(&self) -> String {
         format!("{}://{}{}", self.scheme, self.authority, self.path)
@@ -854,7 +903,11 @@ pub fn parse(text: &str, origin: &str) -> Result<FileConfig, ConfigError> {
         {
             message = rest.to_owned();
         }
-        invalid(origin, &field, without_values(&message))
+        let mut message = without_values(&message);
+        if message.contains("expected a duration") || message.contains("time unit needed") {
+            message.push_str(" (write a number with its unit: 500ms, 10s, 5m, 1h)");
+        }
+        invalid(origin, &field, message)
     })
 }
 
@@ -1013,6 +1066,121 @@ pub fn resolve(file: FileConfig, origin: &str, env: &dyn Lookup) -> Result<Confi
     resolve_recorded(file, origin, &env).map_err(|err| err.scrubbed(&secrets))
 }
 
+/// Checks a log filter as a person means it: comma-separated directives,
+/// each a level (`info`) or `target=level` (`llmproxy=debug`).
+///
+/// `tracing`'s own parser takes a bare word it does not know (`loud`,
+/// `warning`) as a *target* name, which silently turns every other log line
+/// off — the access log included. Here that is an error that says so.
+pub fn check_log_filter(text: &str) -> Result<(), String> {
+    const LEVELS: &str = "trace, debug, info, warn, error or off";
+    if text.trim().is_empty() {
+        return Err(format!("is empty; use a level: {LEVELS}"));
+    }
+    for directive in text.split(',') {
+        let directive = directive.trim();
+        if directive.is_empty() {
+            return Err(format!(
+                "has an empty directive (a stray comma) in `{text}`; use a level ({LEVELS}) or target=level, comma-separated"
+            ));
+        }
+        let (target, level) = match directive.rsplit_once('=') {
+            Some((target, level)) => (Some(target.trim()), level.trim()),
+            None => (None, directive),
+        };
+        if target.is_some_and(str::is_empty) {
+            return Err(format!("`{directive}` has no target before `=`"));
+        }
+        if level
+            .parse::<tracing::level_filters::LevelFilter>()
+            .is_err()
+            || level.chars().any(|c| c.is_ascii_digit())
+        {
+            return Err(format!(
+                "`{level}` is not a level; use {LEVELS} (or target=level, e.g. llmproxy=debug)"
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(text)
+        .map(|_| ())
+        .map_err(|e| format!("is not a log filter: {e}"))
+}
+
+/// Every `${NAME}` a value refers to (`$$` is an escaped `$`, not a reference).
+fn variables(text: &str) -> Vec<&str> {
+    let mut found = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find('$') {
+        let after = &rest[at + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            rest = tail;
+        } else if let Some(tail) = after.strip_prefix('{') {
+            match tail.find('}') {
+                Some(end) => {
+                    found.push(&tail[..end]);
+                    rest = &tail[end + 1..];
+                }
+                None => break,
+            }
+        } else {
+            rest = after;
+        }
+    }
+    found
+}
+
+/// All the variables the config needs that are not set, in one error, so a
+/// user fixes them in one go rather than one `check-config` run each.
+fn check_variables(file: &FileConfig, origin: &str, env: &dyn Lookup) -> Result<(), ConfigError> {
+    let mut fields: Vec<(String, &str)> = Vec::new();
+    let upstreams = std::iter::once(("upstream".to_owned(), &file.upstream)).chain(
+        file.upstreams
+            .0
+            .iter()
+            .map(|(name, u)| (format!("upstreams.{name}"), u)),
+    );
+    for (field, upstream) in upstreams {
+        fields.push((format!("{field}.base_url"), &upstream.base_url));
+        for (name, value) in &upstream.default_headers.0 {
+            fields.push((format!("{field}.default_headers.{name}"), value));
+        }
+    }
+    if let Some(token) = &file.admin.token {
+        fields.push(("admin.token".to_owned(), token));
+    }
+    let mut missing: Vec<(String, &str)> = Vec::new();
+    for (field, text) in &fields {
+        for name in variables(text) {
+            let valid =
+                !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if valid && env.get(name).is_none() {
+                missing.push((field.clone(), name));
+            }
+        }
+    }
+    match missing.as_slice() {
+        [] => Ok(()),
+        [(field, name)] => Err(invalid(
+            origin,
+            field,
+            format!("environment variable {name} is not set"),
+        )),
+        several => Err(invalid(
+            origin,
+            "(environment)",
+            format!(
+                "{} environment variables are not set: {}",
+                several.len(),
+                several
+                    .iter()
+                    .map(|(field, name)| format!("{name} (for {field})"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )),
+    }
+}
+
 /// The longest each duration may be: generous for any real deployment, and
 /// far from where adding it to a clock could overflow.
 mod max {
@@ -1050,6 +1218,8 @@ fn resolve_recorded(
     origin: &str,
     env: &dyn Lookup,
 ) -> Result<Config, ConfigError> {
+    check_variables(&file, origin, env)?;
+    let mut warnings = Vec::new();
     let FileConfig {
         listen,
         upstream,
@@ -1064,14 +1234,19 @@ fn resolve_recorded(
     let single = !upstream.base_url.is_empty();
     let resolved: Vec<Upstream> = match (single, upstreams.0.is_empty()) {
         (true, true) => vec![resolve_upstream(
-            "default", "upstream", upstream, origin, env,
+            "default",
+            "upstream",
+            upstream,
+            origin,
+            env,
+            &mut warnings,
         )?],
         (false, false) => upstreams
             .0
             .into_iter()
             .map(|(name, file)| {
                 let field = format!("upstreams.{name}");
-                resolve_upstream(&name, &field, file, origin, env)
+                resolve_upstream(&name, &field, file, origin, env, &mut warnings)
             })
             .collect::<Result<_, _>>()?,
         (true, false) => {
@@ -1139,13 +1314,14 @@ fn resolve_recorded(
             "must be greater than zero",
         ));
     }
-    if limits.max_connections == 0 {
+    if limits.max_connections == Some(0) {
         return Err(invalid(
             origin,
             "limits.max_connections",
             "must be greater than zero",
         ));
     }
+    let max_connections = limits.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log.level) {
         return Err(invalid(
             origin,
@@ -1175,8 +1351,10 @@ fn resolve_recorded(
         admin_token,
         limits: Limits {
             max_body_size: limits.max_body_size.0,
-            max_connections: limits.max_connections,
-            max_in_flight: limits.max_in_flight.unwrap_or(limits.max_connections),
+            max_connections,
+            max_in_flight: limits.max_in_flight.unwrap_or(max_connections),
+            defaults_fitted_quietly: limits.max_connections.is_none()
+                && limits.max_in_flight.is_none(),
             max_streams_per_connection: limits.max_streams_per_connection,
             max_buffered_bytes: limits.max_buffered_bytes.0,
             header_read_timeout: limits.header_read_timeout,
@@ -1185,6 +1363,7 @@ fn resolve_recorded(
         shutdown_timeout,
         log_format: log.format,
         log_level: log.level,
+        warnings,
     })
 }
 
@@ -1195,6 +1374,7 @@ fn resolve_upstream(
     upstream: UpstreamFile,
     origin: &str,
     env: &dyn Lookup,
+    warnings: &mut Vec<String>,
 ) -> Result<Upstream, ConfigError> {
     if name.is_empty()
         || !name
@@ -1208,9 +1388,19 @@ fn resolve_upstream(
         ));
     }
     let url_field = format!("{field}.base_url");
-    let base_url = interpolate(&upstream.base_url, env)
-        .and_then(|url| BaseUrl::parse(&url))
-        .map_err(|m| invalid(origin, &url_field, m))?;
+    let base_url = if env.placeholder() && upstream.base_url.contains("${") {
+        // --no-env: the URL comes from a variable; only its shape is known.
+        BaseUrl::parse("http://no-env.invalid/v1")
+    } else {
+        interpolate(&upstream.base_url, env).and_then(|url| BaseUrl::parse(&url))
+    }
+    .map_err(|m| invalid(origin, &url_field, m))?;
+    if !base_url.has_version_segment() {
+        warnings.push(format!(
+            "{url_field}: has no version segment such as /v1, so /v1/chat/completions is sent to \
+             its path + /chat/completions; OpenAI-compatible servers usually want a base URL ending in /v1"
+        ));
+    }
 
     let mut headers: Vec<(HeaderName, HeaderValue)> =
         Vec::with_capacity(upstream.default_headers.0.len());
@@ -1242,6 +1432,15 @@ fn resolve_upstream(
             ));
         }
         let value = interpolate(value, env).map_err(|m| invalid(origin, &header_field, m))?;
+        let bare = value.trim();
+        if bare.is_empty()
+            || ["bearer", "basic", "token"].contains(&bare.to_ascii_lowercase().as_str())
+        {
+            warnings.push(format!(
+                "{header_field}: the value is empty or only an auth scheme; if it names a variable, \
+                 check it is set (a flag in double quotes is expanded by the shell: use single quotes)"
+            ));
+        }
         // Never echo the value: it is usually a key.
         let header_value = HeaderValue::from_str(&value).map_err(|_| {
             invalid(

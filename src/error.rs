@@ -61,6 +61,14 @@ pub enum ProxyError {
     /// Too many attempts (wrong admin tokens); retry after a second.
     #[error("{0}")]
     Throttled(String),
+    /// A failure at a named upstream: the message says which, and where.
+    #[error("upstream {upstream}: {error}")]
+    AtUpstream {
+        /// `name (host:port)`, or `host:port` with a single upstream.
+        upstream: std::sync::Arc<str>,
+        /// What went wrong there.
+        error: Box<ProxyError>,
+    },
     /// A defect in llmproxy (a panic while handling the request).
     #[error("internal error in llmproxy while handling the request")]
     Internal,
@@ -88,6 +96,7 @@ impl ProxyError {
     /// The HTTP status this failure is answered with.
     pub fn status(&self) -> StatusCode {
         match self {
+            Self::AtUpstream { error, .. } => error.status(),
             Self::NotFound { .. } | Self::ModelNotFound(_) => StatusCode::NOT_FOUND,
             Self::BadRequest(_) | Self::BadPath(_) => StatusCode::BAD_REQUEST,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -107,16 +116,35 @@ impl ProxyError {
     /// Whether another attempt (on another deployment) may succeed: the
     /// upstream could not be reached or did not answer in time.
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            Self::UpstreamUnreachable(_) | Self::ConnectTimeout(_) | Self::UpstreamTimeout(_)
-        )
+        match self {
+            Self::AtUpstream { error, .. } => error.is_retryable(),
+            _ => matches!(
+                self,
+                Self::UpstreamUnreachable(_) | Self::ConnectTimeout(_) | Self::UpstreamTimeout(_)
+            ),
+        }
+    }
+
+    /// This error, said to have happened at `upstream` when it is the
+    /// upstream's doing (unreachable, too slow, not speaking HTTP).
+    pub fn at_upstream(self, upstream: &std::sync::Arc<str>) -> Self {
+        match self {
+            Self::UpstreamUnreachable(_)
+            | Self::ConnectTimeout(_)
+            | Self::UpstreamTimeout(_)
+            | Self::UpstreamProtocol(_) => Self::AtUpstream {
+                upstream: std::sync::Arc::clone(upstream),
+                error: Box::new(self),
+            },
+            other => other,
+        }
     }
 
     /// A stable, low-cardinality name for logs and metric labels; also the
     /// OpenAI `code` field.
     pub fn kind(&self) -> &'static str {
         match self {
+            Self::AtUpstream { error, .. } => error.kind(),
             Self::NotFound { .. } => "not_found",
             Self::ModelNotFound(_) => "model_not_found",
             Self::ModelUnavailable { .. } => "model_unavailable",
@@ -140,6 +168,7 @@ impl ProxyError {
     /// The OpenAI error `type`: the client's fault or the gateway's.
     fn error_type(&self) -> &'static str {
         match self {
+            Self::AtUpstream { error, .. } => error.error_type(),
             Self::NotFound { .. }
             | Self::ModelNotFound(_)
             | Self::BadRequest(_)

@@ -99,6 +99,11 @@ pub fn proxy_state(config: &Config) -> Arc<Proxy> {
             // Names are checked to be header-safe when the config is loaded.
             name_header: http::HeaderValue::from_str(&upstream.name)
                 .unwrap_or(http::HeaderValue::from_static("upstream")),
+            label: if config.models.is_empty() {
+                upstream.base_url.authority().into()
+            } else {
+                format!("{} ({})", upstream.name, upstream.base_url.authority()).into()
+            },
             upstream: upstream.clone(),
         })
         .collect();
@@ -173,16 +178,23 @@ where
 }
 
 /// Binds a listener with a backlog deep enough for connection bursts (the
-/// kernel caps it at `net.core.somaxconn`); tokio's default is 1024.
-pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(8192)
+/// kernel caps it at `net.core.somaxconn`); tokio's default is 1024. An
+/// error names the address and `role` (`llmproxy`, `the mock upstream`), so
+/// "address already in use" says which server could not start, and where.
+pub fn bind(addr: std::net::SocketAddr, role: &str) -> std::io::Result<TcpListener> {
+    let bound = (|| {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(8192)
+    })();
+    bound.map_err(|err| {
+        std::io::Error::new(err.kind(), format!("{role} cannot listen on {addr}: {err}"))
+    })
 }
 
 /// Serves `listener` until `shutdown` resolves, then stops accepting and
@@ -284,10 +296,13 @@ pub async fn run(
 
     drop(listener);
     let _ = stopping_tx.send(true);
+    let connections = graceful.count();
     tracing::info!(
-        connections = graceful.count(),
+        connections,
         deadline = ?config.shutdown_timeout,
-        "shutting down: no longer accepting, draining in-flight requests"
+        "shutting down: no longer accepting; draining {connections} connection(s) for up to {:?}; \
+         press Ctrl-C (or send SIGTERM) again to quit now",
+        config.shutdown_timeout
     );
     match tokio::time::timeout(config.shutdown_timeout, graceful.shutdown()).await {
         Ok(()) => tracing::info!("all connections drained"),

@@ -61,6 +61,14 @@ impl BatchedStderr {
     }
 }
 
+impl BatchedStderr {
+    /// Writes out what is buffered now (before a forced exit, which runs no
+    /// destructors).
+    pub fn flush_now(&self) {
+        let _ = lock(&self.buffer).flush();
+    }
+}
+
 impl Drop for FlushGuard {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);

@@ -44,6 +44,10 @@ enum Command {
     CheckConfig {
         /// The YAML file.
         file: PathBuf,
+        /// Check the structure only: every `${VAR}` counts as set (for CI
+        /// without the real keys); values built from variables are not checked.
+        #[arg(long)]
+        no_env: bool,
     },
     /// Run the built-in OpenAI-compatible fake upstream.
     MockUpstream {
@@ -59,6 +63,10 @@ enum Command {
         /// Milliseconds between streamed chunks.
         #[arg(long, default_value_t = 50)]
         delay_ms: u64,
+        /// Answer every request with this error status (e.g. 503, 429), to
+        /// try retries, fallbacks and circuit breakers offline.
+        #[arg(long, value_parser = clap::value_parser!(u16).range(400..600))]
+        fail_status: Option<u16>,
     },
 }
 
@@ -71,37 +79,59 @@ fn fail(message: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(2)
 }
 
+#[expect(
+    clippy::print_stderr,
+    reason = "warnings about the config are shown before logging exists"
+)]
+fn warn(message: impl std::fmt::Display) {
+    eprintln!("llmproxy: warning: {message}");
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::CheckConfig { file }) => match config::load(&file, &Env) {
-            Ok(config) => {
-                #[expect(clippy::print_stdout, reason = "check-config reports to the terminal")]
-                {
-                    println!(
-                        "{}: ok (listen {}, upstream {})",
-                        file.display(),
-                        config.listen,
-                        config.describe()
-                    );
+        Some(Command::CheckConfig { file, no_env }) => {
+            let env: &dyn config::Lookup = if no_env { &config::NoEnv } else { &Env };
+            match config::load(&file, env) {
+                Ok(config) => {
+                    for warning in &config.warnings {
+                        warn(warning);
+                    }
+                    #[expect(clippy::print_stdout, reason = "check-config reports to the terminal")]
+                    {
+                        println!(
+                            "{}: ok{} (listen {}, upstream {})",
+                            file.display(),
+                            if no_env {
+                                ", structure only: ${VAR} values not checked"
+                            } else {
+                                ""
+                            },
+                            config.listen,
+                            config.describe()
+                        );
+                    }
+                    ExitCode::SUCCESS
                 }
-                ExitCode::SUCCESS
+                Err(err) => fail(err),
             }
-            Err(err) => fail(err),
-        },
+        }
         Some(Command::MockUpstream {
             host,
             port,
             chunks,
             delay_ms,
+            fail_status,
         }) => {
-            let _log = init_logging(LogFormat::Text, "info");
+            let (_log, _) = init_logging(LogFormat::Text, "info");
             let mock = llmproxy::mock::MockConfig {
                 chunks,
                 delay: Duration::from_millis(delay_ms),
+                fail_status,
             };
             serve_blocking(cli.workers, async move {
-                let listener = llmproxy::bind(std::net::SocketAddr::new(host, port))?;
+                let listener =
+                    llmproxy::bind(std::net::SocketAddr::new(host, port), "the mock upstream")?;
                 tracing::info!(listen = %listener.local_addr()?, chunks, delay_ms, "mock upstream serving");
                 llmproxy::mock::serve(listener, mock).await
             })
@@ -124,12 +154,93 @@ fn main() -> ExitCode {
             if let Some(format) = cli.log_format {
                 config.log_format = format;
             }
-            let _log = init_logging(config.log_format, &config.log_level);
+            // RUST_LOG overrides log.level; a typo in it must not turn logging off either.
+            if let Ok(filter) = std::env::var("RUST_LOG")
+                && let Err(message) = config::check_log_filter(&filter)
+            {
+                return fail(format_args!("RUST_LOG {message}"));
+            }
+            let (_log, writer) = init_logging(config.log_format, &config.log_level);
+            if !tracing::enabled!(target: "llmproxy::access", tracing::Level::INFO) {
+                warn(
+                    "the log filter turns the access log off (it logs at info under llmproxy::access)",
+                );
+            }
+            for warning in &config.warnings {
+                tracing::warn!("{warning}");
+            }
             fit_open_file_limit(&mut config.limits);
             serve_blocking(cli.workers, async move {
-                let listener = llmproxy::bind(config.listen)?;
-                llmproxy::run(listener, config, shutdown_signal()).await
+                let listener = llmproxy::bind(config.listen, "llmproxy")?;
+                llmproxy::run(listener, config, signals(writer)).await
             })
+        }
+    }
+}
+
+/// Resolves on the first SIGTERM or SIGINT (the graceful drain starts); a
+/// second one ends the process at once, as people expect of a server.
+fn signals(writer: BatchedStderr) -> impl std::future::Future<Output = ()> {
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let mut signals = Signals::new();
+        let name = signals.next().await;
+        tracing::info!("{name} received");
+        let _ = first_tx.send(());
+        let name = signals.next().await;
+        tracing::warn!("second {name} received: exiting now without finishing the drain");
+        writer.flush_now();
+        std::process::exit(130);
+    });
+    async {
+        let _ = first_rx.await;
+    }
+}
+
+/// SIGINT and SIGTERM as one stream of signal names.
+struct Signals {
+    #[cfg(unix)]
+    terminate: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Self {
+        #[cfg(unix)]
+        let terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => Some(signal),
+                Err(err) => {
+                    tracing::error!(%err, "cannot listen for SIGTERM");
+                    None
+                }
+            };
+        Self {
+            #[cfg(unix)]
+            terminate,
+        }
+    }
+
+    async fn next(&mut self) -> &'static str {
+        let ctrl_c = async {
+            if let Err(err) = tokio::signal::ctrl_c().await {
+                tracing::error!(%err, "cannot listen for SIGINT");
+                std::future::pending::<()>().await;
+            }
+        };
+        #[cfg(unix)]
+        let terminate = async {
+            match self.terminate.as_mut() {
+                Some(signal) => {
+                    signal.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let terminate = std::future::pending::<()>();
+        tokio::select! {
+            () = ctrl_c => "SIGINT",
+            () = terminate => "SIGTERM",
         }
     }
 }
@@ -158,17 +269,19 @@ fn serve_blocking(
     match runtime.block_on(server) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            tracing::error!(%err, "server failed");
+            tracing::error!("{err}");
             ExitCode::FAILURE
         }
     }
 }
 
-/// Starts logging to stderr, batched (see `log_writer`); the guard flushes at exit.
-fn init_logging(format: LogFormat, level: &str) -> FlushGuard {
+/// Starts logging to stderr, batched (see `log_writer`); the guard flushes
+/// at exit, the writer handle before a forced exit.
+fn init_logging(format: LogFormat, level: &str) -> (FlushGuard, BatchedStderr) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let (writer, guard) = BatchedStderr::new(Duration::from_millis(100));
+    let handle = writer.clone();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
@@ -177,7 +290,7 @@ fn init_logging(format: LogFormat, level: &str) -> FlushGuard {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
-    guard
+    (guard, handle)
 }
 
 /// Each client connection holds a socket, and each request in flight may
@@ -201,6 +314,18 @@ fn fit_open_file_limit(limits: &mut llmproxy::config::Limits) {
     let wanted = limits.max_connections.saturating_add(limits.max_in_flight);
     if wanted > available {
         let half = (available / 2).max(1);
+        if limits.defaults_fitted_quietly {
+            // The shipped defaults adapt to the machine; only a setting the
+            // user chose and cannot have is worth a warning.
+            tracing::debug!(
+                open_file_limit = limit,
+                effective = half,
+                "default connection limits fitted to the open-file limit"
+            );
+            limits.max_connections = limits.max_connections.min(half);
+            limits.max_in_flight = limits.max_in_flight.min(half);
+            return;
+        }
         tracing::warn!(
             open_file_limit = limit,
             max_connections = limits.max_connections,
@@ -210,33 +335,5 @@ fn fit_open_file_limit(limits: &mut llmproxy::config::Limits) {
         );
         limits.max_connections = limits.max_connections.min(half);
         limits.max_in_flight = limits.max_in_flight.min(half);
-    }
-}
-
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(err) = tokio::signal::ctrl_c().await {
-            tracing::error!(%err, "cannot listen for SIGINT");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(err) => {
-                tracing::error!(%err, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("SIGINT received"),
-        () = terminate => tracing::info!("SIGTERM received"),
     }
 }

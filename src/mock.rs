@@ -9,6 +9,13 @@
 //! `x-mock-timestamps` adds `llmproxy_mock_sent_us` (Unix µs at send time) to
 //! each streamed chunk, so a benchmark can measure per-chunk delay.
 //! `POST /v1/uploads` drains the body and answers its size, for body throughput.
+//!
+//! Failures, to try retries, fallbacks, timeouts and breakers offline:
+//! `--fail-status N` answers every request with that error; per request,
+//! `x-mock-status: N` does the same, `x-mock-head-delay-ms` waits before the
+//! response headers, and `x-mock-cut-after: N` cuts a stream after N words
+//! (the connection fails, no `[DONE]`). The headers cross llmproxy like any
+//! other, so a client can set them through the proxy.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,6 +37,8 @@ pub struct MockConfig {
     pub chunks: usize,
     /// Pause before each streamed chunk.
     pub delay: Duration,
+    /// Answer every request with this error status instead.
+    pub fail_status: Option<u16>,
 }
 
 impl Default for MockConfig {
@@ -37,6 +46,7 @@ impl Default for MockConfig {
         Self {
             chunks: 20,
             delay: Duration::from_millis(50),
+            fail_status: None,
         }
     }
 }
@@ -93,14 +103,49 @@ pub async fn serve(listener: TcpListener, config: MockConfig) -> std::io::Result
     axum::serve(listener, router(config)).await
 }
 
-/// The answer's words, joined with spaces, one per chunk.
-fn word(i: usize) -> String {
+/// The answer's words, joined with spaces, one per chunk; the last of
+/// `total` ends the sentence.
+fn word(i: usize, total: usize) -> String {
     let word = WORDS[i % WORDS.len()];
-    if i == 0 {
+    let mut text = if i == 0 {
         word.to_owned()
     } else {
         format!(" {word}")
+    };
+    if i + 1 == total {
+        text = text.trim_end_matches([':', '.']).to_owned();
+        text.push('.');
     }
+    text
+}
+
+/// The failure a request asked for (or `--fail-status` imposes), after its
+/// head delay: an OpenAI-shaped error answer.
+async fn injected(mock: &Mock, headers: &HeaderMap) -> Option<Response> {
+    if let Some(ms) = header_number(headers, "x-mock-head-delay-ms") {
+        tokio::time::sleep(Duration::from_millis(ms.min(600_000))).await;
+    }
+    let status = header_number(headers, "x-mock-status")
+        .and_then(|n| u16::try_from(n).ok())
+        .or(mock.config.fail_status)
+        .and_then(|n| StatusCode::from_u16(n).ok())
+        .filter(|s| s.is_client_error() || s.is_server_error())?;
+    let code = match status.as_u16() {
+        429 => "rate_limit_exceeded",
+        400 => "invalid_request_error",
+        _ => "server_error",
+    };
+    let mut response = (
+        status,
+        axum::Json(json!({"error": {"message": format!("mock upstream: injected {status}"), "type": code, "param": null, "code": code}})),
+    )
+        .into_response();
+    if matches!(status.as_u16(), 429 | 503) {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    }
+    Some(response)
 }
 
 fn header_number(headers: &HeaderMap, name: &str) -> Option<u64> {
@@ -132,6 +177,9 @@ async fn chat_completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if let Some(failure) = injected(&mock, &headers).await {
+        return failure;
+    }
     let Ok(request) = serde_json::from_slice::<Value>(&body) else {
         return bad_request("mock upstream: the body is not JSON");
     };
@@ -153,7 +201,7 @@ async fn chat_completions(
         json!({"prompt_tokens": 8, "completion_tokens": chunks, "total_tokens": 8 + chunks});
 
     if !stream {
-        let content: String = (0..chunks).map(word).collect();
+        let content: String = (0..chunks).map(|i| word(i, chunks)).collect();
         let answer = json!({
             "id": id, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "refusal": null}, "logprobs": null, "finish_reason": "stop"}],
@@ -163,7 +211,8 @@ async fn chat_completions(
     }
 
     let timestamps = headers.contains_key("x-mock-timestamps");
-    let (mut tx, body) = http_body_util::channel::Channel::<Bytes>::new(1);
+    let cut_after = header_number(&headers, "x-mock-cut-after");
+    let (mut tx, body) = http_body_util::channel::Channel::<Bytes, std::io::Error>::new(1);
     tokio::spawn(async move {
         // Built at send time so a timestamp says when the chunk left.
         let event = |delta: Value, finish: Value| {
@@ -188,11 +237,17 @@ async fn chat_completions(
             return;
         }
         for i in 0..chunks {
+            if cut_after.is_some_and(|n| i as u64 >= n) {
+                // Queued frames would be overtaken by the abort: let them leave first.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                tx.abort(std::io::Error::other("mock upstream: injected cut"));
+                return;
+            }
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
             if tx
-                .send_data(event(json!({"content": word(i)}), Value::Null))
+                .send_data(event(json!({"content": word(i, chunks)}), Value::Null))
                 .await
                 .is_err()
             {
@@ -218,14 +273,21 @@ async fn chat_completions(
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
-async fn models() -> impl IntoResponse {
+async fn models(State(mock): State<Arc<Mock>>, headers: HeaderMap) -> Response {
+    if let Some(failure) = injected(&mock, &headers).await {
+        return failure;
+    }
     axum::Json(json!({
         "object": "list",
         "data": [{"id": "mock-model", "object": "model", "created": 0, "owned_by": "llmproxy-mock"}],
     }))
+    .into_response()
 }
 
-async fn embeddings(body: Bytes) -> Response {
+async fn embeddings(State(mock): State<Arc<Mock>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(failure) = injected(&mock, &headers).await {
+        return failure;
+    }
     let Ok(request) = serde_json::from_slice::<Value>(&body) else {
         return bad_request("mock upstream: the body is not JSON");
     };

@@ -37,7 +37,7 @@ use serde_json::value::RawValue;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::access_log::UpstreamInfo;
+use crate::access_log::{RequestedModel, UpstreamInfo};
 use crate::config::Upstream;
 use crate::error::ProxyError;
 use crate::headers;
@@ -54,6 +54,8 @@ pub struct Target {
     pub client: UpstreamClient,
     /// `x-llmproxy-upstream` for its answers, made once.
     pub name_header: HeaderValue,
+    /// How errors name it: `name (host:port)`, or `host:port` alone.
+    pub label: Arc<str>,
 }
 
 /// What the forward path needs, shared by every request.
@@ -114,10 +116,37 @@ pub async fn forward(
         // Boxed so the single-upstream future stays as small as before routing
         // existed: its size is measurable on every request (bench/HISTORY.md).
         Some(router) => {
-            let response = Box::pin(route(&proxy, router, parts, body, declared)).await?;
-            Ok(response.map(|body| Body::new(Holding::new(body, permit))))
+            let mut trace = Trace::default();
+            let result = Box::pin(route(&proxy, router, parts, body, declared, &mut trace)).await;
+            let mut response = match result {
+                Ok(response) => response.map(|body| Body::new(Holding::new(body, permit))),
+                Err(err) => {
+                    let mut response = err.into_response();
+                    if trace.attempts > 0 {
+                        response
+                            .headers_mut()
+                            .insert(ATTEMPTS_HEADER, HeaderValue::from(trace.attempts));
+                    }
+                    response
+                }
+            };
+            if let Some(model) = trace.model {
+                response
+                    .extensions_mut()
+                    .insert(RequestedModel(model.into_boxed_str()));
+            }
+            Ok(response)
         }
     }
+}
+
+/// What a routed request did, for its answer and its log line.
+#[derive(Default)]
+struct Trace {
+    /// The model it asked for.
+    model: Option<String>,
+    /// Attempts made, over the model and its fallbacks.
+    attempts: u32,
 }
 
 /// Picks the upstream by the request's `model` and sends it there.
@@ -127,6 +156,7 @@ async fn route(
     parts: http::request::Parts,
     body: RequestBody,
     declared: Option<u64>,
+    trace: &mut Trace,
 ) -> Result<Response, ProxyError> {
     if parts.method == Method::GET && parts.uri.path() == "/v1/models" {
         return Ok(list_models(router));
@@ -139,24 +169,25 @@ async fn route(
     let Some((model, span)) = requested_model(&bytes)? else {
         return send(proxy, Attempt::single(), parts, buffered(bytes), None).await;
     };
+    let model: &str = trace.model.insert(model);
     let primary = router
-        .resolve(&model)
-        .ok_or_else(|| ProxyError::ModelNotFound(model.clone()))?;
+        .resolve(model)
+        .ok_or_else(|| ProxyError::ModelNotFound(model.to_owned()))?;
     let request = Attempted {
         parts: &parts,
         bytes: &bytes,
-        model: &model,
+        model,
         span,
     };
-    let mut attempts = 0u32;
-    let (mut result, mut exhausted) = attempt_chain(proxy, primary, &request, &mut attempts).await;
+    let attempts = &mut trace.attempts;
+    let (mut result, mut exhausted) = attempt_chain(proxy, primary, &request, attempts).await;
     // Its deployments exhausted, the model hands over to its fallbacks in order.
     let mut fallbacks = primary.fallbacks.iter().filter_map(|&i| router.route(i));
     while exhausted {
         let Some(fallback) = fallbacks.next() else {
             break;
         };
-        (result, exhausted) = attempt_chain(proxy, fallback, &request, &mut attempts).await;
+        (result, exhausted) = attempt_chain(proxy, fallback, &request, attempts).await;
     }
     if primary.context_window_fallbacks.is_empty() {
         return result;
@@ -175,9 +206,7 @@ async fn route(
         if !too_long {
             return Ok(response);
         }
-        result = attempt_chain(proxy, fallback, &request, &mut attempts)
-            .await
-            .0;
+        result = attempt_chain(proxy, fallback, &request, attempts).await.0;
     }
     result
 }
@@ -307,20 +336,26 @@ async fn attempt_chain(
     let started = Instant::now();
     let mut tried = 0u64;
     let mut attempt = 1u32;
+    // The last attempt's own failure: when the breakers then close every
+    // door, it is the real cause, and the answer names it.
+    let mut last_error: Option<ProxyError> = None;
     loop {
         let now = crate::router::now_ms();
         let admitted = match route.pick_available(tried, now) {
             Ok(admitted) => admitted,
             // Nowhere to go: exhausted, so fallbacks get a turn.
-            Err(Unavailable::Cooling) => {
-                let error = ProxyError::ModelUnavailable {
-                    model: route.name.clone(),
-                    retry_after: Duration::from_millis(route.retry_after_ms(now)),
+            Err(reason) => {
+                let error = match (last_error, reason) {
+                    (Some(error), _) => error,
+                    (None, Unavailable::Cooling) => ProxyError::ModelUnavailable {
+                        model: route.name.clone(),
+                        retry_after: Duration::from_millis(route.retry_after_ms(now)),
+                    },
+                    (None, Unavailable::AtCapacity) => {
+                        ProxyError::ModelAtCapacity(route.name.clone())
+                    }
                 };
                 return (Err(error), true);
-            }
-            Err(Unavailable::AtCapacity) => {
-                return (Err(ProxyError::ModelAtCapacity(route.name.clone())), true);
             }
         };
         let (index, in_flight, _probe) = (admitted.index, admitted.in_flight, admitted.probe);
@@ -385,7 +420,7 @@ async fn attempt_chain(
             Some(wait)
                 if attempt < policy.attempts && started.elapsed() + wait < policy.deadline =>
             {
-                drop(result);
+                last_error = result.err();
                 tokio::time::sleep(wait).await;
                 attempt += 1;
             }
@@ -491,17 +526,22 @@ async fn send(
     let response =
         match tokio::time::timeout(headers_wait, target.client.request(upstream_request)).await {
             Ok(Ok(response)) => response,
-            Ok(Err(err)) => return Err(upstream::classify(&err, &timeouts, proxy.max_body_size)),
-            Err(_) => return Err(ProxyError::UpstreamTimeout(headers_wait)),
+            Ok(Err(err)) => {
+                return Err(upstream::classify(&err, &timeouts, proxy.max_body_size)
+                    .at_upstream(&target.label));
+            }
+            Err(_) => {
+                return Err(ProxyError::UpstreamTimeout(headers_wait).at_upstream(&target.label));
+            }
         };
     let headers_after = sent_at.elapsed();
     // No upgrade was asked for (`Upgrade` never crosses), so a 101 is a
     // broken upstream; forwarding it would leave the client on a dead socket.
     if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
         return Err(ProxyError::UpstreamProtocol(
-            "the upstream answered 101 Switching Protocols to a request that asked for no upgrade"
-                .into(),
-        ));
+            "answered 101 Switching Protocols to a request that asked for no upgrade".into(),
+        )
+        .at_upstream(&target.label));
     }
 
     let (mut parts, body) = response.into_parts();

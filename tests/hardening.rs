@@ -112,7 +112,7 @@ async fn a_silent_connection_is_closed_after_the_header_read_timeout() {
     let upstream = spawn_upstream(|_| Reply::json(200, "{}")).await;
     let mut file = config_for(&upstream.base_url());
     file.limits.header_read_timeout = Duration::from_millis(500);
-    file.limits.max_connections = 2;
+    file.limits.max_connections = Some(2);
     let proxy = spawn_proxy_with(file).await;
 
     // One sends nothing, one half the HTTP/2 preface: both fill the cap.
@@ -213,7 +213,7 @@ async fn h2_multiplexing_stays_within_the_in_flight_cap() {
     })
     .await;
     let mut file = config_for(&upstream.base_url());
-    file.limits.max_connections = 2;
+    file.limits.max_connections = Some(2);
     let proxy = spawn_proxy_with(file).await;
 
     let client = h2_client();

@@ -39,7 +39,7 @@ async fn a_client_that_never_finishes_its_headers_is_disconnected() {
 async fn connections_over_the_limit_wait_until_one_closes() {
     let upstream = spawn_upstream(|_| Reply::json(200, "{}")).await;
     let mut file = config_for(&upstream.base_url());
-    file.limits.max_connections = 2;
+    file.limits.max_connections = Some(2);
     let proxy = spawn_proxy_with(file).await;
 
     const HEALTH: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";

@@ -26,6 +26,7 @@ async fn proxy_to_mock() -> Proxy {
     let mock = llmproxy::mock::MockConfig {
         chunks: 12,
         delay: Duration::from_millis(5),
+        ..Default::default()
     };
     tokio::spawn(llmproxy::mock::serve(listener, mock));
     spawn_proxy_with(config_for(&format!("http://{addr}/v1"))).await
