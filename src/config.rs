@@ -1322,13 +1322,7 @@ fn resolve_recorded(
         ));
     }
     let max_connections = limits.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
-    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log.level) {
-        return Err(invalid(
-            origin,
-            "log.level",
-            format!("is not a log filter: {e}"),
-        ));
-    }
+    check_log_filter(&log.level).map_err(|m| invalid(origin, "log.level", m))?;
 
     let admin_token = match admin.token {
         None => None,

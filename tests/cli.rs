@@ -73,9 +73,13 @@ impl Bin {
     }
 
     fn terminate(&self) {
+        self.signal("-TERM");
+    }
+
+    fn signal(&self, signal: &str) {
         let pid = self.child.id().unwrap();
         std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
+            .args([signal, &pid.to_string()])
             .status()
             .unwrap();
     }
@@ -552,5 +556,321 @@ async fn check_config_stays_fast_on_pathological_and_huge_files() {
         started.elapsed() < Duration::from_secs(8),
         "{:?}",
         started.elapsed()
+    );
+}
+
+// A newcomer's first hour (issue 8) ----------------------------------------------
+
+/// Runs the binary with `args` to completion: exit code and stderr.
+async fn run_bin(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut command = Command::new(BIN);
+    command
+        .args(args)
+        .env("NO_COLOR", "1")
+        .env_remove("RUST_LOG");
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let out = command.output().await.unwrap();
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test]
+async fn log_levels_that_would_silence_the_log_are_refused() {
+    for level in ["loud", "warning", "info,,", "", "llmproxy=loud"] {
+        let (code, printed) = check_config_text(
+            "level",
+            &format!("upstream:\n  base_url: http://x/v1\nlog:\n  level: \"{level}\"\n"),
+        )
+        .await;
+        assert_eq!(code, Some(2), "{level}: {printed}");
+        assert!(printed.contains("log.level"), "{printed}");
+    }
+    for level in ["info", "INFO", "warn", "llmproxy=debug,info"] {
+        let (code, printed) = check_config_text(
+            "level-ok",
+            &format!("upstream:\n  base_url: http://x/v1\nlog:\n  level: \"{level}\"\n"),
+        )
+        .await;
+        assert_eq!(code, Some(0), "{level}: {printed}");
+    }
+    let (code, printed) = run_bin(
+        &["--upstream", "http://127.0.0.1:9/v1"],
+        &[("RUST_LOG", "loud")],
+    )
+    .await;
+    assert_eq!(code, Some(2), "{printed}");
+    assert!(printed.contains("RUST_LOG"), "{printed}");
+
+    // A filter that does turn the access log off is allowed, and said.
+    let config = temp_config(
+        "warn-level",
+        "upstream:\n  base_url: http://127.0.0.1:9/v1\nlog:\n  level: warn\n",
+    );
+    let mut child = Command::new(BIN)
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env_remove("RUST_LOG")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_or_default();
+    assert!(line.contains("turns the access log off"), "{line}");
+}
+
+#[tokio::test]
+async fn bind_errors_name_the_role_and_the_address() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap();
+    let (code, printed) = run_bin(
+        &[
+            "--upstream",
+            "http://127.0.0.1:9/v1",
+            "--listen",
+            &addr.to_string(),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, Some(1), "{printed}");
+    assert!(
+        printed.contains(&format!("llmproxy cannot listen on {addr}")),
+        "{printed}"
+    );
+    let (code, printed) =
+        run_bin(&["mock-upstream", "--port", &addr.port().to_string()], &[]).await;
+    assert_eq!(code, Some(1), "{printed}");
+    assert!(
+        printed.contains(&format!("the mock upstream cannot listen on {addr}")),
+        "{printed}"
+    );
+}
+
+#[tokio::test]
+async fn the_demo_stops_when_its_port_is_taken() {
+    // Holds 9000 unless something else already does: either way it is taken.
+    let _held = std::net::TcpListener::bind("127.0.0.1:9000");
+    let started = Instant::now();
+    let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/demo.sh"))
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("127.0.0.1:9000 (for the mock upstream) is already in use"),
+        "{stderr}"
+    );
+    // It stopped before building or starting anything.
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn a_second_signal_ends_the_drain_at_once() {
+    let upstream = slow_stream_upstream(100).await;
+    let mut bin = Bin::start(&["--upstream", &upstream.base_url()], &[]).await;
+    let _stream = open_stream(bin.addr).await;
+    bin.signal("-INT");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        bin.logs()
+            .contains("draining 1 connection(s) for up to 30s; press Ctrl-C"),
+        "{}",
+        bin.logs()
+    );
+    let started = Instant::now();
+    bin.signal("-INT");
+    let status = bin.wait_exit(Duration::from_secs(5)).await;
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(status.code(), Some(130));
+    assert!(
+        bin.logs().contains("second SIGINT received"),
+        "{}",
+        bin.logs()
+    );
+}
+
+#[tokio::test]
+async fn the_shipped_defaults_start_without_a_warning() {
+    let mut bin = Bin::start(&["--upstream", "http://127.0.0.1:9/v1"], &[]).await;
+    bin.terminate();
+    bin.wait_exit(Duration::from_secs(5)).await;
+    let logs = bin.logs();
+    assert!(!logs.contains("WARN"), "{logs}");
+    // A limit the user chose and the machine cannot carry is still said.
+    let config = temp_config(
+        "huge-limits",
+        "upstream:\n  base_url: http://127.0.0.1:9/v1\nlimits:\n  max_connections: 100000000\n",
+    );
+    let mut bin = Bin::start(&["--config", config.to_str().unwrap()], &[]).await;
+    bin.terminate();
+    bin.wait_exit(Duration::from_secs(5)).await;
+    assert!(bin.logs().contains("lowered"), "{}", bin.logs());
+}
+
+#[tokio::test]
+async fn missing_variables_are_reported_together_and_no_env_checks_structure() {
+    let text = "upstreams:\n  a:\n    base_url: ${LLMPROXY_T_URL}\n    default_headers:\n      Authorization: Bearer ${LLMPROXY_T_KEY_A}\n  b:\n    base_url: https://b.example/v1\n    default_headers:\n      api-key: ${LLMPROXY_T_KEY_B}\nmodels:\n  m:\n    deployments:\n      - upstream: a\n      - upstream: b\nadmin:\n  token: ${LLMPROXY_T_ADMIN}\n";
+    let (code, printed) = check_config_text("vars", text).await;
+    assert_eq!(code, Some(2), "{printed}");
+    for name in [
+        "LLMPROXY_T_URL",
+        "LLMPROXY_T_KEY_A",
+        "LLMPROXY_T_KEY_B",
+        "LLMPROXY_T_ADMIN",
+    ] {
+        assert!(printed.contains(name), "{name}: {printed}");
+    }
+    assert!(
+        printed.contains("4 environment variables are not set"),
+        "{printed}"
+    );
+
+    let path = temp_config("vars-no-env", text);
+    let (code, printed) = run_bin(&["check-config", "--no-env", path.to_str().unwrap()], &[]).await;
+    assert_eq!(code, Some(0), "{printed}");
+    assert!(printed.contains("structure only"), "{printed}");
+    // Structure is still checked.
+    let broken = temp_config(
+        "vars-no-env-bad",
+        &text.replace("upstream: b", "upstream: c"),
+    );
+    let (code, printed) =
+        run_bin(&["check-config", "--no-env", broken.to_str().unwrap()], &[]).await;
+    assert_eq!(code, Some(2), "{printed}");
+    assert!(
+        printed.contains("models.m.deployments[1].upstream"),
+        "{printed}"
+    );
+}
+
+#[tokio::test]
+async fn likely_mistakes_are_warned_about() {
+    let (code, printed) = check_config_text(
+        "no-version",
+        "upstream:\n  base_url: http://127.0.0.1:9200\n",
+    )
+    .await;
+    assert_eq!(code, Some(0), "{printed}");
+    assert!(
+        printed.contains("warning: upstream.base_url: has no version segment"),
+        "{printed}"
+    );
+    // A header flag in double quotes whose variable the shell expanded to nothing.
+    let mut bin = Bin::start(
+        &[
+            "--upstream",
+            "http://127.0.0.1:9/v1",
+            "-H",
+            "Authorization: Bearer ",
+        ],
+        &[],
+    )
+    .await;
+    bin.terminate();
+    bin.wait_exit(Duration::from_secs(5)).await;
+    assert!(
+        bin.logs()
+            .contains("upstream.default_headers.Authorization: the value is empty"),
+        "{}",
+        bin.logs()
+    );
+    // A bare number where a duration belongs shows the accepted forms.
+    let (code, printed) = check_config_text(
+        "bare-duration",
+        "upstream:\n  base_url: http://x/v1\n  timeouts:\n    connect: 10\n",
+    )
+    .await;
+    assert_eq!(code, Some(2), "{printed}");
+    assert!(printed.contains("500ms, 10s, 5m"), "{printed}");
+    // Every URL error carries the same hint.
+    for url in [
+        "api.openai.com/v1",
+        "api.openai.com",
+        "ftp://x/v1",
+        "http://",
+    ] {
+        let (code, printed) =
+            check_config_text("bad-url", &format!("upstream:\n  base_url: \"{url}\"\n")).await;
+        assert_eq!(code, Some(2), "{url}: {printed}");
+        assert!(
+            printed.contains("e.g. https://api.openai.com/v1"),
+            "{url}: {printed}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_real_cause_of_a_failure_is_in_the_answer_and_the_log() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let config = temp_config(
+        "cause",
+        &format!(
+            "upstreams:\n  a:\n    base_url: http://{dead_addr}/v1\nmodels:\n  m:\n    retry:\n      backoff: 1ms\n    circuit_breaker:\n      failures: 1\n    deployments:\n      - upstream: a\nlog:\n  format: json\n"
+        ),
+    );
+    let mut bin = Bin::start(&["--config", config.to_str().unwrap()], &[]).await;
+    let got = post(&bin.url("/v1/chat/completions"), r#"{"model":"m"}"#).await;
+    // Not "cooling down": the breaker opened because of this very failure.
+    assert_eq!(got.status, 502, "{}", String::from_utf8_lossy(&got.body));
+    let message = got.json()["error"]["message"].as_str().unwrap().to_owned();
+    assert!(
+        message.contains(&format!("upstream a ({dead_addr})")) && message.contains("refused"),
+        "{message}"
+    );
+    assert_eq!(got.header("x-llmproxy-attempts"), Some("1"));
+    bin.terminate();
+    bin.wait_exit(Duration::from_secs(5)).await;
+    let logs = bin.logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("llmproxy::access"))
+        .expect("no access line");
+    let line: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(line["model"], "m", "{line}");
+    assert_eq!(line["attempts"], 1, "{line}");
+    assert!(
+        line["error_detail"]
+            .as_str()
+            .unwrap()
+            .contains(&dead_addr.to_string()),
+        "{line}"
+    );
+}
+
+#[test]
+fn the_project_has_a_license() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let manifest = std::fs::read_to_string(format!("{root}/Cargo.toml")).unwrap();
+    assert!(manifest.contains("license = \"MIT OR Apache-2.0\""));
+    for file in ["LICENSE-MIT", "LICENSE-APACHE"] {
+        assert!(
+            std::fs::metadata(format!("{root}/{file}")).is_ok(),
+            "{file}"
+        );
+    }
+    let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
+    assert!(
+        readme.contains("cargo install --locked --path ."),
+        "README has no install step"
     );
 }
