@@ -1077,11 +1077,14 @@ pub fn check_log_filter(text: &str) -> Result<(), String> {
     if text.trim().is_empty() {
         return Err(format!("is empty; use a level: {LEVELS}"));
     }
-    for directive in text.split(',') {
+    // Values are not repeated (a config error never shows one); the
+    // directive's position says which.
+    for (i, directive) in text.split(',').enumerate() {
+        let n = i + 1;
         let directive = directive.trim();
         if directive.is_empty() {
             return Err(format!(
-                "has an empty directive (a stray comma) in `{text}`; use a level ({LEVELS}) or target=level, comma-separated"
+                "directive #{n} is empty (a stray comma); use a level ({LEVELS}) or target=level, comma-separated"
             ));
         }
         let (target, level) = match directive.rsplit_once('=') {
@@ -1089,7 +1092,7 @@ pub fn check_log_filter(text: &str) -> Result<(), String> {
             None => (None, directive),
         };
         if target.is_some_and(str::is_empty) {
-            return Err(format!("`{directive}` has no target before `=`"));
+            return Err(format!("directive #{n} has no target before `=`"));
         }
         if level
             .parse::<tracing::level_filters::LevelFilter>()
@@ -1097,13 +1100,13 @@ pub fn check_log_filter(text: &str) -> Result<(), String> {
             || level.chars().any(|c| c.is_ascii_digit())
         {
             return Err(format!(
-                "`{level}` is not a level; use {LEVELS} (or target=level, e.g. llmproxy=debug)"
+                "directive #{n} is not a level; use {LEVELS} (or target=level, e.g. llmproxy=debug)"
             ));
         }
     }
     tracing_subscriber::EnvFilter::try_new(text)
         .map(|_| ())
-        .map_err(|e| format!("is not a log filter: {e}"))
+        .map_err(|_| "is not a log filter (use a level, or target=level)".to_owned())
 }
 
 /// Every `${NAME}` a value refers to (`$$` is an escaped `$`, not a reference).

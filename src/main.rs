@@ -158,7 +158,7 @@ fn main() -> ExitCode {
             if let Ok(filter) = std::env::var("RUST_LOG")
                 && let Err(message) = config::check_log_filter(&filter)
             {
-                return fail(format_args!("RUST_LOG {message}"));
+                return fail(format_args!("RUST_LOG: {message}"));
             }
             let (_log, writer) = init_logging(config.log_format, &config.log_level);
             if !tracing::enabled!(target: "llmproxy::access", tracing::Level::INFO) {
