@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Instructions per request on the proxy path, counted by callgrind: a figure
+# that repeats run to run whatever else the machine is doing (bench/HISTORY.md
+# compares commits with it).
+#   bench/callgrind.sh [single|routed] [requests]   (default: single 2000)
+# Builds the release binary, starts the mock upstream and llmproxy under
+# callgrind (one worker), warms up, zeroes the counters, sends the requests
+# one after another on one keep-alive connection, and prints Ir / request.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:-single}
+requests=${2:-2000}
+command -v valgrind >/dev/null || { echo "callgrind: valgrind is not installed" >&2; exit 1; }
+cargo build --release --locked --bin llmproxy >&2
+bin=./target/release/llmproxy
+tmp=$(mktemp -d)
+cleanup() { kill "$mock" "$proxy" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$tmp"; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+mock_port=$(free_port)
+proxy_port=$(free_port)
+$bin mock-upstream --port "$mock_port" --chunks 20 --delay-ms 0 2>/dev/null &
+mock=$!
+if [ "$mode" = routed ]; then
+  cat > "$tmp/config.yaml" <<YAML
+upstreams:
+  mock:
+    base_url: http://127.0.0.1:$mock_port/v1
+models:
+  gpt-4o-mini:
+    deployments:
+      - upstream: mock
+log:
+  level: warn
+YAML
+else
+  printf 'upstream:\n  base_url: http://127.0.0.1:%s/v1\nlog:\n  level: warn\n' "$mock_port" > "$tmp/config.yaml"
+fi
+valgrind --tool=callgrind --callgrind-out-file="$tmp/out.%p" \
+  $bin --config "$tmp/config.yaml" --listen "127.0.0.1:$proxy_port" --workers 1 2>"$tmp/valgrind.log" &
+proxy=$!
+python3 - "$proxy_port" "$requests" "$proxy" "$tmp" <<'PY'
+import http.client, subprocess, sys, time, glob
+port, n, pid, tmp = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+body = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
+for _ in range(600):
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/")
+        conn.getresponse().read()
+        break
+    except OSError:
+        time.sleep(0.1)
+def run(count):
+    for _ in range(count):
+        conn.request("POST", "/v1/chat/completions", body, {"content-type": "application/json"})
+        r = conn.getresponse(); r.read()
+        assert r.status == 200, r.status
+run(200)
+subprocess.run(["callgrind_control", "-z", pid], check=True, capture_output=True)
+run(n)
+subprocess.run(["callgrind_control", "-d", pid], check=True, capture_output=True)
+time.sleep(0.5)
+total = 0
+for path in glob.glob(f"{tmp}/out.*"):
+    for line in open(path):
+        if line.startswith("summary:") or line.startswith("totals:"):
+            total = max(total, int(line.split()[1]))
+print(f"{sys.argv[0] if False else ''}instructions per request: {total // n:,} ({n} sequential requests, one connection)")
+PY
