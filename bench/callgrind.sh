@@ -12,7 +12,7 @@ mode=${1:-single}
 requests=${2:-2000}
 command -v valgrind >/dev/null || { echo "callgrind: valgrind is not installed" >&2; exit 1; }
 cargo build --release --locked --bin llmproxy >&2
-bin=./target/release/llmproxy
+bin=${CARGO_TARGET_DIR:-target}/release/llmproxy
 tmp=$(mktemp -d)
 cleanup() { kill "$mock" "$proxy" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$tmp"; }
 trap cleanup EXIT

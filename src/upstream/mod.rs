@@ -1,0 +1,8 @@
+//! Everything about talking to an upstream: its base URL, the pooled client
+//! and the mapping of its failures.
+
+mod base_url;
+mod client;
+
+pub use base_url::BaseUrl;
+pub use client::{RequestBody, TimedConnect, UpstreamBody, UpstreamClient, classify, client};
