@@ -67,5 +67,7 @@ for path in glob.glob(f"{tmp}/out.*"):
     for line in open(path):
         if line.startswith("summary:") or line.startswith("totals:"):
             total = max(total, int(line.split()[1]))
-print(f"{sys.argv[0] if False else ''}instructions per request: {total // n:,} ({n} sequential requests, one connection)")
+print(f"instructions per request: {total // n:,} ({n} sequential requests, one connection)")
 PY
+# CALLGRIND_KEEP=DIR keeps the profile for callgrind_annotate.
+if [ -n "${CALLGRIND_KEEP:-}" ]; then mkdir -p "$CALLGRIND_KEEP"; cp "$tmp"/out.* "$CALLGRIND_KEEP"/; fi

@@ -109,7 +109,7 @@ pub async fn forward(
             "requests in flight (limits.max_in_flight)",
         ));
     };
-    let body = Deadline::new(body, Instant::now(), proxy.body_read_timeout);
+    let body = Deadline::new(body, proxy.body_read_timeout);
 
     match &proxy.router {
         None => send(&proxy, Attempt::single(), parts, body, Some(permit)).await,
@@ -471,7 +471,7 @@ impl Attempt {
 /// A buffered body (routed requests), in the type the upstream client sends.
 fn buffered(bytes: Bytes) -> RequestBody {
     // Already complete: the deadline never arms.
-    Deadline::new(Body::from(bytes), Instant::now(), Duration::MAX)
+    Deadline::new(Body::from(bytes), Duration::MAX)
 }
 
 /// Sends the request to the attempt's upstream and streams the answer back;

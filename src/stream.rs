@@ -189,18 +189,18 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: B,
         timer: Option<Pin<Box<Sleep>>>,
-        deadline: Instant,
         limit: Duration,
     }
 }
 
 impl<B> Deadline<B> {
-    /// Wraps `inner`; it must end within `limit` of `start`.
-    pub fn new(inner: B, start: Instant, limit: Duration) -> Self {
+    /// Wraps `inner`; it must end within `limit` of the first time it has
+    /// nothing to give. (The request's own start would be a clock read on
+    /// every request; the first wait comes microseconds after it.)
+    pub fn new(inner: B, limit: Duration) -> Self {
         Self {
             inner,
             timer: None,
-            deadline: deadline_after(start, limit),
             limit,
         }
     }
@@ -222,9 +222,10 @@ where
         match this.inner.poll_frame(cx) {
             Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
             Poll::Pending => {
-                let timer = this
-                    .timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(*this.deadline)));
+                let limit = *this.limit;
+                let timer = this.timer.get_or_insert_with(|| {
+                    Box::pin(tokio::time::sleep_until(deadline_after(Instant::now(), limit)))
+                });
                 match timer.as_mut().poll(cx) {
                     Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimedOut(*this.limit))))),
                     Poll::Pending => Poll::Pending,
@@ -333,18 +334,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_request_body_slower_than_its_deadline_fails() {
-        let body = Deadline::new(
-            delayed_chunks(&[10, 10, 500]),
-            Instant::now(),
-            Duration::from_millis(100),
-        );
+        let body = Deadline::new(delayed_chunks(&[10, 10, 500]), Duration::from_millis(100));
         let err = body.collect().await.unwrap_err();
         assert!(err.downcast_ref::<BodyTimedOut>().is_some(), "{err}");
-        let fast = Deadline::new(
-            delayed_chunks(&[10, 10]),
-            Instant::now(),
-            Duration::from_millis(100),
-        );
+        let fast = Deadline::new(delayed_chunks(&[10, 10]), Duration::from_millis(100));
         assert_eq!(&fast.collect().await.unwrap().to_bytes()[..], b"c0c1");
     }
 
