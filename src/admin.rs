@@ -31,7 +31,7 @@ pub struct Guard {
 
 impl Guard {
     fn now_second() -> u64 {
-        crate::router::now_ms() / 1000
+        crate::routing::now_ms() / 1000
     }
 
     /// Whether requests are refused for the rest of this second.
@@ -85,7 +85,7 @@ pub async fn status(State(proxy): State<Arc<Proxy>>, headers: HeaderMap) -> Resp
         .map(|t| t.upstream.name.as_str())
         .collect();
     let models = proxy.router.as_ref().map_or_else(Vec::new, |router| {
-        let mut routes = router.status(crate::router::now_ms());
+        let mut routes = router.status(crate::routing::now_ms());
         for deployment in routes.iter_mut().flat_map(|r| r.deployments.iter_mut()) {
             deployment.upstream = names
                 .get(deployment.upstream_index)

@@ -25,7 +25,7 @@ pub mod headers;
 pub mod log_writer;
 pub mod mock;
 pub mod proxy;
-pub mod router;
+pub mod routing;
 pub mod stream;
 pub mod upstream;
 pub mod wire;
@@ -109,7 +109,7 @@ pub fn proxy_state(config: &Config) -> Arc<Proxy> {
         .collect();
     Arc::new(Proxy {
         targets,
-        router: router::ModelRouter::new(
+        router: routing::ModelRouter::new(
             &config.models,
             &config
                 .upstreams

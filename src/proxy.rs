@@ -41,7 +41,7 @@ use crate::access_log::{RequestedModel, UpstreamInfo};
 use crate::config::Upstream;
 use crate::error::ProxyError;
 use crate::headers;
-use crate::router::{DeploymentState, InFlight, ModelRouter, Route, Unavailable};
+use crate::routing::{DeploymentState, InFlight, ModelRouter, Route, Unavailable};
 use crate::stream::{BodyTimedOut, Deadline, Holding, IdleTimeout, Replay};
 use crate::upstream::{self, RequestBody, UpstreamClient};
 use crate::wire;
@@ -340,7 +340,7 @@ async fn attempt_chain(
     // door, it is the real cause, and the answer names it.
     let mut last_error: Option<ProxyError> = None;
     loop {
-        let now = crate::router::now_ms();
+        let now = crate::routing::now_ms();
         let admitted = match route.pick_available(tried, now) {
             Ok(admitted) => admitted,
             // Nowhere to go: exhausted, so fallbacks get a turn.
@@ -396,7 +396,7 @@ async fn attempt_chain(
             Err(err) => err.is_retryable(),
         };
         if failed {
-            deployment.record_failure(crate::router::now_ms());
+            deployment.record_failure(crate::routing::now_ms());
         } else {
             deployment.record_success();
         }
@@ -446,7 +446,7 @@ fn backoff(policy: &crate::config::Retry, attempt: u32) -> Duration {
         )
         .min(policy.max_backoff);
     let micros = u64::try_from(ceiling.as_micros()).unwrap_or(u64::MAX);
-    Duration::from_micros(crate::router::random() % micros.saturating_add(1))
+    Duration::from_micros(crate::routing::random() % micros.saturating_add(1))
 }
 
 /// One attempt: which upstream, its number in the request's chain, and the

@@ -224,7 +224,10 @@ where
             Poll::Pending => {
                 let limit = *this.limit;
                 let timer = this.timer.get_or_insert_with(|| {
-                    Box::pin(tokio::time::sleep_until(deadline_after(Instant::now(), limit)))
+                    Box::pin(tokio::time::sleep_until(deadline_after(
+                        Instant::now(),
+                        limit,
+                    )))
                 });
                 match timer.as_mut().poll(cx) {
                     Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimedOut(*this.limit))))),
