@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use crate::error::ProxyError;
-use crate::proxy::Proxy;
+use crate::state::AppState;
 
 /// Wrong tokens accepted per second, from all clients together.
 const WRONG_TOKENS_PER_SECOND: u64 = 10;
@@ -57,15 +57,15 @@ impl Guard {
 }
 
 /// The status handler.
-pub async fn status(State(proxy): State<Arc<Proxy>>, headers: HeaderMap) -> Response {
-    let Some(token) = &proxy.admin_token else {
+pub async fn status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let Some(token) = &state.admin_token else {
         return ProxyError::NotFound {
             method: http::Method::GET,
             path: "/admin/status".into(),
         }
         .into_response();
     };
-    if proxy.admin_guard.throttled() {
+    if state.admin_guard.throttled() {
         return ProxyError::Throttled("too many wrong admin tokens; retry in a second".into())
             .into_response();
     }
@@ -73,18 +73,18 @@ pub async fn status(State(proxy): State<Arc<Proxy>>, headers: HeaderMap) -> Resp
         .get(header::AUTHORIZATION)
         .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
     if !presented.is_some_and(|p| token.matches(p)) {
-        proxy.admin_guard.wrong_token();
+        state.admin_guard.wrong_token();
         return ProxyError::Unauthorized(
             "the admin endpoint needs `Authorization: Bearer <admin.token>`".into(),
         )
         .into_response();
     }
-    let names: Vec<&str> = proxy
+    let names: Vec<&str> = state
         .targets
         .iter()
         .map(|t| t.upstream.name.as_str())
         .collect();
-    let models = proxy.router.as_ref().map_or_else(Vec::new, |router| {
+    let models = state.router.as_ref().map_or_else(Vec::new, |router| {
         let mut routes = router.status(crate::routing::now_ms());
         for deployment in routes.iter_mut().flat_map(|r| r.deployments.iter_mut()) {
             deployment.upstream = names

@@ -125,6 +125,14 @@ impl ProxyError {
         }
     }
 
+    /// The failure itself, without the upstream it happened at.
+    pub fn root(&self) -> &Self {
+        match self {
+            Self::AtUpstream { error, .. } => error.root(),
+            other => other,
+        }
+    }
+
     /// This error, said to have happened at `upstream` when it is the
     /// upstream's doing (unreachable, too slow, not speaking HTTP).
     pub fn at_upstream(self, upstream: &std::sync::Arc<str>) -> Self {

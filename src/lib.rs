@@ -1,73 +1,79 @@
 //! llmproxy: an OpenAI-compatible LLM gateway.
 //!
 //! Where a request goes, from socket to socket:
-//! - [`run`] accepts a connection (bounded by `limits.max_connections`; a
-//!   client has `limits.header_read_timeout` to send its first request, and
-//!   an HTTP/2 connection at most `limits.max_streams_per_connection` streams)
-//!   and serves it with hyper;
-//! - [`access_log::AccessLog`] gives the request its id, will add
-//!   `Server-Timing`, and logs it once the response is over;
-//! - [`catch_panic::CatchPanic`] turns a panic into a 500, never a dropped
-//!   connection;
-//! - [`app`] routes it: `GET /` is the health check, `/v1/*` goes to
-//!   [`proxy::forward`], anything else is a 404 in the OpenAI error shape;
-//! - [`proxy::forward`] checks the method, path and size ([`wire`]), takes an
-//!   in-flight permit, sends the request upstream and streams the answer back.
+//! - [`server::run`] accepts a connection (bounded by
+//!   `limits.max_connections`; a client has `limits.header_read_timeout` to
+//!   start its first request, and an HTTP/2 connection at most
+//!   `limits.max_streams_per_connection` streams) and serves it with hyper;
+//! - the layers of [`service`], outermost first: [`telemetry::AccessLog`]
+//!   (request id, `Server-Timing`, one log line when the response is really
+//!   over), then [`catch_panic::CatchPanic`] (a panic is a 500, never a
+//!   dropped connection), then the router [`app`];
+//! - [`app`]: `GET /` is the health check, `GET /admin/status` the admin
+//!   view, `/v1/*` goes to [`pipeline::forward`], anything else is a 404 in
+//!   the OpenAI error shape;
+//! - [`pipeline`] takes the request through its stages — admit,
+//!   authenticate, limit, route, attempt, observe — and streams the
+//!   upstream's answer back.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
-pub mod access_log;
 pub mod admin;
 pub mod catch_panic;
 pub mod config;
 pub mod error;
 pub mod headers;
-pub mod log_writer;
+pub mod ingress;
 pub mod mock;
-pub mod proxy;
+pub mod pipeline;
 pub mod routing;
+pub mod server;
+pub mod state;
 pub mod stream;
+pub mod telemetry;
 pub mod upstream;
 pub mod wire;
 
-use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use http::{Method, Uri, header};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
-use crate::access_log::AccessLog;
-use crate::config::Config;
+use crate::catch_panic::CatchPanic;
 use crate::error::ProxyError;
-use crate::proxy::Proxy;
+use crate::state::AppState;
+use crate::telemetry::AccessLog;
 
-/// The router: health check, `/v1/*` forwarding, OpenAI-shaped 404 elsewhere.
+pub use server::{bind, run};
+
+/// The routes: health check, admin status, `/v1/*` forwarding, and an
+/// OpenAI-shaped 404 elsewhere.
 ///
 /// `/v1/*` is matched by prefix in the fallback rather than by a `{*path}`
 /// route: a wildcard capture costs four allocations per request, and the
-/// forward path reads the raw URI anyway.
-pub fn app(proxy: Arc<Proxy>) -> Router {
+/// pipeline reads the raw URI anyway.
+pub fn app(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/", get(health).fallback(not_found))
         .route("/admin/status", get(admin::status).fallback(not_found))
         .fallback(v1_or_not_found)
-        .with_state(proxy)
+        .with_state(state)
 }
 
-async fn v1_or_not_found(state: State<Arc<Proxy>>, request: Request) -> Response {
+/// The whole per-request stack, in its order. The access log is outermost
+/// so every answer — a caught panic's 500 included — gets exactly one log
+/// line and a request id; the panic net sits right inside it, around
+/// everything that could panic.
+pub fn service(state: Arc<AppState>) -> AccessLog<CatchPanic<Router>> {
+    AccessLog::new(CatchPanic(app(state)))
+}
+
+async fn v1_or_not_found(state: State<Arc<AppState>>, request: Request) -> Response {
     if request.uri().path().starts_with("/v1/") {
-        proxy::forward(state, request).await.into_response()
+        pipeline::forward(state, request).await.into_response()
     } else {
         not_found(request.method().clone(), request.uri().clone())
             .await
@@ -87,226 +93,4 @@ async fn not_found(method: Method, uri: Uri) -> ProxyError {
         method,
         path: uri.path().to_owned(),
     }
-}
-
-/// Builds the shared forwarding state from a validated config.
-pub fn proxy_state(config: &Config) -> Arc<Proxy> {
-    let targets = config
-        .upstreams
-        .iter()
-        .map(|upstream| proxy::Target {
-            client: upstream::client(&upstream.timeouts),
-            // Names are checked to be header-safe when the config is loaded.
-            name_header: http::HeaderValue::from_str(&upstream.name)
-                .unwrap_or(http::HeaderValue::from_static("upstream")),
-            label: if config.models.is_empty() {
-                upstream.base_url.authority().into()
-            } else {
-                format!("{} ({})", upstream.name, upstream.base_url.authority()).into()
-            },
-            upstream: upstream.clone(),
-        })
-        .collect();
-    Arc::new(Proxy {
-        targets,
-        router: routing::ModelRouter::new(
-            &config.models,
-            &config
-                .upstreams
-                .iter()
-                .map(|u| u.max_concurrent)
-                .collect::<Vec<_>>(),
-        ),
-        max_body_size: config.limits.max_body_size,
-        admin_token: config.admin_token.clone(),
-        admin_guard: admin::Guard::default(),
-        in_flight: Arc::new(Semaphore::new(config.limits.max_in_flight)),
-        body_budget: Arc::new(Semaphore::new(
-            usize::try_from(config.limits.max_buffered_bytes)
-                .unwrap_or(usize::MAX)
-                .min(Semaphore::MAX_PERMITS),
-        )),
-        body_read_timeout: config.limits.body_read_timeout,
-    })
-}
-
-/// Resolves when `timeout` has passed without the connection starting a
-/// request; never, once it has.
-///
-/// hyper's `header_read_timeout` only starts once it knows the protocol, and
-/// telling HTTP/1 from HTTP/2 waits for 24 bytes with no timer: a client that
-/// connects and sends nothing (or half the HTTP/2 preface) would hold its
-/// connection slot forever. This bounds the time to the first request; after
-/// it, hyper's timer (HTTP/1) and keep-alive pings (HTTP/2) take over. A
-/// connection that never started a request is also dropped at once on
-/// shutdown (the drain has nothing to wait for).
-async fn no_request_by(timeout: Duration, seen: &AtomicBool) {
-    tokio::time::sleep(timeout).await;
-    if seen.load(Ordering::Relaxed) {
-        std::future::pending::<()>().await;
-    }
-}
-
-/// Resolves once shutdown has begun if the connection has not started a
-/// request by then; never otherwise.
-async fn idle_at_shutdown(stopping: &mut tokio::sync::watch::Receiver<bool>, seen: &AtomicBool) {
-    if stopping.wait_for(|stopping| *stopping).await.is_err() || seen.load(Ordering::Relaxed) {
-        std::future::pending::<()>().await;
-    }
-}
-
-/// The per-connection service: notes that a request has started, then
-/// hands it to the shared service.
-#[derive(Clone)]
-struct FirstRequest<S> {
-    inner: S,
-    seen: Arc<AtomicBool>,
-}
-
-impl<S, R> hyper::service::Service<R> for FirstRequest<S>
-where
-    S: hyper::service::Service<R>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn call(&self, request: R) -> Self::Future {
-        self.seen.store(true, Ordering::Relaxed);
-        self.inner.call(request)
-    }
-}
-
-/// Binds a listener with a backlog deep enough for connection bursts (the
-/// kernel caps it at `net.core.somaxconn`); tokio's default is 1024. An
-/// error names the address and `role` (`llmproxy`, `the mock upstream`), so
-/// "address already in use" says which server could not start, and where.
-pub fn bind(addr: std::net::SocketAddr, role: &str) -> std::io::Result<TcpListener> {
-    let bound = (|| {
-        let socket = if addr.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        socket.set_reuseaddr(true)?;
-        socket.bind(addr)?;
-        socket.listen(8192)
-    })();
-    bound.map_err(|err| {
-        std::io::Error::new(err.kind(), format!("{role} cannot listen on {addr}: {err}"))
-    })
-}
-
-/// Serves `listener` until `shutdown` resolves, then stops accepting and
-/// lets in-flight requests finish for up to `config.shutdown_timeout`.
-pub async fn run(
-    listener: TcpListener,
-    config: Config,
-    shutdown: impl Future<Output = ()>,
-) -> std::io::Result<()> {
-    // The access log is outermost so that every answer, a caught panic's
-    // 500 included, gets exactly one log line and a request id.
-    let service = AccessLog::new(catch_panic::CatchPanic(app(proxy_state(&config))));
-    let first_request_timeout = config.limits.header_read_timeout;
-
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(config.limits.header_read_timeout);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Duration::from_secs(30))
-        // Streams beyond this are refused by the client's own h2 stack; the
-        // in-flight cap in `proxy::forward` bounds what all connections hold.
-        .max_concurrent_streams(config.limits.max_streams_per_connection)
-        .max_pending_accept_reset_streams(Some(64));
-
-    // Connections over the limit are not refused: they wait in the kernel's
-    // listen backlog until a permit frees up, which is what a client retrying
-    // against a busy server would want.
-    let permits = Arc::new(Semaphore::new(config.limits.max_connections));
-    let graceful = GracefulShutdown::new();
-    // Tells connections that have not started a request to close at once.
-    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
-    tokio::pin!(shutdown);
-
-    tracing::info!(
-        listen = %listener.local_addr()?,
-        upstream = %config.describe(),
-        "llmproxy serving"
-    );
-    loop {
-        let permit = tokio::select! {
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-            () = &mut shutdown => break,
-        };
-        let (stream, _peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    // Out of file descriptors and the like: pause instead of
-                    // spinning, and keep serving the connections we have.
-                    tracing::warn!(%err, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        if let Err(err) = stream.set_nodelay(true) {
-            tracing::debug!(%err, "could not set TCP_NODELAY");
-        }
-        let seen = Arc::new(AtomicBool::new(false));
-        let connection = builder
-            .serve_connection(
-                TokioIo::new(stream),
-                FirstRequest {
-                    inner: TowerToHyperService::new(service.clone()),
-                    seen: Arc::clone(&seen),
-                },
-            )
-            .into_owned();
-        let watched = graceful.watch(connection);
-        let mut stopping = stopping.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                served = watched => {
-                    if let Err(err) = served {
-                        tracing::debug!(%err, "client connection ended with an error");
-                    }
-                }
-                () = no_request_by(first_request_timeout, &seen) => {
-                    tracing::debug!(
-                        timeout = ?first_request_timeout,
-                        "closed a connection that sent no request (limits.header_read_timeout)"
-                    );
-                }
-                // Nothing to drain on a connection that never started a request
-                // (silent, or halfway through its first headers).
-                () = idle_at_shutdown(&mut stopping, &seen) => {}
-            }
-            drop(permit);
-        });
-    }
-
-    drop(listener);
-    let _ = stopping_tx.send(true);
-    let connections = graceful.count();
-    tracing::info!(
-        connections,
-        deadline = ?config.shutdown_timeout,
-        "shutting down: no longer accepting; draining {connections} connection(s) for up to {:?}; \
-         press Ctrl-C (or send SIGTERM) again to quit now",
-        config.shutdown_timeout
-    );
-    match tokio::time::timeout(config.shutdown_timeout, graceful.shutdown()).await {
-        Ok(()) => tracing::info!("all connections drained"),
-        Err(_) => tracing::warn!("shutdown deadline reached; closing the remaining connections"),
-    }
-    Ok(())
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use llmproxy::config::{self, Config, Env, LogFormat};
-use llmproxy::log_writer::{BatchedStderr, FlushGuard};
+use llmproxy::telemetry::log_writer::{BatchedStderr, FlushGuard};
 use tracing_subscriber::EnvFilter;
 
 /// An OpenAI-compatible LLM gateway: point any OpenAI SDK's base_url here.

@@ -34,7 +34,7 @@ pub use log::{LogFile, LogFormat, check_log_filter};
 use models::resolve_models;
 pub use models::{
     Breaker, BreakerFile, Deployment, DeploymentFile, Model, ModelFile, ModelTimeouts,
-    ModelTimeoutsFile, Retry, RetryFile, Strategy,
+    ModelTimeoutsFile, Retry, RetryFile, StatusSet, Strategy,
 };
 pub use units::{ByteSize, HeaderList, Ordered};
 use units::{duration, max};
@@ -706,7 +706,7 @@ log:
             (
                 format!("{ups}models:\n  m:\n    deployments:\n      - upstream: a\n        weight: 0\n"),
                 "models.m.deployments[0].weight",
-                "at least 1",
+                "greater than 0",
             ),
             (
                 format!("{ups}models:\n  g*t:\n    deployments:\n      - upstream: a\n"),

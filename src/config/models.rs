@@ -52,6 +52,8 @@ pub struct ModelFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BreakerFile {
+    /// On by default; `false` keeps every deployment in rotation whatever it answers.
+    pub enabled: bool,
     /// Failures (connect errors, timeouts, 429 and 5xx answers) that open the breaker.
     pub failures: u32,
     /// The window they are counted in.
@@ -65,6 +67,7 @@ pub struct BreakerFile {
 impl Default for BreakerFile {
     fn default() -> Self {
         Self {
+            enabled: true,
             failures: 5,
             window: Duration::from_secs(30),
             cooldown: Duration::from_secs(30),
@@ -92,6 +95,13 @@ pub struct RetryFile {
     /// No new attempt starts this long after the first.
     #[serde(with = "humantime_serde")]
     pub deadline: Duration,
+    /// Upstream statuses worth another attempt.
+    pub on_status: Vec<u16>,
+    /// Whether an upstream that cannot be reached (refused, DNS, TLS, reset
+    /// before answering) is worth another attempt.
+    pub on_connect_error: bool,
+    /// Whether a connect or response-headers timeout is worth another attempt.
+    pub on_timeout: bool,
 }
 
 impl Default for RetryFile {
@@ -102,6 +112,9 @@ impl Default for RetryFile {
             max_backoff: Duration::from_secs(2),
             retry_after_cap: Duration::from_secs(10),
             deadline: Duration::from_secs(60),
+            on_status: DEFAULT_RETRY_STATUSES.to_vec(),
+            on_connect_error: true,
+            on_timeout: true,
         }
     }
 }
@@ -115,16 +128,43 @@ pub struct DeploymentFile {
     /// The upstream's name for the model, when it differs from the public one.
     #[serde(default)]
     pub model: Option<String>,
-    /// Share of traffic for the `weighted` and `round_robin` strategies.
+    /// Share of traffic for the `weighted` and `round_robin` strategies;
+    /// decimals allowed (`0.5`).
     #[serde(default = "default_weight")]
-    pub weight: u32,
+    pub weight: f64,
     /// Most requests in flight on this deployment at once.
     #[serde(default)]
     pub max_concurrent: Option<usize>,
 }
 
-fn default_weight() -> u32 {
-    1
+fn default_weight() -> f64 {
+    1.0
+}
+
+/// Most deployments one model may have (an attempt chain tracks them in a
+/// 64-bit set; more would be silently ignored, so they are refused).
+pub const MAX_DEPLOYMENTS: usize = 64;
+
+/// Largest `weight` accepted.
+const MAX_WEIGHT: f64 = 1_000_000.0;
+
+/// Decimal weights as the smallest integers in the same proportions
+/// (thousandths, divided by their greatest common divisor), so round robin
+/// still takes `weight` turns each: 0.5 and 1 become 1 and 2.
+fn integer_weights(weights: &[f64]) -> Vec<u32> {
+    // Checked to be in (0, MAX_WEIGHT]: the products fit in u32.
+    let units: Vec<u32> = weights
+        .iter()
+        .map(|w| ((w * 1000.0).round() as u32).max(1))
+        .collect();
+    let gcd = units.iter().copied().fold(0, |a, b| {
+        let (mut a, mut b) = (a, b);
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    });
+    units.iter().map(|u| u / gcd.max(1)).collect()
 }
 
 /// How a model's deployment is chosen.
@@ -169,6 +209,8 @@ pub struct Model {
 /// A validated circuit-breaker policy.
 #[derive(Debug, Clone, Copy)]
 pub struct Breaker {
+    /// Whether the breaker acts at all.
+    pub enabled: bool,
     /// Failures within `window` that open it (at least 1).
     pub failures: u32,
     /// Counting window.
@@ -190,6 +232,45 @@ pub struct Retry {
     pub retry_after_cap: Duration,
     /// No attempt starts later than this after the first.
     pub deadline: Duration,
+    /// Statuses retried.
+    pub on_status: StatusSet,
+    /// Whether unreachable upstreams are retried.
+    pub on_connect_error: bool,
+    /// Whether timeouts before the response headers are retried.
+    pub on_timeout: bool,
+}
+
+/// The statuses retried by default: rate limits and server trouble.
+pub const DEFAULT_RETRY_STATUSES: [u16; 5] = [429, 500, 502, 503, 504];
+
+/// A set of HTTP statuses (100–599), a bit each: `Copy`, no allocation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatusSet([u64; 10]);
+
+impl StatusSet {
+    /// No status.
+    pub const EMPTY: Self = Self([0; 10]);
+
+    /// The set of `statuses`; `None` names the first outside 100–599.
+    pub fn of(statuses: &[u16]) -> Result<Self, u16> {
+        let mut set = Self::default();
+        for &status in statuses {
+            if !(100..=599).contains(&status) {
+                return Err(status);
+            }
+            let bit = usize::from(status);
+            set.0[bit / 64] |= 1 << (bit % 64);
+        }
+        Ok(set)
+    }
+
+    /// Whether `status` is in the set.
+    pub fn contains(&self, status: u16) -> bool {
+        let bit = usize::from(status);
+        self.0
+            .get(bit / 64)
+            .is_some_and(|word| word & (1 << (bit % 64)) != 0)
+    }
 }
 
 /// A validated deployment.
@@ -286,6 +367,17 @@ pub(super) fn resolve_models(
                 "needs at least one deployment",
             ));
         }
+        if model.deployments.len() > MAX_DEPLOYMENTS {
+            return Err(invalid(
+                origin,
+                &format!("{field}.deployments"),
+                format!(
+                    "has {} deployments; a model may have at most {MAX_DEPLOYMENTS} (split it into several models with fallbacks)",
+                    model.deployments.len()
+                ),
+            ));
+        }
+        let weights: Vec<f64> = model.deployments.iter().map(|d| d.weight).collect();
         let mut deployments = Vec::with_capacity(model.deployments.len());
         for (i, deployment) in model.deployments.into_iter().enumerate() {
             let at = format!("{field}.deployments[{i}]");
@@ -304,11 +396,14 @@ pub(super) fn resolve_models(
                         ),
                     )
                 })?;
-            if deployment.weight == 0 {
+            if !(deployment.weight.is_finite()
+                && deployment.weight > 0.0
+                && deployment.weight <= MAX_WEIGHT)
+            {
                 return Err(invalid(
                     origin,
                     &format!("{at}.weight"),
-                    "must be at least 1",
+                    "must be a number greater than 0 and at most 1000000 (decimals allowed: 0.5)",
                 ));
             }
             if prefix.is_some() && deployment.model.is_some() {
@@ -328,9 +423,12 @@ pub(super) fn resolve_models(
             deployments.push(Deployment {
                 upstream,
                 model: deployment.model,
-                weight: deployment.weight,
+                weight: 1,
                 max_concurrent: deployment.max_concurrent,
             });
+        }
+        for (deployment, weight) in deployments.iter_mut().zip(integer_weights(&weights)) {
+            deployment.weight = weight;
         }
         let retry = model.retry;
         if retry.attempts == 0 {
@@ -358,13 +456,30 @@ pub(super) fn resolve_models(
                 duration(origin, &format!("{field}.timeouts.{name}"), value, longest)?;
             }
         }
+        duration(
+            origin,
+            &format!("{field}.circuit_breaker.window"),
+            breaker.window,
+            max::DAY,
+        )?;
+        duration(
+            origin,
+            &format!("{field}.circuit_breaker.cooldown"),
+            breaker.cooldown,
+            max::DAY,
+        )?;
+        let on_status = StatusSet::of(&retry.on_status).map_err(|_| {
+            invalid(
+                origin,
+                &format!("{field}.retry.on_status"),
+                "lists a status outside 100–599",
+            )
+        })?;
         for (name, value, longest) in [
             ("retry.backoff", retry.backoff, max::HOUR),
             ("retry.max_backoff", retry.max_backoff, max::HOUR),
             ("retry.retry_after_cap", retry.retry_after_cap, max::DAY),
             ("retry.deadline", retry.deadline, max::DAY),
-            ("circuit_breaker.window", breaker.window, max::DAY),
-            ("circuit_breaker.cooldown", breaker.cooldown, max::DAY),
         ] {
             // Zero is meaningful here (no backoff, never honour retry-after).
             if value > longest {
@@ -378,6 +493,7 @@ pub(super) fn resolve_models(
                 total: overrides.total,
             },
             breaker: Breaker {
+                enabled: breaker.enabled,
                 failures: breaker.failures,
                 window: breaker.window,
                 cooldown: breaker.cooldown,
@@ -394,6 +510,9 @@ pub(super) fn resolve_models(
                 max_backoff: retry.max_backoff.max(retry.backoff),
                 retry_after_cap: retry.retry_after_cap,
                 deadline: retry.deadline,
+                on_status,
+                on_connect_error: retry.on_connect_error,
+                on_timeout: retry.on_timeout,
             },
         });
     }

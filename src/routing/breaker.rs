@@ -56,6 +56,9 @@ impl DeploymentState {
     /// An attempt here failed in a way that says the deployment is in trouble.
     pub fn record_failure(&self, now: u64) {
         let breaker = self.breaker;
+        if !breaker.enabled {
+            return;
+        }
         let cooldown = u64::try_from(breaker.cooldown.as_millis()).unwrap_or(u64::MAX);
         if self.probing.swap(false, Ordering::AcqRel) {
             // The probe failed: straight back to cooling down.

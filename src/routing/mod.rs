@@ -17,6 +17,8 @@ use crate::config::{Breaker, Model, ModelTimeouts, Retry, Strategy};
 mod balance;
 mod breaker;
 mod capacity;
+pub mod fallback;
+pub mod retry;
 mod status;
 
 pub use balance::random;
@@ -182,6 +184,7 @@ mod tests {
     use crate::config::Deployment;
 
     const BREAKER: Breaker = Breaker {
+        enabled: true,
         failures: 2,
         window: Duration::from_secs(1),
         cooldown: Duration::from_millis(100),
@@ -193,6 +196,9 @@ mod tests {
         max_backoff: Duration::from_millis(2),
         retry_after_cap: Duration::from_millis(2),
         deadline: Duration::from_secs(1),
+        on_status: crate::config::StatusSet::EMPTY,
+        on_connect_error: true,
+        on_timeout: true,
     };
 
     fn pick(route: &Route, tried: u64) -> usize {

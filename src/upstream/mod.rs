@@ -1,6 +1,7 @@
 //! Everything about talking to an upstream: its base URL, the pooled client
 //! and the mapping of its failures.
 
+pub mod attempt;
 mod base_url;
 mod client;
 

@@ -10,7 +10,6 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::hash::BuildHasher;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,23 +24,13 @@ use tokio::time::Instant;
 use crate::error::Failure;
 use crate::stream::BoxError;
 
+use super::{RequestId, RequestIds, UPSTREAM_HEADER};
+
 /// The response header carrying llmproxy's request id.
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-llmproxy-request-id");
 
 /// The W3C header through which llmproxy reports its own time and the upstream's.
 pub const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
-
-/// llmproxy's id for one request: 32 hex digits, kept inline (no allocation).
-#[derive(Clone, Copy)]
-pub struct RequestId([u8; 32]);
-
-impl RequestId {
-    /// The id as text.
-    pub fn as_str(&self) -> &str {
-        // Only hex digits are ever written into it.
-        std::str::from_utf8(&self.0).unwrap_or_default()
-    }
-}
 
 /// What the forwarding handler learned from the upstream, left in the
 /// response extensions for the log line.
@@ -51,47 +40,18 @@ pub struct UpstreamInfo {
     pub status: StatusCode,
     /// From sending the request to receiving the upstream's response headers.
     pub headers_after: Duration,
-    /// Whether a model route chose the upstream (then `x-llmproxy-upstream` names it).
-    pub routed: bool,
 }
 
-/// The model a routed request asked for, left in the response extensions
-/// for the log line (routed requests only).
+/// What routing did for a request, left in the response extensions for the
+/// log line (routed requests only, so the single-upstream path pays nothing).
 #[derive(Debug, Clone)]
-pub struct RequestedModel(pub Box<str>);
-
-/// Makes unique, unguessable-looking request ids without a lock or a syscall.
-///
-/// An id is a per-process random prefix and a counter pushed through a
-/// bijective mixer (so ids never repeat within a process and do not reveal
-/// the request count), as 32 hex digits.
-pub struct RequestIds {
-    prefix: u64,
-    key: u64,
-    counter: AtomicU64,
-}
-
-impl Default for RequestIds {
-    fn default() -> Self {
-        let random = std::collections::hash_map::RandomState::new();
-        Self {
-            prefix: random.hash_one(0x5eed_u64),
-            key: random.hash_one(0xfeed_u64),
-            counter: AtomicU64::new(0),
-        }
-    }
-}
-
-impl RequestIds {
-    /// The next id.
-    pub fn next_id(&self) -> RequestId {
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let mixed = splitmix64(n.wrapping_add(self.key));
-        let mut text = [0u8; 32];
-        hex(self.prefix, &mut text[..16]);
-        hex(mixed, &mut text[16..]);
-        RequestId(text)
-    }
+pub struct RoutedRequest {
+    /// The model the request asked for.
+    pub model: Box<str>,
+    /// Attempts made, over the model and its fallbacks.
+    pub attempts: u32,
+    /// Each attempt as `upstream:status` or `upstream:error_kind`.
+    pub path: Box<str>,
 }
 
 /// `llmproxy;dur=<own ms>, upstream;dur=<upstream ms>` up to the response
@@ -141,22 +101,6 @@ impl std::fmt::Display for Millis {
     }
 }
 
-/// splitmix64's finalizer: a bijection on u64, so distinct inputs stay distinct.
-fn splitmix64(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
-
-fn hex(value: u64, out: &mut [u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for (i, byte) in out.iter_mut().enumerate() {
-        let shift = 60 - 4 * i;
-        *byte = DIGITS[((value >> shift) & 0xf) as usize];
-    }
-}
-
 /// How a request ended, as written in the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outcome {
@@ -181,10 +125,8 @@ struct Record {
     upstream: Option<UpstreamInfo>,
     /// `x-llmproxy-upstream` of the answer: which upstream served it.
     upstream_name: Option<HeaderValue>,
-    /// `x-llmproxy-attempts` of the answer.
-    attempts: Option<u32>,
-    /// The model a routed request asked for.
-    model: Option<Box<str>>,
+    /// What routing did.
+    routed: Option<RoutedRequest>,
     error: Option<&'static str>,
     error_detail: Option<Arc<str>>,
     first_byte: Option<Instant>,
@@ -206,8 +148,9 @@ impl Drop for Record {
             status = self.status.map(|s| s.as_u16()),
             upstream = self.upstream_name.as_ref().and_then(|v| v.to_str().ok()),
             upstream_status = self.upstream.map(|u| u.status.as_u16()),
-            model = self.model.as_deref(),
-            attempts = self.attempts,
+            model = self.routed.as_ref().map(|r| &*r.model),
+            attempts = self.routed.as_ref().map(|r| r.attempts),
+            attempt_path = self.routed.as_ref().map(|r| &*r.path),
             latency_us = us(end - self.start),
             ttfb_us = self.first_byte.map(|t| us(t - self.start)),
             upstream_us = self.upstream.map(|u| us(u.headers_after)),
@@ -266,8 +209,7 @@ where
             status: None,
             upstream: None,
             upstream_name: None,
-            attempts: None,
-            model: None,
+            routed: None,
             error: None,
             error_detail: None,
             first_byte: None,
@@ -311,21 +253,10 @@ where
         let record = this.record.take().map(|mut record| {
             record.status = Some(response.status());
             record.upstream = response.extensions().get::<UpstreamInfo>().copied();
-            // Only routed requests carry a model; routed answers and routed
-            // failures carry the headers. Skip the lookups otherwise.
-            if let Some(model) = response.extensions_mut().remove::<RequestedModel>() {
-                record.model = Some(model.0);
-                record.attempts = response
-                    .headers()
-                    .get(crate::proxy::ATTEMPTS_HEADER)
-                    .and_then(|v| v.to_str().ok()?.parse().ok());
-            }
-            if record.upstream.is_some_and(|u| u.routed) {
-                let headers = response.headers();
-                record.upstream_name = headers.get(crate::proxy::UPSTREAM_HEADER).cloned();
-                record.attempts = headers
-                    .get(crate::proxy::ATTEMPTS_HEADER)
-                    .and_then(|v| v.to_str().ok()?.parse().ok());
+            // Only routed requests carry this; the lookup is a null check otherwise.
+            if let Some(routed) = response.extensions_mut().remove::<RoutedRequest>() {
+                record.upstream_name = response.headers().get(UPSTREAM_HEADER).cloned();
+                record.routed = Some(routed);
             }
             if let Some(failure) = response.extensions().get::<Failure>() {
                 record.error = Some(failure.kind);
@@ -338,7 +269,7 @@ where
             }
             let headers = response.headers_mut();
             // Hex digits are always a valid header value.
-            if let Ok(id) = HeaderValue::from_bytes(&record.id.0) {
+            if let Ok(id) = HeaderValue::from_bytes(record.id.as_str().as_bytes()) {
                 headers.insert(REQUEST_ID_HEADER, id);
             }
             // Appended, not inserted: an upstream's own Server-Timing entries stay.
@@ -454,22 +385,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn request_ids_are_unique_hex_of_fixed_length() {
-        let ids = RequestIds::default();
-        let mut seen = std::collections::HashSet::new();
-        for _ in 0..10_000 {
-            let id = ids.next_id();
-            let text = id.as_str().to_owned();
-            assert_eq!(text.len(), 32);
-            assert!(text.bytes().all(|b| b.is_ascii_hexdigit()));
-            assert!(seen.insert(text), "duplicate id");
-        }
-    }
-
-    #[test]
     fn server_timing_splits_own_time_from_the_upstreams() {
         let upstream = UpstreamInfo {
-            routed: false,
             status: StatusCode::OK,
             headers_after: Duration::from_micros(12_345),
         };
@@ -479,12 +396,5 @@ mod tests {
             server_timing(Duration::from_micros(80), None),
             "llmproxy;dur=0.08"
         );
-    }
-
-    #[test]
-    fn two_processes_get_different_prefixes() {
-        let a = RequestIds::default().next_id();
-        let b = RequestIds::default().next_id();
-        assert_ne!(a.as_str(), b.as_str());
     }
 }

@@ -1,0 +1,3 @@
+//! The API dialects clients speak to llmproxy. Today: OpenAI's.
+
+pub mod openai;
