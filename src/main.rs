@@ -99,16 +99,20 @@ fn main() -> ExitCode {
                     }
                     #[expect(clippy::print_stdout, reason = "check-config reports to the terminal")]
                     {
+                        let count = |n: usize, one: &str, many: &str| {
+                            format!("{n} {}", if n == 1 { one } else { many })
+                        };
                         println!(
-                            "{}: ok{} (listen {}, upstream {})",
+                            "{}: ok: {}, {}, listen {}{}",
                             file.display(),
+                            count(config.upstreams.len(), "upstream", "upstreams"),
+                            count(config.models.len(), "model", "models"),
+                            config.listen,
                             if no_env {
-                                ", structure only: ${VAR} values not checked"
+                                " (structure only: ${VAR} values not checked)"
                             } else {
                                 ""
                             },
-                            config.listen,
-                            config.describe()
                         );
                     }
                     ExitCode::SUCCESS

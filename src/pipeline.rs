@@ -35,7 +35,7 @@ use crate::ingress::openai;
 use crate::routing::retry::{Attempted, Trace};
 use crate::routing::{ModelRouter, fallback};
 use crate::state::AppState;
-use crate::stream::{BodyTimedOut, Deadline, Holding};
+use crate::stream::{BodyTimedOut, Deadline, Hold, Observed};
 use crate::telemetry::{ATTEMPTS_HEADER, RoutedRequest, UPSTREAM_HEADER};
 use crate::upstream::RequestBody;
 use crate::upstream::attempt::{Outcome, buffered, send};
@@ -107,7 +107,7 @@ async fn routed(
     let mut trace = Trace::default();
     let outcome = route(state, router, parts, body, declared, &mut trace).await;
     let mut response = match outcome {
-        Ok(response) => response.map(|body| Body::new(Holding::new(body, permit))),
+        Ok(response) => response.map(|body| Body::new(Observed::new(body, Hold(permit)))),
         Err(err) => err.into_response(),
     };
     if trace.attempts > 0 {

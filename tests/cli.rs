@@ -393,7 +393,7 @@ async fn routed_requests_log_their_upstream_and_attempts() {
     );
     let mut bin = Bin::start(
         &["--config", config.to_str().unwrap(), "--log-format", "json"],
-        &[],
+        &[("RUST_LOG", "info,llmproxy::routing=debug")],
     )
     .await;
     let got = post(&bin.url("/v1/chat/completions"), r#"{"model":"m"}"#).await;
@@ -401,14 +401,107 @@ async fn routed_requests_log_their_upstream_and_attempts() {
     bin.terminate();
     bin.wait_exit(Duration::from_secs(10)).await;
     let logs = bin.logs();
-    let line = logs
+    let lines: Vec<serde_json::Value> = logs
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .collect();
+    let line = lines
+        .iter()
         .find(|v| v["target"] == "llmproxy::access")
         .unwrap_or_else(|| panic!("no access line in {logs}"));
     assert_eq!(line["upstream"], "second");
     assert_eq!(line["attempts"], 2);
+    assert_eq!(line["attempt_path"], "first:503,second:200");
+    assert_eq!(line["model"], "m");
     assert_eq!(line["status"], 200);
+    // One debug line per attempt: deployment, outcome, duration.
+    let attempts: Vec<&serde_json::Value> =
+        lines.iter().filter(|v| v["message"] == "attempt").collect();
+    assert_eq!(attempts.len(), 2, "{logs}");
+    assert_eq!(attempts[0]["upstream"], "first");
+    assert_eq!(attempts[0]["outcome"], "503");
+    assert!(attempts[1]["duration_us"].as_u64().is_some());
+}
+
+#[tokio::test]
+async fn body_failures_are_logged_by_their_cause() {
+    let dying = spawn_dying_upstream().await;
+    let silent = spawn_upstream(|_| {
+        let mut reply = Reply::sse(vec![(Duration::ZERO, event("first"))]);
+        reply.end = End::Hang;
+        reply
+    })
+    .await;
+    let long = slow_stream_upstream(50).await;
+    let config = temp_config(
+        "body-kinds",
+        &format!(
+            "upstreams:\n  dying:\n    base_url: {}\n  silent:\n    base_url: {}\n    timeouts:\n      idle: 300ms\n  long:\n    base_url: {}\n    timeouts:\n      total: 300ms\nmodels:\n  dying:\n    deployments:\n      - upstream: dying\n  silent:\n    deployments:\n      - upstream: silent\n  long:\n    deployments:\n      - upstream: long\n",
+            dying.base_url(),
+            silent.base_url(),
+            long.base_url()
+        ),
+    );
+    let mut bin = Bin::start(
+        &["--config", config.to_str().unwrap(), "--log-format", "json"],
+        &[],
+    )
+    .await;
+    for model in ["dying", "silent", "long"] {
+        let (status, failed) = post_expecting_abort(
+            &bin.url("/v1/chat/completions"),
+            Box::leak(format!(r#"{{"model":"{model}"}}"#).into_boxed_str()),
+        )
+        .await;
+        assert_eq!(status, 200);
+        assert!(failed, "{model}: the body must fail");
+    }
+    let silent_started = Instant::now();
+    // The silent upstream's connection is closed by the idle timeout, not
+    // left to the client: it closes no later than the client's abort.
+    let closed_after = silent
+        .wait_closed(1, Duration::from_secs(5))
+        .await
+        .expect("the silent upstream's connection stayed open");
+    assert!(closed_after <= silent_started.elapsed());
+    bin.terminate();
+    bin.wait_exit(Duration::from_secs(10)).await;
+    let logs = bin.logs();
+    let kinds: Vec<(String, String)> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "llmproxy::access")
+        .map(|v| {
+            (
+                v["model"].as_str().unwrap_or_default().to_owned(),
+                v["error"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    for (model, kind) in [
+        ("dying", "upstream_reset"),
+        ("silent", "upstream_idle_timeout"),
+        ("long", "upstream_total_timeout"),
+    ] {
+        assert!(
+            kinds.contains(&(model.to_owned(), kind.to_owned())),
+            "{model} → {kind} not in {kinds:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn check_config_says_what_it_checked() {
+    let (code, printed) = check_config_text(
+        "summary",
+        "upstreams:\n  a:\n    base_url: http://a/v1\n  b:\n    base_url: http://b/v1\nmodels:\n  m:\n    deployments:\n      - upstream: a\n  n:\n    deployments:\n      - upstream: b\n  o:\n    deployments:\n      - upstream: b\n",
+    )
+    .await;
+    assert_eq!(code, Some(0), "{printed}");
+    assert!(
+        printed.contains(": ok: 2 upstreams, 3 models, listen 127.0.0.1:8080"),
+        "{printed}"
+    );
 }
 
 /// `check-config` on `text`: the exit code and what it printed.

@@ -657,3 +657,100 @@ async fn concurrency_caps_overflow_to_other_deployments_then_answer_503() {
     // Once the stream is over the slot is free again.
     assert_eq!(chat(&proxy, "capped").await.status, 200);
 }
+
+// Routing knobs (issue 9) ---------------------------------------------------------
+
+#[tokio::test]
+async fn retried_statuses_are_configurable() {
+    // 418 retried because listed; 503 not retried because the list replaces the default.
+    for (status, retried) in [(418u16, true), (503, false)] {
+        let a = flaky("a", status, usize::MAX, &[]).await;
+        let b = named("b").await;
+        let models = pair(
+            "    strategy: round_robin\n    retry:\n      backoff: 1ms\n      on_status: [418, 429]\n",
+        );
+        let proxy = spawn_proxy_with(routed(&models, &[("a", &a), ("b", &b)])).await;
+        let got = chat(&proxy, "m").await;
+        if retried {
+            assert_eq!(got.json()["served_by"], "b", "{status}");
+            assert_eq!(got.header("x-llmproxy-attempts"), Some("2"));
+        } else {
+            assert_eq!(got.status, status, "{status}");
+            assert_eq!(got.header("x-llmproxy-attempts"), Some("1"));
+            assert!(b.requests().is_empty());
+        }
+    }
+}
+
+#[tokio::test]
+async fn connect_errors_and_timeouts_can_be_left_unretried() {
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let b = named("b").await;
+    let yaml = format!(
+        "upstreams:\n  a:\n    base_url: http://{dead}/v1\n  b:\n    base_url: {}\nmodels:\n{}",
+        b.base_url(),
+        pair(
+            "    strategy: round_robin\n    retry:\n      backoff: 1ms\n      on_connect_error: false\n"
+        )
+    );
+    let proxy = spawn_proxy_with(llmproxy::config::parse(&yaml, "test").unwrap()).await;
+    let got = chat(&proxy, "m").await;
+    assert_eq!(got.status, 502);
+    assert_eq!(got.header("x-llmproxy-attempts"), Some("1"));
+    assert!(b.requests().is_empty());
+
+    let slow = spawn_upstream(|_| {
+        let mut reply = Reply::json(200, r#"{"served_by":"slow"}"#);
+        reply.head_delay = Duration::from_secs(2);
+        reply
+    })
+    .await;
+    let models = pair(
+        "    strategy: round_robin\n    timeouts:\n      response_headers: 200ms\n    retry:\n      backoff: 1ms\n      on_timeout: false\n",
+    );
+    let proxy = spawn_proxy_with(routed(&models, &[("a", &slow), ("b", &b)])).await;
+    let got = chat(&proxy, "m").await;
+    assert_eq!(got.status, 504);
+    assert_eq!(got.header("x-llmproxy-attempts"), Some("1"));
+    assert!(b.requests().is_empty());
+}
+
+#[tokio::test]
+async fn a_model_without_a_circuit_breaker_keeps_every_deployment_in_rotation() {
+    let a = flaky("a", 503, usize::MAX, &[]).await;
+    let models = "  m:\n    retry:\n      attempts: 1\n    circuit_breaker:\n      enabled: false\n      failures: 1\n    deployments:\n      - upstream: a\n";
+    let proxy = spawn_proxy_with(routed(models, &[("a", &a)])).await;
+    for _ in 0..5 {
+        // The upstream's own 503 every time, never `model_unavailable`.
+        let got = chat(&proxy, "m").await;
+        assert_eq!(got.status, 503);
+        assert!(
+            got.json()["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("a says 503")
+        );
+    }
+    assert_eq!(a.requests().len(), 5);
+}
+
+#[tokio::test]
+async fn decimal_weights_keep_their_proportions() {
+    let (a, b) = (named("a").await, named("b").await);
+    let models = "  m:\n    strategy: round_robin\n    deployments:\n      - upstream: a\n        weight: 0.5\n      - upstream: b\n        weight: 1.5\n";
+    let proxy = spawn_proxy_with(routed(models, &[("a", &a), ("b", &b)])).await;
+    let mut order = Vec::new();
+    for _ in 0..8 {
+        order.push(
+            chat(&proxy, "m").await.json()["served_by"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    assert_eq!(order, ["a", "b", "b", "b", "a", "b", "b", "b"]);
+}

@@ -769,6 +769,31 @@ log:
                 "models.m.retry.tries",
                 "unknown field `tries`",
             ),
+            (
+                format!("{ups}models:\n  m:\n    circuit_breaker:\n      window: 0s\n    deployments:\n      - upstream: a\n"),
+                "models.m.circuit_breaker.window",
+                "greater than zero",
+            ),
+            (
+                format!("{ups}models:\n  m:\n    circuit_breaker:\n      cooldown: 0s\n    deployments:\n      - upstream: a\n"),
+                "models.m.circuit_breaker.cooldown",
+                "greater than zero",
+            ),
+            (
+                format!("{ups}models:\n  m:\n    retry:\n      on_status: [700]\n    deployments:\n      - upstream: a\n"),
+                "models.m.retry.on_status",
+                "outside 100",
+            ),
+            (
+                format!("{ups}models:\n  m:\n    deployments:\n      - upstream: a\n        weight: -1\n"),
+                "models.m.deployments[0].weight",
+                "greater than 0",
+            ),
+            (
+                format!("{ups}models:\n  m:\n    deployments:\n{}", "      - upstream: a\n".repeat(65)),
+                "models.m.deployments",
+                "at most 64",
+            ),
         ];
         for (text, field, message) in cases {
             let err = load_str(&text, &no_env).unwrap_err();

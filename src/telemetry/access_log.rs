@@ -16,13 +16,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
-use http_body::{Body, Frame, SizeHint};
+use http_body::Body;
 use tokio::time::Instant;
 
 use crate::error::Failure;
-use crate::stream::BoxError;
+use crate::stream::{Observed, Observer, failure_kind};
 
 use super::{RequestId, RequestIds, UPSTREAM_HEADER};
 
@@ -217,13 +216,7 @@ where
             outcome: Outcome::ClientClosed,
         };
         let (parts, body) = request.into_parts();
-        let request = Request::from_parts(
-            parts,
-            Counted {
-                inner: body,
-                count: bytes_in,
-            },
-        );
+        let request = Request::from_parts(parts, Observed::new(body, CountIn(bytes_in)));
         AccessLogFuture {
             inner: self.inner.call(request),
             record: Some(record),
@@ -279,106 +272,54 @@ where
             );
             record
         });
-        Poll::Ready(Ok(response.map(|inner| Logged { inner, record })))
+        Poll::Ready(Ok(
+            response.map(|inner| Observed::new(inner, LogOnEnd(record)))
+        ))
     }
 }
 
-pin_project_lite::pin_project! {
-    /// The request body, counting the bytes the client sent.
-    pub struct Counted<B> {
-        #[pin]
-        inner: B,
-        count: Arc<AtomicU64>,
+/// Counts the bytes of the request body the client sent.
+pub struct CountIn(Arc<AtomicU64>);
+
+impl Observer for CountIn {
+    fn on_data(&mut self, len: usize, _last: bool) {
+        self.0.fetch_add(len as u64, Ordering::Relaxed);
     }
 }
 
-impl<B: Body<Data = Bytes>> Body for Counted<B> {
-    type Data = Bytes;
-    type Error = B::Error;
+/// The request body, counted.
+pub type Counted<B> = Observed<B, CountIn>;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = self.project();
-        let polled = this.inner.poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            this.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+/// Carries the log record through the response body until it is over;
+/// the record writes its line when dropped.
+pub struct LogOnEnd(Option<Record>);
+
+impl Observer for LogOnEnd {
+    fn on_data(&mut self, len: usize, _last: bool) {
+        if let Some(record) = self.0.as_mut() {
+            record.first_byte.get_or_insert_with(Instant::now);
+            record.bytes_out += len as u64;
         }
-        polled
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// The response body, carrying the log record until the response is over.
-    pub struct Logged<B> {
-        #[pin]
-        inner: B,
-        record: Option<Record>,
-    }
-}
-
-impl<B> Body for Logged<B>
-where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let mut this = self.project();
-        let polled = this.inner.as_mut().poll_frame(cx);
-        if let Some(record) = this.record.as_mut() {
-            match &polled {
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let Some(data) = frame.data_ref() {
-                        record.first_byte.get_or_insert_with(Instant::now);
-                        record.bytes_out += data.len() as u64;
-                    }
-                    // hyper stops polling once a sized body has all its bytes,
-                    // so the end is seen here, not as a final `None`.
-                    if this.inner.is_end_stream() {
-                        record.outcome = Outcome::Complete;
-                        *this.record = None;
-                    }
-                }
-                Poll::Ready(Some(Err(_))) => {
-                    record.outcome = Outcome::Failed;
-                    record.error.get_or_insert("upstream_body");
-                    *this.record = None;
-                }
-                Poll::Ready(None) => {
-                    record.outcome = Outcome::Complete;
-                    *this.record = None;
-                }
-                Poll::Pending => {}
-            }
+    fn on_end(&mut self) {
+        if let Some(mut record) = self.0.take() {
+            record.outcome = Outcome::Complete;
         }
-        polled
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+    fn on_error(&mut self, error: &(dyn std::error::Error + 'static)) {
+        if let Some(mut record) = self.0.take() {
+            record.outcome = Outcome::Failed;
+            record.error.get_or_insert(failure_kind(error));
+        }
     }
 
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
+    // On cancel the record is dropped as it stands: `client_closed`.
 }
+
+/// The response body, logged when it is over.
+pub type Logged<B> = Observed<B, LogOnEnd>;
 
 #[cfg(test)]
 mod tests {

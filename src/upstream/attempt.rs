@@ -21,7 +21,7 @@ use crate::config::Timeouts;
 use crate::error::ProxyError;
 use crate::headers;
 use crate::state::{AppState, Target};
-use crate::stream::{Deadline, Holding, IdleTimeout};
+use crate::stream::{Deadline, Hold, IdleTimeout, Observed};
 use crate::telemetry::UpstreamInfo;
 use crate::upstream::{RequestBody, classify};
 
@@ -106,6 +106,6 @@ pub async fn send<H: Send + Sync + 'static>(
     let body = IdleTimeout::new(body, timeouts.idle).with_total(sent_at, timeouts.total);
     Ok(Response::from_parts(
         parts,
-        Body::new(Holding::new(body, held)),
+        Body::new(Observed::new(body, Hold(held))),
     ))
 }

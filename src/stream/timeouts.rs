@@ -1,12 +1,5 @@
-//! Body wrappers: bodies are never collected on the way through, only
-//! wrapped to watch them.
-//!
-//! [`IdleTimeout`] ends an upstream answer that goes silent for too long. It
-//! fails the body with an error instead of ending it, so hyper aborts the
-//! downstream response (no final chunk is written) and a client can never
-//! take a stalled answer for a complete one. [`Deadline`] bounds the time a
-//! client may take to send its request body. [`Replay`] puts bytes read ahead
-//! (to peek at an error answer) back in front of the rest of a body.
+//! Timers on bodies: an upstream answer's idle gap and total time, and a
+//! client's request body deadline. None of them resets a timer per chunk.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -17,39 +10,20 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
-/// Boxed error type shared by the body wrappers.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use super::BoxError;
 
 /// Why a streamed upstream body ended abnormally.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
     /// The upstream connection failed mid-body (reset, truncated, protocol error).
     #[error("upstream body failed: {0}")]
-    Upstream(BoxError),
+    Upstream(#[source] BoxError),
     /// The upstream sent nothing for longer than `timeouts.idle`.
     #[error("upstream sent nothing for {0:?} (idle timeout)")]
     Idle(Duration),
     /// The exchange ran longer than `timeouts.total`.
     #[error("upstream exchange exceeded the total timeout of {0:?}")]
     Total(Duration),
-}
-
-pin_project_lite::pin_project! {
-    /// Fails the body when no frame arrives within `idle` of the previous one.
-    ///
-    /// The timer is not reset per chunk (a timer-wheel update on the hot
-    /// path); each chunk only stores its arrival time, and when the timer
-    /// fires it is pushed to `last_frame + idle` if a chunk came meanwhile.
-    pub struct IdleTimeout<B> {
-        #[pin]
-        inner: B,
-        #[pin]
-        timer: Sleep,
-        idle: Duration,
-        last_frame: Instant,
-        // `timeouts.total`: when the whole exchange must be over.
-        total: Option<(Instant, Duration)>,
-    }
 }
 
 /// `start + after`, or a time so far ahead it never comes when that
@@ -61,12 +35,33 @@ pub fn deadline_after(start: Instant, after: Duration) -> Instant {
         .unwrap_or_else(|| start + Duration::from_secs(100 * 365 * 24 * 60 * 60))
 }
 
+pin_project_lite::pin_project! {
+    /// Fails the body when no frame arrives within `idle` of the previous
+    /// one, or once `total` has passed.
+    ///
+    /// The timer is not reset per chunk (a timer-wheel update on the hot
+    /// path); each chunk only stores its arrival time, and when the timer
+    /// fires it is pushed to `last_frame + idle` if a chunk came meanwhile.
+    /// When it does fail the body, the upstream body is dropped first: its
+    /// connection closes before the client's response is aborted.
+    pub struct IdleTimeout<B> {
+        #[pin]
+        inner: Option<B>,
+        #[pin]
+        timer: Sleep,
+        idle: Duration,
+        last_frame: Instant,
+        // `timeouts.total`: when the whole exchange must be over.
+        total: Option<(Instant, Duration)>,
+    }
+}
+
 impl<B> IdleTimeout<B> {
     /// Wraps `inner`; the first frame is also due within `idle`.
     pub fn new(inner: B, idle: Duration) -> Self {
         let now = Instant::now();
         Self {
-            inner,
+            inner: Some(inner),
             timer: tokio::time::sleep_until(deadline_after(now, idle)),
             idle,
             last_frame: now,
@@ -100,7 +95,11 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let mut this = self.project();
-        match this.inner.poll_frame(cx) {
+        let Some(inner) = this.inner.as_mut().as_pin_mut() else {
+            // Failed already; nothing more comes.
+            return Poll::Ready(None);
+        };
+        match inner.poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 *this.last_frame = Instant::now();
                 Poll::Ready(Some(Ok(frame)))
@@ -110,15 +109,19 @@ where
             Poll::Pending => loop {
                 ready!(this.timer.as_mut().poll(cx));
                 let now = Instant::now();
-                if let Some((end, total)) = *this.total
-                    && end <= now
-                {
-                    return Poll::Ready(Some(Err(BodyError::Total(total))));
+                let failed = match *this.total {
+                    Some((end, total)) if end <= now => Some(BodyError::Total(total)),
+                    _ if deadline_after(*this.last_frame, *this.idle) <= now => {
+                        Some(BodyError::Idle(*this.idle))
+                    }
+                    _ => None,
+                };
+                if let Some(error) = failed {
+                    // Release the upstream connection before the client hears.
+                    this.inner.set(None);
+                    return Poll::Ready(Some(Err(error)));
                 }
                 let idle_deadline = deadline_after(*this.last_frame, *this.idle);
-                if idle_deadline <= now {
-                    return Poll::Ready(Some(Err(BodyError::Idle(*this.idle))));
-                }
                 let next = this
                     .total
                     .map_or(idle_deadline, |(end, _)| end.min(idle_deadline));
@@ -128,48 +131,13 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// Passes the body through and keeps `held` alive until the body is
-    /// dropped: e.g. a deployment's in-flight count for a whole stream.
-    pub struct Holding<B, T> {
-        #[pin]
-        inner: B,
-        held: T,
-    }
-}
-
-impl<B, T> Holding<B, T> {
-    /// Wraps `inner`, holding `held`.
-    pub fn new(inner: B, held: T) -> Self {
-        Self { inner, held }
-    }
-}
-
-impl<B: Body, T> Body for Holding<B, T> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        self.project().inner.poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
 }
 
@@ -230,7 +198,7 @@ where
                     )))
                 });
                 match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimedOut(*this.limit))))),
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimedOut(limit))))),
                     Poll::Pending => Poll::Pending,
                 }
             }
@@ -243,57 +211,6 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// `prefix` (bytes already read from `inner`), then the rest of `inner`.
-    pub struct Replay<B> {
-        prefix: Option<Bytes>,
-        #[pin]
-        inner: B,
-    }
-}
-
-impl<B> Replay<B> {
-    /// Puts `prefix` back in front of `inner`.
-    pub fn new(prefix: Bytes, inner: B) -> Self {
-        Self {
-            prefix: (!prefix.is_empty()).then_some(prefix),
-            inner,
-        }
-    }
-}
-
-impl<B: Body<Data = Bytes>> Body for Replay<B> {
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = self.project();
-        if let Some(prefix) = this.prefix.take() {
-            return Poll::Ready(Some(Ok(Frame::data(prefix))));
-        }
-        this.inner.poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.prefix.is_none() && self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        let inner = self.inner.size_hint();
-        let extra = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
-        // Upper first: `set_lower` asserts lower <= upper.
-        let mut hint = SizeHint::new();
-        if let Some(upper) = inner.upper() {
-            hint.set_upper(upper.saturating_add(extra));
-        }
-        hint.set_lower(inner.lower().saturating_add(extra));
-        hint
     }
 }
 
@@ -351,35 +268,43 @@ mod tests {
         assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"c0");
     }
 
-    #[tokio::test]
-    async fn replay_puts_the_peeked_bytes_first() {
-        let body = Replay::new(Bytes::from_static(b"ab"), delayed_chunks(&[0, 0]));
-        assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"abc0c1");
-        let sized = Replay::new(
-            Bytes::from_static(b"ab"),
-            http_body_util::Full::new(Bytes::from_static(b"cd")),
-        );
-        assert_eq!(sized.size_hint().exact(), Some(4));
+    /// A body that never sends, and says when it is dropped.
+    struct Silent(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+    impl Body for Silent {
+        type Data = Bytes;
+        type Error = std::io::Error;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+            Poll::Pending
+        }
+    }
+
+    impl Drop for Silent {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_gap_longer_than_idle_fails_the_body() {
+    async fn a_gap_longer_than_idle_fails_the_body_and_releases_the_upstream_first() {
+        let dropped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut body = Box::pin(IdleTimeout::new(
-            delayed_chunks(&[10, 10, 500]),
+            Silent(dropped.clone()),
             Duration::from_millis(100),
         ));
-        let mut got = Vec::new();
-        let err = loop {
-            match body.frame().await {
-                Some(Ok(frame)) => got.push(frame.into_data().unwrap()),
-                Some(Err(e)) => break e,
-                None => panic!("stream ended cleanly after a stall"),
-            }
-        };
-        assert_eq!(got, [Bytes::from("c0"), Bytes::from("c1")]);
+        let err = body.frame().await.unwrap().unwrap_err();
         assert!(
             matches!(err, BodyError::Idle(d) if d == Duration::from_millis(100)),
             "{err}"
         );
+        // The upstream body (its connection) was let go before the error surfaced.
+        assert!(dropped.load(std::sync::atomic::Ordering::SeqCst));
+
+        let body = IdleTimeout::new(delayed_chunks(&[10, 10, 500]), Duration::from_millis(100));
+        let err = body.collect().await.unwrap_err();
+        assert!(matches!(err, BodyError::Idle(_)), "{err}");
     }
 }
