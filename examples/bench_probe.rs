@@ -5,7 +5,13 @@
 //! The mock upstream stamps every chunk with its send time
 //! (`x-mock-timestamps`), so a chunk's delay is its arrival time minus its
 //! send time: what the path between the two added. Prints one JSON line.
-#![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::print_stdout,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::disallowed_methods,
+    reason = "a benchmark client: prints its result, fails loudly, spawns its streams"
+)]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

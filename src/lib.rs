@@ -1,38 +1,36 @@
 //! llmproxy: an OpenAI-compatible LLM gateway.
 //!
 //! Where a request goes, from socket to socket:
-//! - [`server::run`] accepts a connection (bounded by
+//! - [`run`] accepts a connection (bounded by
 //!   `limits.max_connections`; a client has `limits.header_read_timeout` to
 //!   start its first request, and an HTTP/2 connection at most
 //!   `limits.max_streams_per_connection` streams) and serves it with hyper;
-//! - the layers of [`service`], outermost first: [`telemetry::AccessLog`]
+//! - the layers of `service`, outermost first: `telemetry::AccessLog`
 //!   (request id, `Server-Timing`, one log line when the response is really
-//!   over), then [`catch_panic::CatchPanic`] (a panic is a 500, never a
-//!   dropped connection), then the router [`app`];
-//! - [`app`]: `GET /` is the health check, `GET /admin/status` the admin
-//!   view, `/v1/*` goes to [`pipeline::forward`], anything else is a 404 in
+//!   over), then `catch_panic::CatchPanic` (a panic is a 500, never a
+//!   dropped connection), then the router `app`;
+//! - `app`: `GET /` is the health check, `GET /admin/status` the admin
+//!   view, `/v1/*` goes to `pipeline::forward`, anything else is a 404 in
 //!   the OpenAI error shape;
-//! - [`pipeline`] takes the request through its stages — admit,
+//! - `pipeline` takes the request through its stages — admit,
 //!   authenticate, limit, route, attempt, observe — and streams the
 //!   upstream's answer back.
 
-#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
-
-pub mod admin;
-pub mod catch_panic;
+pub(crate) mod admin;
+pub(crate) mod catch_panic;
 pub mod config;
-pub mod error;
-pub mod headers;
-pub mod ingress;
+pub(crate) mod error;
+pub(crate) mod headers;
+pub(crate) mod ingress;
 pub mod mock;
-pub mod pipeline;
-pub mod routing;
-pub mod server;
-pub mod state;
-pub mod stream;
+pub(crate) mod pipeline;
+pub(crate) mod routing;
+pub(crate) mod server;
+pub(crate) mod state;
+pub(crate) mod stream;
 pub mod telemetry;
-pub mod upstream;
-pub mod wire;
+pub(crate) mod upstream;
+pub(crate) mod wire;
 
 use std::sync::Arc;
 
@@ -55,7 +53,7 @@ pub use server::{bind, run};
 /// `/v1/*` is matched by prefix in the fallback rather than by a `{*path}`
 /// route: a wildcard capture costs four allocations per request, and the
 /// pipeline reads the raw URI anyway.
-pub fn app(state: Arc<AppState>) -> Router {
+pub(crate) fn app(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/", get(health).fallback(not_found))
         .route("/admin/status", get(admin::status).fallback(not_found))
@@ -67,7 +65,7 @@ pub fn app(state: Arc<AppState>) -> Router {
 /// so every answer — a caught panic's 500 included — gets exactly one log
 /// line and a request id; the panic net sits right inside it, around
 /// everything that could panic.
-pub fn service(state: Arc<AppState>) -> AccessLog<CatchPanic<Router>> {
+pub(crate) fn service(state: Arc<AppState>) -> AccessLog<CatchPanic<Router>> {
     AccessLog::new(CatchPanic(app(state)))
 }
 

@@ -159,7 +159,7 @@ fn main() -> ExitCode {
                 config.log_format = format;
             }
             // RUST_LOG overrides log.level; a typo in it must not turn logging off either.
-            if let Ok(filter) = std::env::var("RUST_LOG")
+            if let Some(filter) = config::Lookup::get(&Env, "RUST_LOG")
                 && let Err(message) = config::check_log_filter(&filter)
             {
                 return fail(format_args!("RUST_LOG: {message}"));
@@ -186,6 +186,10 @@ fn main() -> ExitCode {
 /// second one ends the process at once, as people expect of a server.
 fn signals(writer: BatchedStderr) -> impl std::future::Future<Output = ()> {
     let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "the signal watcher must outlive the drain it can cut short, so it is not on the tracker the drain waits for"
+    )]
     tokio::spawn(async move {
         let mut signals = Signals::new();
         let name = signals.next().await;
@@ -283,7 +287,7 @@ fn serve_blocking(
 /// at exit, the writer handle before a forced exit.
 fn init_logging(format: LogFormat, level: &str) -> (FlushGuard, BatchedStderr) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let ansi = std::io::stderr().is_terminal() && config::Lookup::get(&Env, "NO_COLOR").is_none();
     let (writer, guard) = BatchedStderr::new(Duration::from_millis(100));
     let handle = writer.clone();
     let builder = tracing_subscriber::fmt()

@@ -1,6 +1,11 @@
 //! Upstream errors pass through untouched; the proxy's own failures are
 //! OpenAI-shaped JSON with an honest status.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::disallowed_methods,
+    reason = "a test fails loudly, and its servers and clients spawn freely"
+)]
 
 mod common;
 

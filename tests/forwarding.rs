@@ -1,5 +1,10 @@
 //! Forwarding over the wire: routes, path joining, byte-exact bodies both ways.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::disallowed_methods,
+    reason = "a test fails loudly, and its servers and clients spawn freely"
+)]
 
 mod common;
 

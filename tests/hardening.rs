@@ -1,6 +1,11 @@
 //! Hostile clients and hostile upstreams, over real sockets: one regression
 //! test per defect of the adversarial trial (issue 7), HTTP/1.1 and h2.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::disallowed_methods,
+    reason = "a test fails loudly, and its servers and clients spawn freely"
+)]
 
 mod common;
 

@@ -1,5 +1,10 @@
 //! Header policy as the upstream and the client see it on the wire.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::disallowed_methods,
+    reason = "a test fails loudly, and its servers and clients spawn freely"
+)]
 
 mod common;
 

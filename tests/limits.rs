@@ -1,5 +1,4 @@
 //! Protection limits: slow header senders and connection caps.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

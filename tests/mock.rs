@@ -1,6 +1,11 @@
 //! The built-in mock upstream's failure injection, so retries, fallbacks,
 //! timeouts and breakers can be tried offline.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::disallowed_methods,
+    reason = "a test fails loudly, and its servers and clients spawn freely"
+)]
 
 mod common;
 

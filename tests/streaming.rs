@@ -1,6 +1,11 @@
 //! Streaming: chunks arrive as they are sent, byte-exact; cancellation and
 //! upstream failures propagate; a slow client gets backpressure.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::disallowed_methods,
+    reason = "a test fails loudly, and its servers and clients spawn freely"
+)]
 
 mod common;
 

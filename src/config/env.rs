@@ -34,6 +34,10 @@ pub struct Env;
 
 impl Lookup for Env {
     fn get(&self, name: &str) -> Option<String> {
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "this is the one place the process environment is read"
+        )]
         std::env::var(name).ok()
     }
 }

@@ -24,7 +24,6 @@ mod status;
 pub use balance::random;
 pub use breaker::{Circuit, Probe, now_ms};
 pub use capacity::{Gauge, InFlight, Unavailable};
-pub use status::{DeploymentStatus, RouteStatus};
 
 /// A deployment chosen for an attempt, counted in flight until dropped.
 #[derive(Debug)]

@@ -21,9 +21,9 @@ mod observe;
 mod replay;
 mod timeouts;
 
-pub use observe::{Hold, Holding, Observed, Observer};
+pub use observe::{Hold, Observed, Observer};
 pub use replay::Replay;
-pub use timeouts::{BodyError, BodyTimedOut, Deadline, IdleTimeout, deadline_after};
+pub use timeouts::{BodyError, BodyTimedOut, Deadline, IdleTimeout};
 
 /// Boxed error type shared by the body wrappers.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

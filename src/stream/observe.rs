@@ -115,9 +115,6 @@ pub struct Hold<T>(pub T);
 
 impl<T> Observer for Hold<T> {}
 
-/// A body that holds `T` until it is over.
-pub type Holding<B, T> = Observed<B, Hold<T>>;
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -222,6 +222,7 @@ mod tests {
     /// A body whose chunks `c0`, `c1`, ... arrive after the given delays.
     fn delayed_chunks(delays_ms: &'static [u64]) -> http_body_util::channel::Channel<Bytes> {
         let (mut tx, body) = http_body_util::channel::Channel::new(1);
+        #[expect(clippy::disallowed_methods, reason = "a test's feeder task")]
         tokio::spawn(async move {
             for (i, delay) in delays_ms.iter().enumerate() {
                 tokio::time::sleep(Duration::from_millis(*delay)).await;

@@ -6,4 +6,4 @@ mod base_url;
 mod client;
 
 pub use base_url::BaseUrl;
-pub use client::{RequestBody, TimedConnect, UpstreamBody, UpstreamClient, classify, client};
+pub use client::{RequestBody, UpstreamClient, classify, client};

@@ -1,6 +1,12 @@
 //! Test harness: the real proxy and scripted upstream servers, all on
 //! `127.0.0.1:0`, talking over real sockets.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::disallowed_methods,
+    reason = "each test crate uses part of the harness; a test fails loudly and spawns freely"
+)]
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
