@@ -3,16 +3,16 @@
 //! time); without a configured token the path does not exist (404). Wrong
 //! tokens are throttled ([`Guard`]).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use axum::extract::State;
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use crate::error::ProxyError;
-use crate::state::AppState;
+use crate::headers::Secret;
+use crate::routing::{ModelRouter, now_ms};
+use crate::upstream::Upstreams;
 
 /// Wrong tokens accepted per second, from all clients together.
 const WRONG_TOKENS_PER_SECOND: u64 = 10;
@@ -31,7 +31,7 @@ pub struct Guard {
 
 impl Guard {
     fn now_second() -> u64 {
-        crate::routing::now_ms() / 1000
+        now_ms() / 1000
     }
 
     /// Whether requests are refused for the rest of this second.
@@ -56,36 +56,54 @@ impl Guard {
     }
 }
 
-/// The status handler.
-pub async fn status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    let Some(token) = &state.admin_token else {
+/// The admin endpoint's token and its guard against guessing.
+pub struct Admin {
+    token: Secret,
+    guard: Guard,
+}
+
+impl Admin {
+    /// Guards the endpoint with `token`.
+    pub fn new(token: Secret) -> Self {
+        Self {
+            token,
+            guard: Guard::default(),
+        }
+    }
+}
+
+/// `GET /admin/status`: a 404 without an admin token, else the routes'
+/// state for the right bearer token.
+pub fn status(
+    admin: Option<&Admin>,
+    upstreams: &Upstreams,
+    router: Option<&ModelRouter>,
+    headers: &HeaderMap,
+) -> Response {
+    let Some(admin) = admin else {
         return ProxyError::NotFound {
             method: http::Method::GET,
             path: "/admin/status".into(),
         }
         .into_response();
     };
-    if state.admin_guard.throttled() {
+    if admin.guard.throttled() {
         return ProxyError::Throttled("too many wrong admin tokens; retry in a second".into())
             .into_response();
     }
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
-    if !presented.is_some_and(|p| token.matches(p)) {
-        state.admin_guard.wrong_token();
+    if !presented.is_some_and(|p| admin.token.matches(p)) {
+        admin.guard.wrong_token();
         return ProxyError::Unauthorized(
             "the admin endpoint needs `Authorization: Bearer <admin.token>`".into(),
         )
         .into_response();
     }
-    let names: Vec<&str> = state
-        .targets
-        .iter()
-        .map(|t| t.upstream.name.as_str())
-        .collect();
-    let models = state.router.as_ref().map_or_else(Vec::new, |router| {
-        let mut routes = router.status(crate::routing::now_ms());
+    let names = upstreams.names();
+    let models = router.map_or_else(Vec::new, |router| {
+        let mut routes = router.status(now_ms());
         for deployment in routes.iter_mut().flat_map(|r| r.deployments.iter_mut()) {
             deployment.upstream = names
                 .get(deployment.upstream_index)

@@ -49,8 +49,13 @@ pub enum ProxyError {
     #[error("{0}")]
     BadPath(String),
     /// A method llmproxy does not forward (`CONNECT`, `TRACE`, extensions).
-    #[error("method {0} is not forwarded; llmproxy forwards {methods}", methods = crate::wire::FORWARDED_METHODS)]
-    MethodNotAllowed(http::Method),
+    #[error("method {method} is not forwarded; llmproxy forwards {allowed}")]
+    MethodNotAllowed {
+        /// The method the client used.
+        method: http::Method,
+        /// The methods that are forwarded, for the message and `Allow`.
+        allowed: &'static str,
+    },
     /// The client did not finish sending its body within `limits.body_read_timeout`.
     #[error("the request body was not received within {0:?} (limits.body_read_timeout)")]
     RequestBodyTimeout(Duration),
@@ -99,7 +104,7 @@ impl ProxyError {
             Self::AtUpstream { error, .. } => error.status(),
             Self::NotFound { .. } | Self::ModelNotFound(_) => StatusCode::NOT_FOUND,
             Self::BadRequest(_) | Self::BadPath(_) => StatusCode::BAD_REQUEST,
-            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::RequestBodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Throttled(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -159,7 +164,7 @@ impl ProxyError {
             Self::ModelAtCapacity(_) => "model_at_capacity",
             Self::BadRequest(_) => "bad_request",
             Self::BadPath(_) => "invalid_path",
-            Self::MethodNotAllowed(_) => "method_not_allowed",
+            Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::RequestBodyTimeout(_) => "request_timeout",
             Self::Overloaded(_) => "server_busy",
             Self::Internal => "internal_error",
@@ -181,7 +186,7 @@ impl ProxyError {
             | Self::ModelNotFound(_)
             | Self::BadRequest(_)
             | Self::BadPath(_)
-            | Self::MethodNotAllowed(_)
+            | Self::MethodNotAllowed { .. }
             | Self::RequestBodyTimeout(_)
             | Self::BodyTooLarge { .. } => "invalid_request_error",
             Self::Unauthorized(_) => "authentication_error",
@@ -248,11 +253,10 @@ impl IntoResponse for ProxyError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
-        if matches!(self, Self::MethodNotAllowed(_)) {
-            response.headers_mut().insert(
-                header::ALLOW,
-                HeaderValue::from_static(crate::wire::FORWARDED_METHODS),
-            );
+        if let Self::MethodNotAllowed { allowed, .. } = &self {
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(allowed));
         }
         response.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -338,7 +342,10 @@ mod tests {
                 "invalid_request_error",
             ),
             (
-                ProxyError::MethodNotAllowed(http::Method::TRACE),
+                ProxyError::MethodNotAllowed {
+                    method: http::Method::TRACE,
+                    allowed: "GET",
+                },
                 405,
                 "method_not_allowed",
                 "invalid_request_error",

@@ -45,7 +45,7 @@ use crate::error::ProxyError;
 use crate::state::AppState;
 use crate::telemetry::AccessLog;
 
-pub use server::{bind, run};
+pub use server::bind;
 
 /// The routes: health check, admin status, `/v1/*` forwarding, and an
 /// OpenAI-shaped 404 elsewhere.
@@ -56,7 +56,7 @@ pub use server::{bind, run};
 pub(crate) fn app(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/", get(health).fallback(not_found))
-        .route("/admin/status", get(admin::status).fallback(not_found))
+        .route("/admin/status", get(admin_status).fallback(not_found))
         .fallback(v1_or_not_found)
         .with_state(state)
 }
@@ -65,8 +65,21 @@ pub(crate) fn app(state: Arc<AppState>) -> Router {
 /// so every answer — a caught panic's 500 included — gets exactly one log
 /// line and a request id; the panic net sits right inside it, around
 /// everything that could panic.
-pub(crate) fn service(state: Arc<AppState>) -> AccessLog<CatchPanic<Router>> {
+pub(crate) fn service(state: Arc<AppState>) -> server::Stack {
     AccessLog::new(CatchPanic(app(state)))
+}
+
+/// Serves `listener` with `config` until `shutdown` resolves, then stops
+/// accepting and lets in-flight requests finish for up to
+/// `config.shutdown_timeout`.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    config: config::Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    let state = AppState::new(&config);
+    let tasks = state.tasks.clone();
+    server::serve(listener, &config, tasks, service(state), shutdown).await
 }
 
 async fn v1_or_not_found(state: State<Arc<AppState>>, request: Request) -> Response {
@@ -77,6 +90,15 @@ async fn v1_or_not_found(state: State<Arc<AppState>>, request: Request) -> Respo
             .await
             .into_response()
     }
+}
+
+async fn admin_status(State(state): State<Arc<AppState>>, headers: http::HeaderMap) -> Response {
+    admin::status(
+        state.admin.as_ref(),
+        &state.upstreams,
+        state.router.as_ref(),
+        &headers,
+    )
 }
 
 async fn health() -> impl IntoResponse {

@@ -54,9 +54,9 @@ pub async fn forward(
     // hyper has already refused a malformed length; what is left is the size.
     let declared = wire::content_length(&parts.headers)
         .map_err(|err| ProxyError::BadRequest(err.to_string()))?;
-    if declared.is_some_and(|len| len > state.max_body_size) {
+    if declared.is_some_and(|len| len > state.upstreams.max_body_size) {
         return Err(ProxyError::BodyTooLarge {
-            limit: state.max_body_size,
+            limit: state.upstreams.max_body_size,
         });
     }
 
@@ -75,11 +75,11 @@ pub async fn forward(
     // 4–6. route, attempt, observe.
     match &state.router {
         None => {
-            let Some(target) = state.targets.first() else {
+            let Some(target) = state.upstreams.targets.first() else {
                 return Err(ProxyError::UpstreamUnreachable("no upstream".into()));
             };
             send(
-                &state,
+                state.upstreams.max_body_size,
                 target,
                 target.upstream.timeouts,
                 parts,
@@ -136,22 +136,24 @@ async fn route(
     declared: Option<u64>,
     trace: &mut Trace,
 ) -> Outcome {
-    let first = state.targets.first();
+    let first = state.upstreams.targets.first();
     if parts.method == Method::GET && parts.uri.path() == "/v1/models" {
-        return Ok(openai::list_models(router));
+        return Ok(openai::list_models(router.listed()));
     }
     let Some(first) = first else {
         return Err(ProxyError::UpstreamUnreachable("no upstream".into()));
     };
     // Requests with no model to route by go to the first upstream, streamed.
     if parts.method != Method::POST || !openai::is_json(&parts.headers) {
-        return send(state, first, first.upstream.timeouts, parts, body, ()).await;
+        let max = state.upstreams.max_body_size;
+        return send(max, first, first.upstream.timeouts, parts, body, ()).await;
     }
 
     let (bytes, _budget) = read_body(state, body, declared).await?;
     let Some((model, span)) = openai::requested_model(&bytes)? else {
+        let max = state.upstreams.max_body_size;
         return send(
-            state,
+            max,
             first,
             first.upstream.timeouts,
             parts,
@@ -171,7 +173,7 @@ async fn route(
         span,
     };
     let mut attempts = Trace::default();
-    let outcome = fallback::serve(state, router, primary, &request, &mut attempts).await;
+    let outcome = fallback::serve(&state.upstreams, router, primary, &request, &mut attempts).await;
     trace.attempts = attempts.attempts;
     trace.path = attempts.path;
     trace.upstream = attempts.upstream;
@@ -215,9 +217,9 @@ async fn read_body(
             continue;
         };
         let total = buffer.len() as u64 + data.len() as u64;
-        if total > state.max_body_size {
+        if total > state.upstreams.max_body_size {
             return Err(ProxyError::BodyTooLarge {
-                limit: state.max_body_size,
+                limit: state.upstreams.max_body_size,
             });
         }
         if declared.is_none() {

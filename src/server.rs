@@ -15,8 +15,14 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use tokio_util::task::TaskTracker;
+
+use crate::catch_panic::CatchPanic;
 use crate::config::Config;
-use crate::state::AppState;
+use crate::telemetry::AccessLog;
+
+/// The per-request stack every connection serves (built by `service()` in lib.rs).
+pub type Stack = AccessLog<CatchPanic<axum::Router>>;
 
 /// Resolves when `timeout` has passed without the connection starting a
 /// request; never, once it has.
@@ -87,14 +93,13 @@ pub fn bind(addr: std::net::SocketAddr, role: &str) -> std::io::Result<TcpListen
 
 /// Serves `listener` until `shutdown` resolves, then stops accepting and
 /// lets in-flight requests finish for up to `config.shutdown_timeout`.
-pub async fn run(
+pub async fn serve(
     listener: TcpListener,
-    config: Config,
+    config: &Config,
+    tasks: TaskTracker,
+    service: Stack,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let state = AppState::new(&config);
-    let tasks = state.tasks.clone();
-    let service = crate::service(state);
     let first_request_timeout = config.limits.header_read_timeout;
 
     let mut builder = auto::Builder::new(TokioExecutor::new());

@@ -29,7 +29,10 @@ pub fn check_method(method: &Method) -> Result<(), ProxyError> {
         | Method::PATCH
         | Method::DELETE
         | Method::OPTIONS => Ok(()),
-        _ => Err(ProxyError::MethodNotAllowed(method.clone())),
+        _ => Err(ProxyError::MethodNotAllowed {
+            method: method.clone(),
+            allowed: FORWARDED_METHODS,
+        }),
     }
 }
 

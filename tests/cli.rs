@@ -975,13 +975,18 @@ fn the_project_has_a_license() {
 
 #[tokio::test]
 async fn the_configuration_reference_in_the_readme_is_valid() {
-    const MARK: &str = "<!-- checked by tests/cli.rs: the_configuration_reference_in_the_readme_is_valid -->";
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    const MARK: &str =
+        "<!-- checked by tests/cli.rs: the_configuration_reference_in_the_readme_is_valid -->";
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     let blocks: Vec<&str> = readme
         .split(MARK)
         .skip(1)
         .map(|after| {
-            let start = after.find("```yaml\n").expect("a yaml block after the mark") + 8;
+            let start = after
+                .find("```yaml\n")
+                .expect("a yaml block after the mark")
+                + 8;
             let end = start + after[start..].find("```").unwrap();
             &after[start..end]
         })
@@ -990,14 +995,48 @@ async fn the_configuration_reference_in_the_readme_is_valid() {
     // Every key of the file format appears in the reference.
     let all = blocks.concat();
     for key in [
-        "listen:", "upstream:", "upstreams:", "models:", "base_url:", "default_headers:",
-        "connect:", "response_headers:", "idle:", "total:", "max_concurrent:", "max_body_size:",
-        "max_connections:", "max_in_flight:", "max_streams_per_connection:", "max_buffered_bytes:",
-        "header_read_timeout:", "body_read_timeout:", "admin:", "token:", "shutdown_timeout:",
-        "format:", "level:", "strategy:", "deployments:", "model:", "weight:", "attempts:",
-        "backoff:", "max_backoff:", "retry_after_cap:", "deadline:", "on_status:",
-        "on_connect_error:", "on_timeout:", "circuit_breaker:", "enabled:", "failures:",
-        "window:", "cooldown:", "fallbacks:", "context_window_fallbacks:",
+        "listen:",
+        "upstream:",
+        "upstreams:",
+        "models:",
+        "base_url:",
+        "default_headers:",
+        "connect:",
+        "response_headers:",
+        "idle:",
+        "total:",
+        "max_concurrent:",
+        "max_body_size:",
+        "max_connections:",
+        "max_in_flight:",
+        "max_streams_per_connection:",
+        "max_buffered_bytes:",
+        "header_read_timeout:",
+        "body_read_timeout:",
+        "admin:",
+        "token:",
+        "shutdown_timeout:",
+        "format:",
+        "level:",
+        "strategy:",
+        "deployments:",
+        "model:",
+        "weight:",
+        "attempts:",
+        "backoff:",
+        "max_backoff:",
+        "retry_after_cap:",
+        "deadline:",
+        "on_status:",
+        "on_connect_error:",
+        "on_timeout:",
+        "circuit_breaker:",
+        "enabled:",
+        "failures:",
+        "window:",
+        "cooldown:",
+        "fallbacks:",
+        "context_window_fallbacks:",
     ] {
         assert!(all.contains(key), "the README reference lacks `{key}`");
     }

@@ -8,7 +8,6 @@ use http::{HeaderMap, header};
 use serde_json::value::RawValue;
 
 use crate::error::ProxyError;
-use crate::routing::ModelRouter;
 
 /// Whether the request says its body is JSON.
 pub fn is_json(headers: &HeaderMap) -> bool {
@@ -57,9 +56,8 @@ pub fn rename_model(body: &Bytes, span: std::ops::Range<usize>, name: &str) -> B
 }
 
 /// `GET /v1/models` when routing: the configured public names, in the OpenAI list shape.
-pub fn list_models(router: &ModelRouter) -> Response {
-    let data: Vec<serde_json::Value> = router
-        .listed()
+pub fn list_models<'a>(names: impl Iterator<Item = &'a str>) -> Response {
+    let data: Vec<serde_json::Value> = names
         .map(|id| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "llmproxy"}))
         .collect();
     axum::Json(serde_json::json!({"object": "list", "data": data})).into_response()

@@ -8,8 +8,8 @@ use bytes::BytesMut;
 use http_body_util::BodyExt;
 
 use crate::error::ProxyError;
-use crate::state::AppState;
 use crate::stream::Replay;
+use crate::upstream::Upstreams;
 use crate::upstream::attempt::Outcome;
 
 use super::retry::{Attempted, Trace, attempt_chain};
@@ -17,20 +17,20 @@ use super::{ModelRouter, Route};
 
 /// Serves a routed request: the model's attempt chain, then its fallbacks.
 pub async fn serve(
-    state: &AppState,
+    upstreams: &Upstreams,
     router: &ModelRouter,
     primary: &Route,
     request: &Attempted<'_>,
     trace: &mut Trace,
 ) -> Outcome {
-    let (mut outcome, mut exhausted) = attempt_chain(state, primary, request, trace).await;
+    let (mut outcome, mut exhausted) = attempt_chain(upstreams, primary, request, trace).await;
     // Its deployments exhausted, the model hands over to its fallbacks in order.
     let mut fallbacks = primary.fallbacks.iter().filter_map(|&i| router.route(i));
     while exhausted {
         let Some(fallback) = fallbacks.next() else {
             break;
         };
-        (outcome, exhausted) = attempt_chain(state, fallback, request, trace).await;
+        (outcome, exhausted) = attempt_chain(upstreams, fallback, request, trace).await;
     }
     // A request too long for the model's context goes to a bigger one.
     for fallback in primary
@@ -46,7 +46,7 @@ pub async fn serve(
         if !too_long {
             return Ok(response);
         }
-        outcome = attempt_chain(state, fallback, request, trace).await.0;
+        outcome = attempt_chain(upstreams, fallback, request, trace).await.0;
     }
     outcome
 }

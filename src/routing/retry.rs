@@ -18,8 +18,8 @@ use tokio::time::Instant;
 use crate::config::Retry;
 use crate::error::ProxyError;
 use crate::ingress::openai::rename_model;
-use crate::state::AppState;
 use crate::telemetry::UpstreamInfo;
+use crate::upstream::Upstreams;
 use crate::upstream::attempt::{Outcome, buffered, send};
 use crate::wire;
 
@@ -76,7 +76,7 @@ fn deployment_failed(outcome: &Outcome) -> bool {
 /// ended exhausted (still retryable when attempts or the deadline ran out,
 /// or no deployment could take it), so the caller can fall back.
 pub async fn attempt_chain(
-    state: &AppState,
+    upstreams: &Upstreams,
     route: &Route,
     request: &Attempted<'_>,
     trace: &mut Trace,
@@ -110,7 +110,7 @@ pub async fn attempt_chain(
         let (index, in_flight, _probe) = (admitted.index, admitted.in_flight, admitted.probe);
         let deployment = Arc::clone(admitted.deployment);
         tried |= 1u64.checked_shl(index as u32).unwrap_or(0);
-        let Some(target) = state.targets.get(deployment.upstream) else {
+        let Some(target) = upstreams.targets.get(deployment.upstream) else {
             return (
                 Err(ProxyError::UpstreamUnreachable("no such upstream".into())),
                 false,
@@ -135,7 +135,7 @@ pub async fn attempt_chain(
         let timeouts = target.upstream.timeouts.with(route.timeouts);
         // The deployment stays busy until the answer has been streamed.
         let outcome = send(
-            state,
+            upstreams.max_body_size,
             target,
             timeouts,
             attempt_parts,

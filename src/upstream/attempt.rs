@@ -20,10 +20,9 @@ use tokio::time::Instant;
 use crate::config::Timeouts;
 use crate::error::ProxyError;
 use crate::headers;
-use crate::state::{AppState, Target};
 use crate::stream::{Deadline, Hold, IdleTimeout, Observed};
 use crate::telemetry::UpstreamInfo;
-use crate::upstream::{RequestBody, classify};
+use crate::upstream::{RequestBody, Target, classify};
 
 /// What one attempt ends with: the upstream's answer (any status), or why
 /// there is none.
@@ -38,7 +37,7 @@ pub fn buffered(bytes: Bytes) -> RequestBody {
 /// Sends the request to `target` and streams the answer back; `held` stays
 /// alive until the answer's body ends (or is dropped).
 pub async fn send<H: Send + Sync + 'static>(
-    state: &AppState,
+    max_body_size: u64,
     target: &Target,
     timeouts: Timeouts,
     mut parts: http::request::Parts,
@@ -62,10 +61,7 @@ pub async fn send<H: Send + Sync + 'static>(
     parts.version = Version::HTTP_11;
     let upstream_request = http::Request::from_parts(
         parts,
-        Limited::new(
-            body,
-            usize::try_from(state.max_body_size).unwrap_or(usize::MAX),
-        ),
+        Limited::new(body, usize::try_from(max_body_size).unwrap_or(usize::MAX)),
     );
 
     // The headers wait is also bounded by what is left of the total.
@@ -73,17 +69,16 @@ pub async fn send<H: Send + Sync + 'static>(
         t.min(timeouts.response_headers)
     });
     let sent_at = Instant::now();
-    let response = match tokio::time::timeout(headers_wait, target.client.request(upstream_request))
-        .await
-    {
-        Ok(Ok(response)) => response,
-        Ok(Err(err)) => {
-            return Err(classify(&err, &timeouts, state.max_body_size).at_upstream(&target.label));
-        }
-        Err(_) => {
-            return Err(ProxyError::UpstreamTimeout(headers_wait).at_upstream(&target.label));
-        }
-    };
+    let response =
+        match tokio::time::timeout(headers_wait, target.client.request(upstream_request)).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(err)) => {
+                return Err(classify(&err, &timeouts, max_body_size).at_upstream(&target.label));
+            }
+            Err(_) => {
+                return Err(ProxyError::UpstreamTimeout(headers_wait).at_upstream(&target.label));
+            }
+        };
     let headers_after = sent_at.elapsed();
     // No upgrade was asked for (`Upgrade` never crosses), so a 101 is a
     // broken upstream; forwarding it would leave the client on a dead socket.
