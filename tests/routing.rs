@@ -30,6 +30,16 @@ fn routed(yaml_models: &str, upstreams: &[(&str, &Upstream)]) -> llmproxy::confi
     llmproxy::config::parse(&yaml, "test").unwrap()
 }
 
+/// Which upstream served each of `n` requests for model `m`, in order.
+async fn served_by(proxy: &Proxy, n: usize) -> Vec<String> {
+    let mut order = Vec::with_capacity(n);
+    for _ in 0..n {
+        let got = chat(proxy, "m").await;
+        order.push(got.json()["served_by"].as_str().unwrap().to_owned());
+    }
+    order
+}
+
 async fn chat(proxy: &Proxy, model: &str) -> Got {
     post(
         &proxy.url("/v1/chat/completions"),
@@ -220,16 +230,7 @@ async fn round_robin_alternates() {
     let (a, b) = (named("a").await, named("b").await);
     let models = "  m:\n    strategy: round_robin\n    deployments:\n      - upstream: a\n      - upstream: b\n";
     let proxy = spawn_proxy_with(routed(models, &[("a", &a), ("b", &b)])).await;
-    let mut order = Vec::new();
-    for _ in 0..6 {
-        order.push(
-            chat(&proxy, "m").await.json()["served_by"]
-                .as_str()
-                .unwrap()
-                .to_owned(),
-        );
-    }
-    assert_eq!(order, ["a", "b", "a", "b", "a", "b"]);
+    assert_eq!(served_by(&proxy, 6).await, ["a", "b", "a", "b", "a", "b"]);
 }
 
 #[tokio::test]
@@ -748,14 +749,8 @@ async fn decimal_weights_keep_their_proportions() {
     let (a, b) = (named("a").await, named("b").await);
     let models = "  m:\n    strategy: round_robin\n    deployments:\n      - upstream: a\n        weight: 0.5\n      - upstream: b\n        weight: 1.5\n";
     let proxy = spawn_proxy_with(routed(models, &[("a", &a), ("b", &b)])).await;
-    let mut order = Vec::new();
-    for _ in 0..8 {
-        order.push(
-            chat(&proxy, "m").await.json()["served_by"]
-                .as_str()
-                .unwrap()
-                .to_owned(),
-        );
-    }
-    assert_eq!(order, ["a", "b", "b", "b", "a", "b", "b", "b"]);
+    assert_eq!(
+        served_by(&proxy, 8).await,
+        ["a", "b", "b", "b", "a", "b", "b", "b"]
+    );
 }
