@@ -67,6 +67,28 @@ def proc_status(pid, field):
     return 0
 
 
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid):
+    """User + system CPU seconds a process has used, 0 if gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICK
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def core_times(core):
+    """(busy, total) jiffies of one CPU core from /proc/stat."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith(f"cpu{core} "):
+            values = [int(v) for v in line.split()[1:]]
+            idle = values[3] + (values[4] if len(values) > 4 else 0)
+            return sum(values) - idle, sum(values)
+    return 0, 1
+
+
 def children(pid):
     try:
         out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
@@ -86,6 +108,9 @@ class Server:
 
     def pids(self):
         return [self.proc.pid, *children(self.proc.pid)]
+
+    def cpu_seconds(self):
+        return sum(cpu_seconds(pid) for pid in self.pids())
 
     def rss_kb(self, field="VmRSS"):
         return sum(proc_status(pid, field) for pid in self.pids())
@@ -214,11 +239,12 @@ class Bench:
                 # f: idle RSS, right after start and one request.
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5).read()
                 r["idle_rss_kb"] = server.rss_kb() if server else self.mock.rss_kb()
+                serving = server or self.mock
                 print(f"[{target}] (a) 64 connections, non-streamed", flush=True)
                 self.wrk(port, "wrk_chat.lua", 64, a.warmup)
-                r["a"] = self.wrk(port, "wrk_chat.lua", 64, a.seconds)
+                r["a"] = self.measured(serving, lambda: self.wrk(port, "wrk_chat.lua", 64, a.seconds))
                 print(f"[{target}] (b) one connection, sequential", flush=True)
-                r["b"] = self.wrk(port, "wrk_chat.lua", 1, a.seconds)
+                r["b"] = self.measured(serving, lambda: self.wrk(port, "wrk_chat.lua", 1, a.seconds))
                 print(f"[{target}] (c) streams, 50 chunks 20 ms apart", flush=True)
                 r["c"] = self.probe(port, streams=a.streams, concurrency=50, chunks=50, delay_ms=20)
                 print(f"[{target}] (e) 1 MiB bodies", flush=True)
@@ -238,6 +264,18 @@ class Bench:
                     server.stop()
         self.mock.stop()
         return answer
+
+    def measured(self, server, run):
+        """Runs a wrk scenario and adds the server's CPU per request and how
+        busy each core was over the window (which one saturated)."""
+        cpu0, proxy0, load0 = server.cpu_seconds(), core_times(PROXY_CORE), core_times(LOAD_CORE)
+        report = run()
+        cpu1, proxy1, load1 = server.cpu_seconds(), core_times(PROXY_CORE), core_times(LOAD_CORE)
+        requests = max(report.get("requests", 0), 1)
+        report["cpu_us"] = (cpu1 - cpu0) / requests * 1e6
+        report["proxy_core_busy"] = (proxy1[0] - proxy0[0]) / max(proxy1[1] - proxy0[1], 1)
+        report["load_core_busy"] = (load1[0] - load0[0]) / max(load1[1] - load0[1], 1)
+        return report
 
     def answer_size(self):
         body = json.dumps({"model": "gpt-4o-mini", "messages": []}).encode()
@@ -294,11 +332,14 @@ def table(results, answer, args):
         rows.append([label, *(fmt(v) for v in vals), ratio(vals[2], vals[1], higher_is_better),
                      ratio(vals[1], vals[0], higher_is_better), ratio(vals[2], vals[0], higher_is_better), verdict])
 
-    row("(a) requests/s, 64 conns", lambda v: f"{v:,.0f}", lambda r: r["a"]["rps"], True, lambda mine, ng: mine >= ng)
+    row("(a) server CPU µs/request", lambda v: f"{v:.1f}", lambda r: r["a"]["cpu_us"], False,
+        lambda mine, ng: mine < ng)
+    row("(a) requests/s, 64 conns", lambda v: f"{v:,.0f}", lambda r: r["a"]["rps"], True)
     row("(a) p50 ms", ms, lambda r: r["a"]["p50_us"], False)
     row("(a) p99 ms", ms, lambda r: r["a"]["p99_us"], False, lambda mine, ng: mine <= ng)
     row("(a) p99.9 ms", ms, lambda r: r["a"]["p999_us"], False)
     row("(a) errors", str, lambda r: r["a"]["errors"] + r["a"]["status_errors"], False)
+    row("(b) server CPU µs/request", lambda v: f"{v:.1f}", lambda r: r["b"]["cpu_us"], False)
     row("(b) latency ms, 1 conn (mean)", ms, lambda r: r["b"]["mean_us"], False)
     row("(b) latency ms, 1 conn (p50)", ms, lambda r: r["b"]["p50_us"], False)
     rows.append(["(b) added latency ms (mean − direct)", "0", ms(n["b"]["mean_us"] - d["b"]["mean_us"]),
@@ -328,6 +369,10 @@ def table(results, answer, args):
     row("(f) idle RSS MB", lambda v: f"{v / 1024:.1f}", lambda r: r["idle_rss_kb"], False,
         lambda mine, ng: mine <= 20 * 1024)
 
+    # Which core was saturated in (a): requests/s only ranks proxies when the
+    # proxy's core is the busy one, not the load generator's.
+    busy = lambda r: f"proxy core {r['a']['proxy_core_busy'] * 100:.0f} %, load core {r['a']['load_core_busy'] * 100:.0f} %"
+    rows.append(["(a) core busy (proxy / load)", busy(d), busy(n), busy(p), "", "", "", ""])
     head = ["metric", "direct", "nginx", "llmproxy", "llmproxy/nginx", "nginx/direct", "llmproxy/direct", "target"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
@@ -409,6 +454,13 @@ def main():
 "direct" is the mock upstream without a proxy: the floor. Ratios divide
 the first-named column by the second (for times and memory, lower is
 better; for rates, higher). "added" rows subtract direct's figure.
+
+(a)'s target is judged on **server CPU µs per request** (user + system time
+of the server's processes over the measured window, from `/proc`, divided by
+the requests completed; for "direct", the mock's own): on two cores the load
+generator and the mock share the other core, and when that core saturates
+first, requests/s cannot rank the proxies. The "core busy" row says which
+core saturated in each run.
 
 {body}
 
