@@ -427,12 +427,14 @@ async fn wrong_admin_tokens_are_throttled() {
             .as_u16()
         }
     };
+    // 25 guesses: whichever second they fall in, one second sees at least
+    // 13 of them, so the throttle must answer at least one with 429.
     let mut statuses = Vec::new();
-    for _ in 0..15 {
+    for _ in 0..25 {
         statuses.push(ask("a-wrong-admin-token").await);
     }
     assert!(statuses.contains(&401), "{statuses:?}");
-    assert_eq!(statuses.last(), Some(&429), "{statuses:?}");
+    assert!(statuses.contains(&429), "{statuses:?}");
     // Throttled means throttled: the right token waits for the next second.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(ask("the-right-admin-token").await, 200);
