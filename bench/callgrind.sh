@@ -6,6 +6,7 @@
 # Builds the release binary, starts the mock upstream and llmproxy under
 # callgrind (one worker), warms up, zeroes the counters, sends the requests
 # one after another on one keep-alive connection, and prints Ir / request.
+# LOG_LEVEL=info includes the access log (default warn: logging off).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-single}
@@ -32,10 +33,10 @@ models:
     deployments:
       - upstream: mock
 log:
-  level: warn
+  level: ${LOG_LEVEL:-warn}
 YAML
 else
-  printf 'upstream:\n  base_url: http://127.0.0.1:%s/v1\nlog:\n  level: warn\n' "$mock_port" > "$tmp/config.yaml"
+  printf 'upstream:\n  base_url: http://127.0.0.1:%s/v1\nlog:\n  level: %s\n' "$mock_port" "${LOG_LEVEL:-warn}" > "$tmp/config.yaml"
 fi
 valgrind --tool=callgrind --callgrind-out-file="$tmp/out.%p" \
   $bin --config "$tmp/config.yaml" --listen "127.0.0.1:$proxy_port" --workers 1 2>"$tmp/valgrind.log" &
