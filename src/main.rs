@@ -165,11 +165,20 @@ fn main() -> ExitCode {
                 return fail(format_args!("RUST_LOG: {message}"));
             }
             let (_log, writer) = init_logging(config.log_format, &config.log_level);
-            if !tracing::enabled!(target: "llmproxy::access", tracing::Level::INFO) {
+            let access = tracing::enabled!(target: "llmproxy::access", tracing::Level::INFO);
+            if !access {
                 warn(
                     "the log filter turns the access log off (it logs at info under llmproxy::access)",
                 );
             }
+            // Access lines skip tracing's formatter (a fifth of the request
+            // path's instructions); the filter's verdict is taken once, here.
+            llmproxy::telemetry::access_line::install(
+                config.log_format == LogFormat::Json,
+                ansi(),
+                access,
+                writer.clone(),
+            );
             for warning in &config.warnings {
                 tracing::warn!("{warning}");
             }
@@ -283,11 +292,16 @@ fn serve_blocking(
     }
 }
 
+/// Whether log lines get colours: on a terminal, unless `NO_COLOR` is set.
+fn ansi() -> bool {
+    std::io::stderr().is_terminal() && config::Lookup::get(&Env, "NO_COLOR").is_none()
+}
+
 /// Starts logging to stderr, batched (see `log_writer`); the guard flushes
 /// at exit, the writer handle before a forced exit.
 fn init_logging(format: LogFormat, level: &str) -> (FlushGuard, BatchedStderr) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let ansi = std::io::stderr().is_terminal() && config::Lookup::get(&Env, "NO_COLOR").is_none();
+    let ansi = ansi();
     let (writer, guard) = BatchedStderr::new(Duration::from_millis(100));
     let handle = writer.clone();
     let builder = tracing_subscriber::fmt()

@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use crate::error::Failure;
 use crate::stream::{Observed, Observer, failure_kind};
 
-use super::{RequestId, RequestIds, UPSTREAM_HEADER};
+use super::{RequestId, RequestIds, UPSTREAM_HEADER, access_line};
 
 /// The response header carrying llmproxy's request id.
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-llmproxy-request-id");
@@ -177,31 +177,76 @@ impl Drop for Record {
         let end = Instant::now();
         // Integer microseconds: exact, and cheap to format on every request.
         let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        tracing::info!(
-            target: "llmproxy::access",
-            request_id = self.id.as_str(),
-            method = self.method.as_str(),
-            // The path only: a query string may carry credentials.
-            path = &*self.path,
-            status = self.status.map(|s| s.as_u16()),
-            upstream = self.upstream_name.as_ref().and_then(|v| v.to_str().ok()),
-            upstream_status = self.upstream.map(|u| u.status.as_u16()),
-            model = self.routed.as_ref().map(|r| &*r.model),
-            attempts = self.routed.as_ref().map(|r| r.attempts),
-            attempt_path = self.routed.as_ref().map(|r| &*r.path),
-            latency_us = us(end - self.start),
-            ttfb_us = self.first_byte.map(|t| us(t - self.start)),
-            upstream_us = self.upstream.map(|u| us(u.headers_after)),
-            bytes_in = self.bytes_in.load(Ordering::Relaxed),
-            bytes_out = self.bytes_out,
-            outcome = match self.outcome {
-                Outcome::Complete => "complete",
-                Outcome::Failed => "failed",
-                Outcome::ClientClosed => "client_closed",
-            },
-            error = self.error,
-            error_detail = self.error_detail.as_deref(),
-        );
+        let outcome = match self.outcome {
+            Outcome::Complete => "complete",
+            Outcome::Failed => "failed",
+            Outcome::ClientClosed => "client_closed",
+        };
+        let Some(sink) = access_line::sink() else {
+            // No sink installed (the library without the binary): through tracing.
+            tracing::info!(
+                target: "llmproxy::access",
+                request_id = self.id.as_str(),
+                method = self.method.as_str(),
+                // The path only: a query string may carry credentials.
+                path = &*self.path,
+                status = self.status.map(|s| s.as_u16()),
+                upstream = self.upstream_name.as_ref().and_then(|v| v.to_str().ok()),
+                upstream_status = self.upstream.map(|u| u.status.as_u16()),
+                model = self.routed.as_ref().map(|r| &*r.model),
+                attempts = self.routed.as_ref().map(|r| r.attempts),
+                attempt_path = self.routed.as_ref().map(|r| &*r.path),
+                latency_us = us(end - self.start),
+                ttfb_us = self.first_byte.map(|t| us(t - self.start)),
+                upstream_us = self.upstream.map(|u| us(u.headers_after)),
+                bytes_in = self.bytes_in.load(Ordering::Relaxed),
+                bytes_out = self.bytes_out,
+                outcome,
+                error = self.error,
+                error_detail = self.error_detail.as_deref(),
+            );
+            return;
+        };
+        use access_line::Value::{Number, Text};
+        let routed = self.routed.as_ref();
+        // The same fields, in the same order, as the tracing call above.
+        sink.write(&[
+            ("request_id", Some(Text(self.id.as_str()))),
+            ("method", Some(Text(self.method.as_str()))),
+            ("path", Some(Text(&self.path))),
+            ("status", self.status.map(|s| Number(u64::from(s.as_u16())))),
+            (
+                "upstream",
+                self.upstream_name
+                    .as_ref()
+                    .and_then(|v| v.to_str().ok())
+                    .map(Text),
+            ),
+            (
+                "upstream_status",
+                self.upstream.map(|u| Number(u64::from(u.status.as_u16()))),
+            ),
+            ("model", routed.map(|r| Text(&r.model))),
+            ("attempts", routed.map(|r| Number(u64::from(r.attempts)))),
+            ("attempt_path", routed.map(|r| Text(&r.path))),
+            ("latency_us", Some(Number(us(end - self.start)))),
+            (
+                "ttfb_us",
+                self.first_byte.map(|t| Number(us(t - self.start))),
+            ),
+            (
+                "upstream_us",
+                self.upstream.map(|u| Number(us(u.headers_after))),
+            ),
+            (
+                "bytes_in",
+                Some(Number(self.bytes_in.load(Ordering::Relaxed))),
+            ),
+            ("bytes_out", Some(Number(self.bytes_out))),
+            ("outcome", Some(Text(outcome))),
+            ("error", self.error.map(Text)),
+            ("error_detail", self.error_detail.as_deref().map(Text)),
+        ]);
     }
 }
 

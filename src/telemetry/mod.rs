@@ -2,6 +2,7 @@
 //! access-log line per request, the batched log writer, and the response
 //! headers that name what happened (`x-llmproxy-*`, `Server-Timing`).
 
+pub mod access_line;
 mod access_log;
 pub mod log_writer;
 mod request_id;
