@@ -114,6 +114,12 @@ impl std::fmt::Debug for Secret {
 
 /// Removes the hop-by-hop headers, including every header named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the few names present is
+    // cheaper than nine hashed removals (`Connection` is itself one, so a
+    // message naming others is caught here too).
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     if headers.contains_key(header::CONNECTION) {
         // Cloning a HeaderValue is a refcount bump; it lets us mutate the map
         // while walking the names that `Connection` lists.
