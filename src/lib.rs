@@ -32,6 +32,7 @@ pub mod telemetry;
 pub(crate) mod upstream;
 pub(crate) mod wire;
 
+use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::Router;
@@ -53,19 +54,66 @@ pub use server::bind;
 /// `/v1/*` is matched by prefix in the fallback rather than by a `{*path}`
 /// route: a wildcard capture costs four allocations per request, and the
 /// pipeline reads the raw URI anyway.
-pub(crate) fn app(state: Arc<AppState>) -> Router {
-    Router::new()
+pub(crate) fn app(state: Arc<AppState>) -> Routes {
+    let router = Router::new()
         .route("/", get(health).fallback(not_found))
         .route("/admin/status", get(admin_status).fallback(not_found))
-        .fallback(v1_or_not_found)
-        .with_state(state)
+        .fallback(not_found_fallback)
+        .with_state(Arc::clone(&state));
+    Routes { state, router }
+}
+
+/// `/v1/*` straight to the pipeline; everything else through axum's router.
+///
+/// Nearly every request is `/v1/*`: matching its prefix here skips the
+/// router's path lookup, URL-parameter bookkeeping and response mapping
+/// (about 4 % of the instructions per request). Both sides box one future,
+/// as axum's handlers do.
+#[derive(Clone)]
+pub(crate) struct Routes {
+    state: Arc<AppState>,
+    router: Router,
+}
+
+type BoxedAnswer =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response, Infallible>> + Send>>;
+
+impl<B> tower::Service<http::Request<B>> for Routes
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = BoxedAnswer;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> BoxedAnswer {
+        let request = request.map(axum::body::Body::new);
+        if request.uri().path().starts_with("/v1/") {
+            let state = Arc::clone(&self.state);
+            Box::pin(async move {
+                Ok(pipeline::forward(State(state), request)
+                    .await
+                    .into_response())
+            })
+        } else {
+            Box::pin(tower::Service::call(&mut self.router, request))
+        }
+    }
 }
 
 /// The whole per-request stack, in its order. The access log is outermost
 /// so every answer — a caught panic's 500 included — gets exactly one log
 /// line and a request id; the panic net sits right inside it, around
 /// everything that could panic.
-pub(crate) fn service(state: Arc<AppState>) -> server::Stack {
+pub(crate) fn service(state: Arc<AppState>) -> AccessLog<CatchPanic<Routes>> {
     AccessLog::new(CatchPanic(app(state)))
 }
 
@@ -82,14 +130,10 @@ pub async fn run(
     server::serve(listener, &config, tasks, service(state), shutdown).await
 }
 
-async fn v1_or_not_found(state: State<Arc<AppState>>, request: Request) -> Response {
-    if request.uri().path().starts_with("/v1/") {
-        pipeline::forward(state, request).await.into_response()
-    } else {
-        not_found(request.method().clone(), request.uri().clone())
-            .await
-            .into_response()
-    }
+async fn not_found_fallback(request: Request) -> Response {
+    not_found(request.method().clone(), request.uri().clone())
+        .await
+        .into_response()
 }
 
 async fn admin_status(State(state): State<Arc<AppState>>, headers: http::HeaderMap) -> Response {

@@ -17,12 +17,7 @@ use tokio::sync::Semaphore;
 
 use tokio_util::task::TaskTracker;
 
-use crate::catch_panic::CatchPanic;
 use crate::config::Config;
-use crate::telemetry::AccessLog;
-
-/// The per-request stack every connection serves (built by `service()` in lib.rs).
-pub type Stack = AccessLog<CatchPanic<axum::Router>>;
 
 /// Resolves when `timeout` has passed without the connection starting a
 /// request; never, once it has.
@@ -93,13 +88,29 @@ pub fn bind(addr: std::net::SocketAddr, role: &str) -> std::io::Result<TcpListen
 
 /// Serves `listener` until `shutdown` resolves, then stops accepting and
 /// lets in-flight requests finish for up to `config.shutdown_timeout`.
-pub async fn serve(
+///
+/// `service` is the whole per-request stack (`service()` in lib.rs); the
+/// server knows nothing of what it does.
+pub async fn serve<S, B>(
     listener: TcpListener,
     config: &Config,
     tasks: TaskTracker,
-    service: Stack,
+    service: S,
     shutdown: impl Future<Output = ()>,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    S: tower::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<B>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let first_request_timeout = config.limits.header_read_timeout;
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -112,7 +123,7 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .keep_alive_interval(Duration::from_secs(30))
         // Streams beyond this are refused by the client's own h2 stack; the
-        // in-flight cap in `proxy::forward` bounds what all connections hold.
+        // in-flight cap in `pipeline::forward` bounds what all connections hold.
         .max_concurrent_streams(config.limits.max_streams_per_connection)
         .max_pending_accept_reset_streams(Some(64));
 
