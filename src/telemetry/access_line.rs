@@ -5,8 +5,9 @@
 //! request (22 % of the whole proxy path, `bench/callgrind.sh` with
 //! `LOG_LEVEL=info`): a field visitor and `fmt` per field. Here each field is
 //! appended to a reused per-thread buffer by hand. The binary installs a
-//! sink at start ([`install`]); without one (the library in tests) the line
-//! goes through `tracing` as before.
+//! sink at start ([`install`]); without one (the library used on its own, as
+//! in the in-process tests) the rendered line is the message of a `tracing`
+//! event, so it still reaches whatever subscriber is set.
 
 use std::cell::RefCell;
 use std::sync::OnceLock;
@@ -37,9 +38,19 @@ pub fn install(json: bool, ansi: bool, enabled: bool, writer: BatchedStderr) {
     });
 }
 
-/// The installed sink, if any.
-pub(super) fn sink() -> Option<&'static AccessSink> {
-    SINK.get()
+/// Writes one access line with `fields` (name, value; `None` values left
+/// out): to the installed sink, or, without one (the library used without
+/// the binary, as in the in-process tests), as a `tracing` event whose
+/// message is the rendered text line.
+pub(super) fn write(fields: &[(&str, Option<Value<'_>>)]) {
+    match SINK.get() {
+        Some(sink) => sink.write(fields),
+        None => {
+            let mut line = Vec::new();
+            fields_text(&mut line, fields, false);
+            tracing::info!(target: "llmproxy::access", "{}", String::from_utf8_lossy(&line));
+        }
+    }
 }
 
 /// A field's value.
@@ -84,22 +95,7 @@ impl AccessSink {
         } else {
             out.extend_from_slice(b"  INFO llmproxy::access:");
         }
-        for (name, value) in fields {
-            let Some(value) = value else { continue };
-            out.push(b' ');
-            if self.ansi {
-                out.extend_from_slice(b"\x1b[3m");
-                out.extend_from_slice(name.as_bytes());
-                out.extend_from_slice(b"\x1b[0m\x1b[2m=\x1b[0m");
-            } else {
-                out.extend_from_slice(name.as_bytes());
-                out.push(b'=');
-            }
-            match value {
-                Value::Number(n) => number(out, *n),
-                Value::Text(text) => debug_quoted(out, text),
-            }
-        }
+        fields_text(out, fields, self.ansi);
         out.push(b'\n');
     }
 
@@ -118,6 +114,26 @@ impl AccessSink {
             }
         }
         out.extend_from_slice(b",\"target\":\"llmproxy::access\"}\n");
+    }
+}
+
+/// ` name=value` for each present field, as tracing's text format writes them.
+fn fields_text(out: &mut Vec<u8>, fields: &[(&str, Option<Value<'_>>)], ansi: bool) {
+    for (name, value) in fields {
+        let Some(value) = value else { continue };
+        out.push(b' ');
+        if ansi {
+            out.extend_from_slice(b"\x1b[3m");
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b"\x1b[0m\x1b[2m=\x1b[0m");
+        } else {
+            out.extend_from_slice(name.as_bytes());
+            out.push(b'=');
+        }
+        match value {
+            Value::Number(n) => number(out, *n),
+            Value::Text(text) => debug_quoted(out, text),
+        }
     }
 }
 

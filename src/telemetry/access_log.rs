@@ -182,35 +182,10 @@ impl Drop for Record {
             Outcome::Failed => "failed",
             Outcome::ClientClosed => "client_closed",
         };
-        let Some(sink) = access_line::sink() else {
-            // No sink installed (the library without the binary): through tracing.
-            tracing::info!(
-                target: "llmproxy::access",
-                request_id = self.id.as_str(),
-                method = self.method.as_str(),
-                // The path only: a query string may carry credentials.
-                path = &*self.path,
-                status = self.status.map(|s| s.as_u16()),
-                upstream = self.upstream_name.as_ref().and_then(|v| v.to_str().ok()),
-                upstream_status = self.upstream.map(|u| u.status.as_u16()),
-                model = self.routed.as_ref().map(|r| &*r.model),
-                attempts = self.routed.as_ref().map(|r| r.attempts),
-                attempt_path = self.routed.as_ref().map(|r| &*r.path),
-                latency_us = us(end - self.start),
-                ttfb_us = self.first_byte.map(|t| us(t - self.start)),
-                upstream_us = self.upstream.map(|u| us(u.headers_after)),
-                bytes_in = self.bytes_in.load(Ordering::Relaxed),
-                bytes_out = self.bytes_out,
-                outcome,
-                error = self.error,
-                error_detail = self.error_detail.as_deref(),
-            );
-            return;
-        };
         use access_line::Value::{Number, Text};
         let routed = self.routed.as_ref();
-        // The same fields, in the same order, as the tracing call above.
-        sink.write(&[
+        // The path only, never the query: it may carry credentials.
+        access_line::write(&[
             ("request_id", Some(Text(self.id.as_str()))),
             ("method", Some(Text(self.method.as_str()))),
             ("path", Some(Text(&self.path))),
