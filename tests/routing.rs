@@ -275,6 +275,21 @@ async fn flaky(
     .await
 }
 
+/// Model `m` on upstream `a`, which refuses connections, and on `b`.
+async fn dead_a_then_b(b: &Upstream, strategy_and_retry: &str) -> llmproxy::config::FileConfig {
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let yaml = format!(
+        "upstreams:\n  a:\n    base_url: http://{dead}/v1\n  b:\n    base_url: {}\nmodels:\n{}",
+        b.base_url(),
+        pair(strategy_and_retry)
+    );
+    llmproxy::config::parse(&yaml, "test").unwrap()
+}
+
 fn pair(strategy_and_retry: &str) -> String {
     format!(
         "  m:\n{strategy_and_retry}    deployments:\n      - upstream: a\n      - upstream: b\n"
@@ -302,18 +317,15 @@ async fn retryable_answers_are_retried_on_the_other_deployment() {
 
 #[tokio::test]
 async fn an_unreachable_deployment_is_retried_elsewhere() {
-    let dead = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap();
     let b = named("b").await;
-    let yaml = format!(
-        "upstreams:\n  a:\n    base_url: http://{dead}/v1\n  b:\n    base_url: {}\nmodels:\n{}",
-        b.base_url(),
-        pair("    strategy: round_robin\n    retry:\n      backoff: 1ms\n")
-    );
-    let proxy = spawn_proxy_with(llmproxy::config::parse(&yaml, "test").unwrap()).await;
+    let proxy = spawn_proxy_with(
+        dead_a_then_b(
+            &b,
+            "    strategy: round_robin\n    retry:\n      backoff: 1ms\n",
+        )
+        .await,
+    )
+    .await;
     let got = chat(&proxy, "m").await;
     assert_eq!(got.json()["served_by"], "b");
     assert_eq!(got.header("x-llmproxy-attempts"), Some("2"));
@@ -690,20 +702,15 @@ async fn retried_statuses_are_configurable() {
 
 #[tokio::test]
 async fn connect_errors_and_timeouts_can_be_left_unretried() {
-    let dead = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap();
     let b = named("b").await;
-    let yaml = format!(
-        "upstreams:\n  a:\n    base_url: http://{dead}/v1\n  b:\n    base_url: {}\nmodels:\n{}",
-        b.base_url(),
-        pair(
-            "    strategy: round_robin\n    retry:\n      backoff: 1ms\n      on_connect_error: false\n"
+    let proxy = spawn_proxy_with(
+        dead_a_then_b(
+            &b,
+            "    strategy: round_robin\n    retry:\n      backoff: 1ms\n      on_connect_error: false\n",
         )
-    );
-    let proxy = spawn_proxy_with(llmproxy::config::parse(&yaml, "test").unwrap()).await;
+        .await,
+    )
+    .await;
     let got = chat(&proxy, "m").await;
     assert_eq!(got.status, 502);
     assert_eq!(got.header("x-llmproxy-attempts"), Some("1"));

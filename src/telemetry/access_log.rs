@@ -97,18 +97,8 @@ impl StackText {
         self.len = end;
     }
 
-    fn number(&mut self, mut n: u64) {
-        let mut digits = [0u8; 20];
-        let mut i = digits.len();
-        loop {
-            i -= 1;
-            digits[i] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        self.push(&digits[i..]);
+    fn number(&mut self, n: u64) {
+        self.push(access_line::decimal(n, &mut [0; 20]));
     }
 
     /// Milliseconds with up to three decimals, trailing zeros dropped:
