@@ -105,7 +105,8 @@ async fn routed(
     permit: OwnedSemaphorePermit,
 ) -> Response {
     let mut trace = Trace::default();
-    let outcome = route(state, router, parts, body, declared, &mut trace).await;
+    let mut model = None;
+    let outcome = route(state, router, parts, body, declared, &mut model, &mut trace).await;
     let mut response = match outcome {
         Ok(response) => response.map(|body| Body::new(Observed::new(body, Hold(permit)))),
         Err(err) => err.into_response(),
@@ -117,7 +118,7 @@ async fn routed(
         }
         headers.insert(ATTEMPTS_HEADER, HeaderValue::from(trace.attempts));
     }
-    if let Some(model) = trace.model {
+    if let Some(model) = model {
         response.extensions_mut().insert(RoutedRequest {
             model: model.into_boxed_str(),
             attempts: trace.attempts,
@@ -134,6 +135,7 @@ async fn route(
     parts: http::request::Parts,
     body: RequestBody,
     declared: Option<u64>,
+    requested: &mut Option<String>,
     trace: &mut Trace,
 ) -> Outcome {
     let first = state.upstreams.targets.first();
@@ -162,7 +164,7 @@ async fn route(
         )
         .await;
     };
-    let model: &str = trace.model.insert(model);
+    let model: &str = requested.insert(model);
     let primary = router
         .resolve(model)
         .ok_or_else(|| ProxyError::ModelNotFound(model.to_owned()))?;
@@ -172,12 +174,7 @@ async fn route(
         model,
         span,
     };
-    let mut attempts = Trace::default();
-    let outcome = fallback::serve(&state.upstreams, router, primary, &request, &mut attempts).await;
-    trace.attempts = attempts.attempts;
-    trace.path = attempts.path;
-    trace.upstream = attempts.upstream;
-    outcome
+    fallback::serve(&state.upstreams, router, primary, &request, trace).await
 }
 
 /// Reads a request body that routing must see whole, within the body limit,

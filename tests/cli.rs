@@ -501,16 +501,24 @@ async fn body_failures_are_logged_by_their_cause() {
 
 #[tokio::test]
 async fn check_config_says_what_it_checked() {
-    let (code, printed) = check_config_text(
+    assert_check(
         "summary",
         "upstreams:\n  a:\n    base_url: http://a/v1\n  b:\n    base_url: http://b/v1\nmodels:\n  m:\n    deployments:\n      - upstream: a\n  n:\n    deployments:\n      - upstream: b\n  o:\n    deployments:\n      - upstream: b\n",
+        0,
+        &[": ok: 2 upstreams, 3 models, listen 127.0.0.1:8080"],
     )
     .await;
-    assert_eq!(code, Some(0), "{printed}");
-    assert!(
-        printed.contains(": ok: 2 upstreams, 3 models, listen 127.0.0.1:8080"),
-        "{printed}"
-    );
+}
+
+/// Runs `check-config` on `text` and checks its exit code and that what it
+/// printed contains each of `expected`; returns what it printed.
+async fn assert_check(name: &str, text: &str, code: i32, expected: &[&str]) -> String {
+    let (got, printed) = check_config_text(name, text).await;
+    assert_eq!(got, Some(code), "{printed}");
+    for part in expected {
+        assert!(printed.contains(part), "`{part}` not in: {printed}");
+    }
+    printed
 }
 
 /// `check-config` on `text`: the exit code and what it printed.
@@ -608,26 +616,20 @@ async fn durations_that_would_overflow_are_refused_at_load() {
             "models.m.retry.deadline",
         ),
     ] {
-        let (code, printed) = check_config_text("duration", yaml).await;
-        assert_eq!(code, Some(2), "{printed}");
-        assert!(printed.contains(field), "{printed}");
-        assert!(printed.contains("maximum"), "{printed}");
+        assert_check("duration", yaml, 2, &[field, "maximum"]).await;
     }
 }
 
 #[tokio::test]
 async fn framing_headers_are_refused_as_defaults() {
     for name in ["Content-Length", "Transfer-Encoding", "Host", "Expect"] {
-        let (code, printed) = check_config_text(
+        assert_check(
             "framing",
             &format!("upstream:\n  base_url: http://x/v1\n  default_headers:\n    {name}: \"2\"\n"),
+            2,
+            &[&format!("upstream.default_headers.{name}")],
         )
         .await;
-        assert_eq!(code, Some(2), "{name}: {printed}");
-        assert!(
-            printed.contains(&format!("upstream.default_headers.{name}")),
-            "{printed}"
-        );
     }
 }
 
@@ -687,21 +689,12 @@ async fn run_bin(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
 #[tokio::test]
 async fn log_levels_that_would_silence_the_log_are_refused() {
     for level in ["loud", "warning", "info,,", "", "llmproxy=loud"] {
-        let (code, printed) = check_config_text(
-            "level",
-            &format!("upstream:\n  base_url: http://x/v1\nlog:\n  level: \"{level}\"\n"),
-        )
-        .await;
-        assert_eq!(code, Some(2), "{level}: {printed}");
-        assert!(printed.contains("log.level"), "{printed}");
+        let text = format!("upstream:\n  base_url: http://x/v1\nlog:\n  level: \"{level}\"\n");
+        assert_check("level", &text, 2, &["log.level"]).await;
     }
     for level in ["info", "INFO", "warn", "llmproxy=debug,info"] {
-        let (code, printed) = check_config_text(
-            "level-ok",
-            &format!("upstream:\n  base_url: http://x/v1\nlog:\n  level: \"{level}\"\n"),
-        )
-        .await;
-        assert_eq!(code, Some(0), "{level}: {printed}");
+        let text = format!("upstream:\n  base_url: http://x/v1\nlog:\n  level: \"{level}\"\n");
+        assert_check("level-ok", &text, 0, &[]).await;
     }
     let (code, printed) = run_bin(
         &["--upstream", "http://127.0.0.1:9/v1"],
@@ -865,16 +858,13 @@ async fn missing_variables_are_reported_together_and_no_env_checks_structure() {
 
 #[tokio::test]
 async fn likely_mistakes_are_warned_about() {
-    let (code, printed) = check_config_text(
+    assert_check(
         "no-version",
         "upstream:\n  base_url: http://127.0.0.1:9200\n",
+        0,
+        &["warning: upstream.base_url: has no version segment"],
     )
     .await;
-    assert_eq!(code, Some(0), "{printed}");
-    assert!(
-        printed.contains("warning: upstream.base_url: has no version segment"),
-        "{printed}"
-    );
     // A header flag in double quotes whose variable the shell expanded to nothing.
     let mut bin = Bin::start(
         &[
@@ -895,13 +885,13 @@ async fn likely_mistakes_are_warned_about() {
         bin.logs()
     );
     // A bare number where a duration belongs shows the accepted forms.
-    let (code, printed) = check_config_text(
+    assert_check(
         "bare-duration",
         "upstream:\n  base_url: http://x/v1\n  timeouts:\n    connect: 10\n",
+        2,
+        &["500ms, 10s, 5m"],
     )
     .await;
-    assert_eq!(code, Some(2), "{printed}");
-    assert!(printed.contains("500ms, 10s, 5m"), "{printed}");
     // Every URL error carries the same hint.
     for url in [
         "api.openai.com/v1",
@@ -909,13 +899,8 @@ async fn likely_mistakes_are_warned_about() {
         "ftp://x/v1",
         "http://",
     ] {
-        let (code, printed) =
-            check_config_text("bad-url", &format!("upstream:\n  base_url: \"{url}\"\n")).await;
-        assert_eq!(code, Some(2), "{url}: {printed}");
-        assert!(
-            printed.contains("e.g. https://api.openai.com/v1"),
-            "{url}: {printed}"
-        );
+        let text = format!("upstream:\n  base_url: \"{url}\"\n");
+        assert_check("bad-url", &text, 2, &["e.g. https://api.openai.com/v1"]).await;
     }
 }
 

@@ -40,8 +40,6 @@ pub struct Attempted<'a> {
 /// What a routed request did, for its answer and its log line.
 #[derive(Debug, Default)]
 pub struct Trace {
-    /// The model it asked for.
-    pub model: Option<String>,
     /// Attempts made, over the model and its fallbacks.
     pub attempts: u32,
     /// Each attempt as `upstream:status` or `upstream:error_kind`, comma-separated.
