@@ -3,6 +3,7 @@
 # that repeats run to run whatever else the machine is doing (bench/HISTORY.md
 # compares commits with it).
 #   bench/callgrind.sh [single|routed] [requests]   (default: single 2000)
+#   BIN=/path/to/llmproxy bench/callgrind.sh ...    (another build, e.g. a baseline)
 # Builds the release binary, starts the mock upstream and llmproxy under
 # callgrind (one worker), warms up, zeroes the counters, sends the requests
 # one after another on one keep-alive connection, and prints Ir / request.
@@ -12,8 +13,13 @@ cd "$(dirname "$0")/.."
 mode=${1:-single}
 requests=${2:-2000}
 command -v valgrind >/dev/null || { echo "callgrind: valgrind is not installed" >&2; exit 1; }
-cargo build --release --locked --bin llmproxy >&2
-bin=${CARGO_TARGET_DIR:-target}/release/llmproxy
+# BIN=path measures that binary instead of building this checkout's.
+if [ -n "${BIN:-}" ]; then
+  bin=$BIN
+else
+  cargo build --release --locked --bin llmproxy >&2
+  bin=${CARGO_TARGET_DIR:-target}/release/llmproxy
+fi
 tmp=$(mktemp -d)
 cleanup() { kill "$mock" "$proxy" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$tmp"; }
 trap cleanup EXIT

@@ -31,6 +31,7 @@ pub fn from_flags(
             default_headers: Ordered(default_headers),
             timeouts: TimeoutsFile::default(),
             max_concurrent: None,
+            http2: false,
         },
         upstreams: Ordered::default(),
         models: Ordered::default(),

@@ -17,6 +17,11 @@ pub struct UpstreamFile {
     /// Most requests in flight to it at once, over every model routed to it.
     #[serde(default)]
     pub max_concurrent: Option<usize>,
+    /// Speak HTTP/2 to an `http://` upstream without asking first (prior
+    /// knowledge, h2c): many streams share one connection. `https://`
+    /// upstreams negotiate HTTP/2 by ALPN whatever this says.
+    #[serde(default)]
+    pub http2: bool,
 }
 
 /// Upstream timeouts. LLM answers can take minutes, so the defaults are long.
@@ -65,6 +70,15 @@ pub struct Upstream {
     pub timeouts: Timeouts,
     /// Most routed requests in flight at once.
     pub max_concurrent: Option<usize>,
+    /// HTTP/2 with prior knowledge (`http://` only).
+    pub http2: bool,
+}
+
+impl Upstream {
+    /// Whether connections start in HTTP/2 without negotiating it.
+    pub fn http2_prior_knowledge(&self) -> bool {
+        self.http2 && !self.base_url.is_https()
+    }
 }
 
 /// Validated upstream timeouts.
@@ -199,10 +213,18 @@ pub(super) fn resolve_upstream(
             "must be at least 1",
         ));
     }
+    if upstream.http2 && base_url.is_https() {
+        return Err(invalid(
+            origin,
+            &format!("{field}.http2"),
+            "is for http:// upstreams; https:// ones negotiate HTTP/2 by ALPN already",
+        ));
+    }
     let host = HeaderValue::from_str(base_url.authority())
         .map_err(|_| invalid(origin, &url_field, "the host is not a valid Host header"))?;
     Ok(Upstream {
         max_concurrent: upstream.max_concurrent,
+        http2: upstream.http2,
         name: name.to_owned(),
         host,
         base_url,

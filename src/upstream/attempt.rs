@@ -20,8 +20,9 @@ use tokio::time::Instant;
 use crate::config::Timeouts;
 use crate::error::ProxyError;
 use crate::headers;
-use crate::stream::{Deadline, Hold, IdleTimeout, Observed};
+use crate::stream::{Deadline, IdleTimeout, Observed, Observer};
 use crate::telemetry::UpstreamInfo;
+use crate::upstream::pool::Lease;
 use crate::upstream::{RequestBody, Target, classify};
 
 /// What one attempt ends with: the upstream's answer (any status), or why
@@ -45,7 +46,7 @@ pub async fn send<H: Send + Sync + 'static>(
     held: H,
 ) -> Outcome {
     let upstream = &target.upstream;
-    let uri = upstream
+    let path = upstream
         .base_url
         .join(&parts.uri)
         .map_err(|e| ProxyError::BadRequest(format!("cannot forward this path: {e}")))?;
@@ -55,9 +56,11 @@ pub async fn send<H: Send + Sync + 'static>(
         &upstream.host,
         &upstream.default_headers,
     );
-    parts.uri = uri;
-    // The client picks HTTP/1.1 or HTTP/2 per connection (ALPN); the version
-    // the client spoke to us says nothing about the upstream.
+    // Origin form for HTTP/1.1; the pool makes the absolute form if the
+    // connection turns out to be HTTP/2.
+    parts.uri = http::Uri::from(path);
+    // The pool picks HTTP/1.1 or HTTP/2 per connection; the version the
+    // client spoke to us says nothing about the upstream.
     parts.version = Version::HTTP_11;
     let upstream_request = http::Request::from_parts(
         parts,
@@ -69,8 +72,8 @@ pub async fn send<H: Send + Sync + 'static>(
         t.min(timeouts.response_headers)
     });
     let sent_at = Instant::now();
-    let response =
-        match tokio::time::timeout(headers_wait, target.client.request(upstream_request)).await {
+    let sending = target.pool.send(upstream_request);
+    let (response, lease) = match tokio::time::timeout(headers_wait, sending).await {
             Ok(Ok(response)) => response,
             Ok(Err(err)) => {
                 return Err(classify(&err, &timeouts, max_body_size).at_upstream(&target.label));
@@ -101,6 +104,19 @@ pub async fn send<H: Send + Sync + 'static>(
     let body = IdleTimeout::new(body, timeouts.idle).with_total(sent_at, timeouts.total);
     Ok(Response::from_parts(
         parts,
-        Body::new(Observed::new(body, Hold(held))),
+        Body::new(Observed::new(body, Exchange { lease, _held: held })),
     ))
+}
+
+/// What an answer's body holds until it ends: the connection's lease
+/// (given back when the body ends cleanly) and the caller's permits.
+struct Exchange<H> {
+    lease: Lease,
+    _held: H,
+}
+
+impl<H> Observer for Exchange<H> {
+    fn on_end(&mut self) {
+        self.lease.release();
+    }
 }

@@ -59,13 +59,15 @@ impl BaseUrl {
         })
     }
 
-    /// The upstream URI for a client request, in the OpenAI SDK convention:
-    /// the client's `/v1` prefix is replaced by the base URL's path, the rest
-    /// of the path and the query are kept as sent (still percent-encoded).
+    /// The upstream target for a client request, in the OpenAI SDK
+    /// convention: the client's `/v1` prefix is replaced by the base URL's
+    /// path, the rest of the path and the query are kept as sent (still
+    /// percent-encoded).
     ///
     /// `https://api.openai.com/v1` + `/v1/chat/completions?x=1`
-    /// → `https://api.openai.com/v1/chat/completions?x=1`.
-    pub fn join(&self, request: &Uri) -> Result<Uri, http::Error> {
+    /// → `/v1/chat/completions?x=1` (origin form, what HTTP/1.1 sends;
+    /// [`BaseUrl::absolute`] makes the absolute form HTTP/2 needs).
+    pub fn join(&self, request: &Uri) -> Result<PathAndQuery, http::uri::InvalidUri> {
         let path = request.path();
         let rest = path.strip_prefix("/v1").unwrap_or(path);
         let query = request.query();
@@ -81,11 +83,28 @@ impl BaseUrl {
             joined.push('?');
             joined.push_str(query);
         }
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(PathAndQuery::try_from(joined)?)
-            .build()
+        PathAndQuery::try_from(joined)
+    }
+
+    /// `path` on this upstream, in absolute form.
+    pub fn absolute(&self, path: PathAndQuery) -> Uri {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(path);
+        // Scheme, authority and path were each valid on their own, and a
+        // scheme with an authority is always a valid whole.
+        Uri::from_parts(parts).unwrap_or_default()
+    }
+
+    /// `scheme://authority`: what a connection is made to.
+    pub fn origin(&self) -> Uri {
+        self.absolute(PathAndQuery::from_static("/"))
+    }
+
+    /// Whether requests go over TLS.
+    pub fn is_https(&self) -> bool {
+        self.scheme == Scheme::HTTPS
     }
 
     /// Whether the path has a segment like `v1`, `v1beta` or `v2` (OpenAI-style

@@ -1,10 +1,9 @@
-//! The pooled upstream client and the mapping of its failures to [`ProxyError`].
+//! The upstream connector and the mapping of send failures to [`ProxyError`].
 //!
-//! One hyper-util client serves every request: connections are pooled and
-//! reused, `https://` goes through rustls (ALPN offers HTTP/2 and HTTP/1.1),
-//! and TCP_NODELAY is set so a streamed chunk is never held back by Nagle.
+//! `https://` goes through rustls (ALPN offers HTTP/2 and HTTP/1.1), and
+//! TCP_NODELAY is set so a streamed chunk is never held back by Nagle.
 //! `timeouts.connect` bounds the whole connection set-up, TLS handshake
-//! included ([`TimedConnect`]).
+//! included ([`TimedConnect`]). Connections are kept in [`super::pool`].
 
 use std::error::Error as StdError;
 use std::future::Future;
@@ -13,13 +12,11 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http_body_util::{LengthLimitError, Limited};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::Timeouts;
 use crate::error::ProxyError;
+use crate::upstream::pool::{Connector, SendError};
 
 /// A request body on its way upstream: the client's (streamed, or buffered
 /// when routing had to read it), bounded by `limits.body_read_timeout`.
@@ -28,11 +25,8 @@ pub type RequestBody = crate::stream::Deadline<axum::body::Body>;
 /// The request body sent upstream, also capped at the body limit.
 pub type UpstreamBody = Limited<RequestBody>;
 
-/// The pooled HTTP(S) client.
-pub type UpstreamClient = Client<TimedConnect<HttpsConnector<HttpConnector>>, UpstreamBody>;
-
 /// Boxed error of the connector.
-type BoxError = Box<dyn StdError + Send + Sync>;
+pub type BoxError = Box<dyn StdError + Send + Sync>;
 
 /// A connector whose whole connect — DNS, TCP and the TLS handshake — must
 /// finish within `timeout`. hyper-util's own connect timeout covers TCP
@@ -74,13 +68,9 @@ where
     }
 }
 
-/// How long an unused pooled connection is kept. Below the usual 120 s of
-/// provider load balancers, so we close first and never send on a dead socket.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-
-/// Builds the client. Trust roots come from the system store (so private
+/// Builds the connector. Trust roots come from the system store (so private
 /// CAs work), falling back to the bundled Mozilla roots when it is empty.
-pub fn client(timeouts: &Timeouts) -> UpstreamClient {
+pub fn connector(timeouts: &Timeouts) -> Connector {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -94,55 +84,48 @@ pub fn client(timeouts: &Timeouts) -> UpstreamClient {
             hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots()
         }
     };
-    let connector = TimedConnect {
+    TimedConnect {
         inner: tls
             .https_or_http()
             .enable_all_versions()
             .wrap_connector(http),
         timeout: timeouts.connect,
-    };
-
-    Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .build(connector)
+    }
 }
 
 /// Names a failed upstream exchange (no response headers received).
 ///
 /// The message is built from the error chain, which holds no header values:
 /// keys cannot leak through it.
-pub fn classify(
-    err: &hyper_util::client::legacy::Error,
-    timeouts: &Timeouts,
-    limit: u64,
-) -> ProxyError {
-    if find::<LengthLimitError>(err).is_some() {
+pub fn classify(err: &SendError, timeouts: &Timeouts, limit: u64) -> ProxyError {
+    let hyper_err = match err {
+        SendError::Connect(cause) => {
+            if find::<std::io::Error>(cause.as_ref())
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+            {
+                return ProxyError::ConnectTimeout(timeouts.connect);
+            }
+            return ProxyError::UpstreamUnreachable(chain(err));
+        }
+        SendError::Http(hyper_err) => hyper_err,
+    };
+    if find::<LengthLimitError>(hyper_err).is_some() {
         return ProxyError::BodyTooLarge { limit };
     }
-    if let Some(timed_out) = find::<crate::stream::BodyTimedOut>(err) {
+    if let Some(timed_out) = find::<crate::stream::BodyTimedOut>(hyper_err) {
         return ProxyError::RequestBodyTimeout(timed_out.0);
     }
-    if err.is_connect() {
-        if find::<std::io::Error>(err).is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut) {
-            return ProxyError::ConnectTimeout(timeouts.connect);
-        }
-        return ProxyError::UpstreamUnreachable(chain(err));
+    if hyper_err.is_user() {
+        // The client's own request body failed (it disconnected mid-upload).
+        return ProxyError::BadRequest(format!(
+            "reading the request body failed: {}",
+            chain(hyper_err)
+        ));
     }
-    if let Some(hyper_err) = find::<hyper::Error>(err) {
-        if hyper_err.is_user() {
-            // The client's own request body failed (it disconnected mid-upload).
-            return ProxyError::BadRequest(format!(
-                "reading the request body failed: {}",
-                chain(err)
-            ));
-        }
-        if hyper_err.is_parse() {
-            return ProxyError::UpstreamProtocol(chain(err));
-        }
+    if hyper_err.is_parse() {
+        return ProxyError::UpstreamProtocol(chain(hyper_err));
     }
-    ProxyError::UpstreamUnreachable(chain(err))
+    ProxyError::UpstreamUnreachable(chain(hyper_err))
 }
 
 /// The first error of type `E` in the source chain.

@@ -1,9 +1,11 @@
-//! Everything about talking to an upstream: its base URL, the pooled client
-//! and the mapping of its failures, and one attempt's send.
+//! Everything about talking to an upstream: its base URL, the connector
+//! and the mapping of its failures, the connection pool, and one attempt's
+//! send.
 
 pub mod attempt;
 mod base_url;
 mod client;
+pub mod pool;
 
 use std::sync::Arc;
 
@@ -12,14 +14,14 @@ use http::HeaderValue;
 use crate::config::Upstream;
 
 pub use base_url::BaseUrl;
-pub use client::{RequestBody, UpstreamClient, classify, client};
+pub use client::{RequestBody, UpstreamBody, classify, connector};
 
-/// One upstream with its own pooled client (timeouts differ per upstream).
+/// One upstream with its own connections (timeouts differ per upstream).
 pub struct Target {
     /// The configured upstream.
     pub upstream: Upstream,
-    /// The pooled client.
-    pub client: UpstreamClient,
+    /// Its connections.
+    pub pool: Arc<pool::Pool>,
     /// `x-llmproxy-upstream` for its answers, made once.
     pub name_header: HeaderValue,
     /// How errors name it: `name (host:port)`, or `host:port` alone.
@@ -41,7 +43,11 @@ impl Upstreams {
             .upstreams
             .iter()
             .map(|upstream| Target {
-                client: client(&upstream.timeouts),
+                pool: Arc::new(pool::Pool::new(
+                    connector(&upstream.timeouts),
+                    upstream.base_url.origin(),
+                    upstream.http2_prior_knowledge(),
+                )),
                 // Names are checked to be header-safe when the config is loaded.
                 name_header: HeaderValue::from_str(&upstream.name)
                     .unwrap_or(HeaderValue::from_static("upstream")),
