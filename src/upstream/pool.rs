@@ -189,7 +189,10 @@ impl Pool {
                 },
             }
         }
-        match self.connect().await? {
+        // Boxed: connecting (a TLS session, handshakes) is a large future,
+        // and every request's future would otherwise carry its size — and
+        // copy it when the pipeline's future is boxed — to use it rarely.
+        match Box::pin(self.connect()).await? {
             Connected::H1(mut sender) => match sender.send_request(request).await {
                 Ok(response) => Ok((response, self.h1_lease(sender))),
                 Err(err) => Err(SendError::Http(err)),

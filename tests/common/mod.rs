@@ -89,6 +89,7 @@ pub async fn spawn_proxy(upstream: &Upstream) -> Proxy {
 /// What the upstream received.
 #[derive(Debug, Clone)]
 pub struct Recorded {
+    pub version: http::Version,
     pub method: Method,
     pub uri: Uri,
     pub headers: HeaderMap,
@@ -240,6 +241,22 @@ pub async fn post_expecting_abort(url: &str, body: &'static str) -> (StatusCode,
 pub async fn spawn_upstream(
     handler: impl Fn(&Recorded) -> Reply + Send + Sync + 'static,
 ) -> Upstream {
+    spawn_upstream_speaking(None, handler).await
+}
+
+/// Like [`spawn_upstream`], speaking HTTP/1.1 or cleartext HTTP/2 (prior
+/// knowledge), with at most `max_streams` streams per HTTP/2 connection.
+pub async fn spawn_h2_upstream(
+    max_streams: u32,
+    handler: impl Fn(&Recorded) -> Reply + Send + Sync + 'static,
+) -> Upstream {
+    spawn_upstream_speaking(Some(max_streams), handler).await
+}
+
+async fn spawn_upstream_speaking(
+    h2_streams: Option<u32>,
+    handler: impl Fn(&Recorded) -> Reply + Send + Sync + 'static,
+) -> Upstream {
     let handler: Handler = Arc::new(handler);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -284,6 +301,7 @@ pub async fn spawn_upstream(
                                 .map(|c| c.to_bytes())
                                 .unwrap_or_default();
                             let recorded = Recorded {
+                                version: parts.version,
                                 method: parts.method,
                                 uri: parts.uri,
                                 headers: parts.headers,
@@ -294,9 +312,18 @@ pub async fn spawn_upstream(
                             Ok::<_, Infallible>(respond(reply, sent_bytes).await)
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    if let Some(max_streams) = h2_streams {
+                        let mut builder =
+                            hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                        builder.http2().max_concurrent_streams(max_streams);
+                        let _ = builder
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    } else {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    }
                     closed.fetch_add(1, Ordering::SeqCst);
                     closed_notify.notify_waiters();
                 });

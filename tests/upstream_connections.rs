@@ -1,0 +1,193 @@
+//! Upstream connections: HTTP/1.1 connections reused one exchange at a
+//! time and never after an unfinished answer; HTTP/2 (`http2: true`)
+//! streams sharing connections up to the upstream's stream limit.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::disallowed_methods,
+    reason = "a test fails loudly, and its servers and clients spawn freely"
+)]
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+
+const CHAT: &str = r#"{"model":"m","messages":[]}"#;
+
+fn slow_stream(events: usize, gap: Duration) -> Reply {
+    Reply::sse(
+        (0..events)
+            .map(|i| (if i == 0 { Duration::ZERO } else { gap }, event(&i.to_string())))
+            .collect(),
+    )
+}
+
+fn expected_stream(events: usize) -> Vec<u8> {
+    (0..events)
+        .flat_map(|i| event(&i.to_string()).to_vec())
+        .collect()
+}
+
+fn h2_config(upstream: &Upstream) -> llmproxy::config::FileConfig {
+    let mut file = config_for(&upstream.base_url());
+    file.upstream.http2 = true;
+    file
+}
+
+#[tokio::test]
+async fn sequential_requests_reuse_one_upstream_connection() {
+    let upstream = spawn_upstream(|_| Reply::json(200, r#"{"ok":true}"#)).await;
+    let proxy = spawn_proxy(&upstream).await;
+    for _ in 0..5 {
+        let got = post(&proxy.url("/v1/chat/completions"), CHAT).await;
+        assert_eq!(got.status, 200);
+        assert_eq!(&got.body[..], br#"{"ok":true}"#);
+    }
+    assert_eq!(upstream.opened.load(Ordering::SeqCst), 1);
+    assert_eq!(upstream.requests().len(), 5);
+    assert!(upstream.requests().iter().all(|r| r.version == http::Version::HTTP_11));
+}
+
+#[tokio::test]
+async fn a_connection_whose_answer_was_left_unfinished_is_never_reused() {
+    let upstream = spawn_upstream(|recorded| {
+        if recorded.body.starts_with(b"{\"stream\"") {
+            slow_stream(20, Duration::from_millis(100))
+        } else {
+            Reply::json(200, r#"{"ok":true}"#)
+        }
+    })
+    .await;
+    let proxy = spawn_proxy(&upstream).await;
+
+    // The client reads the first event, then leaves.
+    let response = client()
+        .request(
+            Request::post(proxy.url("/v1/chat/completions"))
+                .body(Full::new(Bytes::from_static(br#"{"stream":true}"#)))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut body = response.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, event("0"));
+    drop(body);
+    upstream.wait_closed(1, Duration::from_secs(5)).await.unwrap();
+
+    // The next request gets a fresh connection and a whole, clean answer.
+    let got = post(&proxy.url("/v1/chat/completions"), CHAT).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(&got.body[..], br#"{"ok":true}"#);
+    assert_eq!(upstream.opened.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn an_upstream_that_closes_each_connection_after_answering_is_met_with_a_fresh_one() {
+    // No `Connection: close`: the socket just closes after the answer, as a
+    // server's idle timeout would.
+    let addr = spawn_raw_upstream(
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{\"ok\":true}",
+        true,
+    )
+    .await;
+    let proxy = spawn_proxy_with(config_for(&format!("http://{addr}/v1"))).await;
+    for i in 0..20 {
+        let got = post(&proxy.url("/v1/chat/completions"), CHAT).await;
+        assert_eq!(got.status, 200, "request {i}: {:?}", got.body);
+        assert_eq!(&got.body[..], br#"{"ok":true}"#, "request {i}");
+        if i % 2 == 0 {
+            // Half the time the close has surely arrived before the next request.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn http2_streams_share_one_upstream_connection() {
+    let upstream = spawn_h2_upstream(100, |_| slow_stream(5, Duration::from_millis(50))).await;
+    let proxy = spawn_proxy_with(h2_config(&upstream)).await;
+    let url = proxy.url("/v1/chat/completions");
+    // The first request opens the connection; the rest share it.
+    assert_eq!(post(&url, r#"{"stream":true}"#).await.body, expected_stream(5));
+    let streams: Vec<_> = (0..10)
+        .map(|_| tokio::spawn(post(&proxy.url("/v1/chat/completions"), r#"{"stream":true}"#)))
+        .collect();
+    for stream in streams {
+        let got = stream.await.unwrap();
+        assert_eq!(got.status, 200);
+        assert_eq!(got.body, expected_stream(5));
+    }
+    assert_eq!(upstream.opened.load(Ordering::SeqCst), 1);
+    let requests = upstream.requests();
+    assert_eq!(requests.len(), 11);
+    for request in &requests {
+        assert_eq!(request.version, http::Version::HTTP_2);
+        // The target travels as :authority and :path; no Host header.
+        assert_eq!(
+            request.uri.authority().map(|a| a.as_str()),
+            Some(upstream.addr.to_string().as_str())
+        );
+        assert_eq!(request.uri.path(), "/v1/chat/completions");
+        assert!(request.headers.get("host").is_none());
+    }
+}
+
+#[tokio::test]
+async fn http2_opens_another_connection_when_the_upstream_stream_limit_is_reached() {
+    let upstream = spawn_h2_upstream(2, |_| slow_stream(10, Duration::from_millis(50))).await;
+    let proxy = spawn_proxy_with(h2_config(&upstream)).await;
+    let url = proxy.url("/v1/chat/completions");
+    // One stream first, so the upstream's SETTINGS (2 streams) are known
+    // before the others arrive.
+    assert_eq!(post(&url, r#"{"stream":true}"#).await.body, expected_stream(10));
+    let streams: Vec<_> = (0..5)
+        .map(|_| tokio::spawn(post(&proxy.url("/v1/chat/completions"), r#"{"stream":true}"#)))
+        .collect();
+    for stream in streams {
+        let got = stream.await.unwrap();
+        assert_eq!(got.status, 200);
+        assert_eq!(got.body, expected_stream(10));
+    }
+    // Five streams held at once, two per connection: three connections.
+    assert_eq!(upstream.opened.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn an_http2_client_that_leaves_resets_only_its_own_stream() {
+    let upstream = spawn_h2_upstream(100, |_| slow_stream(20, Duration::from_millis(100))).await;
+    let proxy = spawn_proxy_with(h2_config(&upstream)).await;
+    let url = proxy.url("/v1/chat/completions");
+
+    let staying = tokio::spawn(post(&proxy.url("/v1/chat/completions"), r#"{"stream":true}"#));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let leaving = client()
+        .request(
+            Request::post(&url)
+                .body(Full::new(Bytes::from_static(br#"{"stream":true}"#)))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut body = leaving.into_body();
+    assert_eq!(
+        body.frame().await.unwrap().unwrap().into_data().unwrap(),
+        event("0")
+    );
+    drop(body);
+    // The upstream stops sending to the stream that was left (its reset
+    // reaches the upstream's body channel) while the other one goes on.
+    let got = staying.await.unwrap();
+    assert_eq!(got.body, expected_stream(20));
+    assert_eq!(upstream.opened.load(Ordering::SeqCst), 1);
+    assert!(
+        upstream.sent_bytes.load(Ordering::SeqCst) < 2 * expected_stream(20).len(),
+        "the left stream was sent whole"
+    );
+}
