@@ -23,7 +23,12 @@ const CHAT: &str = r#"{"model":"m","messages":[]}"#;
 fn slow_stream(events: usize, gap: Duration) -> Reply {
     Reply::sse(
         (0..events)
-            .map(|i| (if i == 0 { Duration::ZERO } else { gap }, event(&i.to_string())))
+            .map(|i| {
+                (
+                    if i == 0 { Duration::ZERO } else { gap },
+                    event(&i.to_string()),
+                )
+            })
             .collect(),
     )
 }
@@ -32,6 +37,10 @@ fn expected_stream(events: usize) -> Vec<u8> {
     (0..events)
         .flat_map(|i| event(&i.to_string()).to_vec())
         .collect()
+}
+
+fn spawn_stream(url: String) -> tokio::task::JoinHandle<Got> {
+    tokio::spawn(async move { post(&url, r#"{"stream":true}"#).await })
 }
 
 fn h2_config(upstream: &Upstream) -> llmproxy::config::FileConfig {
@@ -51,7 +60,12 @@ async fn sequential_requests_reuse_one_upstream_connection() {
     }
     assert_eq!(upstream.opened.load(Ordering::SeqCst), 1);
     assert_eq!(upstream.requests().len(), 5);
-    assert!(upstream.requests().iter().all(|r| r.version == http::Version::HTTP_11));
+    assert!(
+        upstream
+            .requests()
+            .iter()
+            .all(|r| r.version == http::Version::HTTP_11)
+    );
 }
 
 #[tokio::test]
@@ -79,7 +93,10 @@ async fn a_connection_whose_answer_was_left_unfinished_is_never_reused() {
     let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
     assert_eq!(first, event("0"));
     drop(body);
-    upstream.wait_closed(1, Duration::from_secs(5)).await.unwrap();
+    upstream
+        .wait_closed(1, Duration::from_secs(5))
+        .await
+        .unwrap();
 
     // The next request gets a fresh connection and a whole, clean answer.
     let got = post(&proxy.url("/v1/chat/completions"), CHAT).await;
@@ -115,9 +132,12 @@ async fn http2_streams_share_one_upstream_connection() {
     let proxy = spawn_proxy_with(h2_config(&upstream)).await;
     let url = proxy.url("/v1/chat/completions");
     // The first request opens the connection; the rest share it.
-    assert_eq!(post(&url, r#"{"stream":true}"#).await.body, expected_stream(5));
+    assert_eq!(
+        post(&url, r#"{"stream":true}"#).await.body,
+        expected_stream(5)
+    );
     let streams: Vec<_> = (0..10)
-        .map(|_| tokio::spawn(post(&proxy.url("/v1/chat/completions"), r#"{"stream":true}"#)))
+        .map(|_| spawn_stream(proxy.url("/v1/chat/completions")))
         .collect();
     for stream in streams {
         let got = stream.await.unwrap();
@@ -144,11 +164,14 @@ async fn http2_opens_another_connection_when_the_upstream_stream_limit_is_reache
     let upstream = spawn_h2_upstream(2, |_| slow_stream(10, Duration::from_millis(50))).await;
     let proxy = spawn_proxy_with(h2_config(&upstream)).await;
     let url = proxy.url("/v1/chat/completions");
-    // One stream first, so the upstream's SETTINGS (2 streams) are known
-    // before the others arrive.
-    assert_eq!(post(&url, r#"{"stream":true}"#).await.body, expected_stream(10));
+    // The limit is copied from the connection each time it takes a request:
+    // after two, the upstream's SETTINGS (2 streams) are known.
+    for _ in 0..2 {
+        let got = post(&url, r#"{"stream":true}"#).await;
+        assert_eq!(got.body, expected_stream(10));
+    }
     let streams: Vec<_> = (0..5)
-        .map(|_| tokio::spawn(post(&proxy.url("/v1/chat/completions"), r#"{"stream":true}"#)))
+        .map(|_| spawn_stream(proxy.url("/v1/chat/completions")))
         .collect();
     for stream in streams {
         let got = stream.await.unwrap();
@@ -165,7 +188,7 @@ async fn an_http2_client_that_leaves_resets_only_its_own_stream() {
     let proxy = spawn_proxy_with(h2_config(&upstream)).await;
     let url = proxy.url("/v1/chat/completions");
 
-    let staying = tokio::spawn(post(&proxy.url("/v1/chat/completions"), r#"{"stream":true}"#));
+    let staying = spawn_stream(proxy.url("/v1/chat/completions"));
     tokio::time::sleep(Duration::from_millis(150)).await;
     let leaving = client()
         .request(

@@ -74,14 +74,14 @@ pub async fn send<H: Send + Sync + 'static>(
     let sent_at = Instant::now();
     let sending = target.pool.send(upstream_request);
     let (response, lease) = match tokio::time::timeout(headers_wait, sending).await {
-            Ok(Ok(response)) => response,
-            Ok(Err(err)) => {
-                return Err(classify(&err, &timeouts, max_body_size).at_upstream(&target.label));
-            }
-            Err(_) => {
-                return Err(ProxyError::UpstreamTimeout(headers_wait).at_upstream(&target.label));
-            }
-        };
+        Ok(Ok(response)) => response,
+        Ok(Err(err)) => {
+            return Err(classify(&err, &timeouts, max_body_size).at_upstream(&target.label));
+        }
+        Err(_) => {
+            return Err(ProxyError::UpstreamTimeout(headers_wait).at_upstream(&target.label));
+        }
+    };
     let headers_after = sent_at.elapsed();
     // No upgrade was asked for (`Upgrade` never crosses), so a 101 is a
     // broken upstream; forwarding it would leave the client on a dead socket.

@@ -17,7 +17,7 @@
 //! dropping the last sender, or the upstream closing the socket, ends it.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -74,16 +74,13 @@ struct Idle {
     since: Instant,
 }
 
-/// An HTTP/2 connection, the streams open on it now, and the most the
-/// upstream allows at once (its `SETTINGS_MAX_CONCURRENT_STREAMS`, copied
-/// by the connection's task whenever it runs).
+/// An HTTP/2 connection and the streams open on it now.
 struct Shared {
     sender: http2::SendRequest<UpstreamBody>,
     streams: Arc<AtomicUsize>,
-    allowed: Arc<AtomicUsize>,
 }
 
-/// Streams assumed allowed on a new HTTP/2 connection until the upstream's
+/// Streams assumed allowed per HTTP/2 connection until the upstream's
 /// settings say otherwise (RFC 9113 §6.5.2 recommends at least 100).
 const INITIAL_STREAMS: usize = 100;
 
@@ -98,6 +95,17 @@ pub struct Pool {
     h2: http2::Builder<TokioExecutor>,
     idle: Mutex<Vec<Idle>>,
     shared: Mutex<Vec<Shared>>,
+    /// The most streams the upstream allows on one HTTP/2 connection (its
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS`), copied by each connection every
+    /// time it takes a request (hyper exposes it only there). One value for
+    /// the pool: a new connection starts with what the others learnt, and
+    /// until a lower limit is learnt, streams over it wait in hyper's queue
+    /// for a free slot rather than fail.
+    stream_limit: Arc<AtomicUsize>,
+    /// The upstream answered ALPN with `h2` (or `prior_knowledge`).
+    negotiated_h2: AtomicBool,
+    /// Held while an HTTP/2 connection is being opened.
+    connecting: tokio::sync::Mutex<()>,
 }
 
 /// What a sent request holds until its answer's body ends: the HTTP/1
@@ -155,6 +163,9 @@ impl Pool {
             h2,
             idle: Mutex::new(Vec::new()),
             shared: Mutex::new(Vec::new()),
+            stream_limit: Arc::new(AtomicUsize::new(INITIAL_STREAMS)),
+            negotiated_h2: AtomicBool::new(false),
+            connecting: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -189,15 +200,34 @@ impl Pool {
                 },
             }
         }
+        // HTTP/2 connections are opened one at a time: requests that find
+        // every connection full while one is being opened wait for it and
+        // take its free slots, instead of each opening its own.
+        let connecting = if self.prior_knowledge || self.negotiated_h2.load(Ordering::Relaxed) {
+            let guard = self.connecting.lock().await;
+            if let Some(lease) = self.shared_stream() {
+                drop(guard);
+                return self.send_h2(lease, request).await;
+            }
+            Some(guard)
+        } else {
+            None
+        };
         // Boxed: connecting (a TLS session, handshakes) is a large future,
         // and every request's future would otherwise carry its size — and
         // copy it when the pipeline's future is boxed — to use it rarely.
         match Box::pin(self.connect()).await? {
-            Connected::H1(mut sender) => match sender.send_request(request).await {
-                Ok(response) => Ok((response, self.h1_lease(sender))),
-                Err(err) => Err(SendError::Http(err)),
-            },
-            Connected::H2(lease) => self.send_h2(lease, request).await,
+            Connected::H1(mut sender) => {
+                drop(connecting);
+                match sender.send_request(request).await {
+                    Ok(response) => Ok((response, self.h1_lease(sender))),
+                    Err(err) => Err(SendError::Http(err)),
+                }
+            }
+            Connected::H2(lease) => {
+                drop(connecting);
+                self.send_h2(lease, request).await
+            }
         }
     }
 
@@ -242,9 +272,10 @@ impl Pool {
             return None;
         }
         shared.retain(|conn| !conn.sender.is_closed());
+        let limit = self.stream_limit.load(Ordering::Relaxed);
         shared.iter().find_map(|conn| {
             let open = conn.streams.load(Ordering::Relaxed);
-            (open < conn.allowed.load(Ordering::Relaxed)).then(|| {
+            (open < limit).then(|| {
                 conn.streams.fetch_add(1, Ordering::Relaxed);
                 (conn.sender.clone(), Arc::clone(&conn.streams))
             })
@@ -274,14 +305,18 @@ impl Pool {
             .await
             .map_err(SendError::Connect)?;
         if self.prior_knowledge || io.connected().is_negotiated_h2() {
-            let (sender, connection) = self.h2.handshake(io).await.map_err(SendError::Http)?;
-            let allowed = Arc::new(AtomicUsize::new(INITIAL_STREAMS));
-            let copy = Arc::clone(&allowed);
+            self.negotiated_h2.store(true, Ordering::Relaxed);
+            // Until its own settings arrive, a new connection reports (and
+            // keeps to) what the others learnt.
+            let mut h2 = self.h2.clone();
+            h2.initial_max_send_streams(self.stream_limit.load(Ordering::Relaxed));
+            let (sender, connection) = h2.handshake(io).await.map_err(SendError::Http)?;
+            let limit = Arc::clone(&self.stream_limit);
             spawn_connection(async move {
                 let mut connection = std::pin::pin!(connection);
                 std::future::poll_fn(|cx| {
                     let polled = connection.as_mut().poll(cx);
-                    copy.store(connection.current_max_send_streams(), Ordering::Relaxed);
+                    limit.store(connection.current_max_send_streams(), Ordering::Relaxed);
                     polled
                 })
                 .await
@@ -290,7 +325,6 @@ impl Pool {
             self.lock_shared().push(Shared {
                 sender: sender.clone(),
                 streams: Arc::clone(&streams),
-                allowed,
             });
             return Ok(Connected::H2((sender, streams)));
         }
