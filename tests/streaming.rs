@@ -14,8 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
-use http::Request;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const STREAM_REQUEST: &[u8] = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n\
@@ -40,14 +39,7 @@ async fn each_chunk_reaches_the_client_as_the_upstream_sends_it() {
     let proxy = spawn_proxy(&upstream).await;
 
     let start = Instant::now();
-    let response = client()
-        .request(
-            Request::post(proxy.url("/v1/chat/completions"))
-                .body(Full::new(Bytes::from_static(br#"{"stream":true}"#)))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let response = open_stream(&proxy.url("/v1/chat/completions")).await;
     assert_eq!(response.headers()["content-type"], "text/event-stream");
     let mut body = response.into_body();
     let mut arrivals = Vec::new();

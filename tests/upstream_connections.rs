@@ -13,10 +13,8 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use bytes::Bytes;
 use common::*;
-use http::Request;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 
 const CHAT: &str = r#"{"model":"m","messages":[]}"#;
 
@@ -81,15 +79,9 @@ async fn a_connection_whose_answer_was_left_unfinished_is_never_reused() {
     let proxy = spawn_proxy(&upstream).await;
 
     // The client reads the first event, then leaves.
-    let response = client()
-        .request(
-            Request::post(proxy.url("/v1/chat/completions"))
-                .body(Full::new(Bytes::from_static(br#"{"stream":true}"#)))
-                .unwrap(),
-        )
+    let mut body = open_stream(&proxy.url("/v1/chat/completions"))
         .await
-        .unwrap();
-    let mut body = response.into_body();
+        .into_body();
     let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
     assert_eq!(first, event("0"));
     drop(body);
@@ -190,15 +182,7 @@ async fn an_http2_client_that_leaves_resets_only_its_own_stream() {
 
     let staying = spawn_stream(proxy.url("/v1/chat/completions"));
     tokio::time::sleep(Duration::from_millis(150)).await;
-    let leaving = client()
-        .request(
-            Request::post(&url)
-                .body(Full::new(Bytes::from_static(br#"{"stream":true}"#)))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let mut body = leaving.into_body();
+    let mut body = open_stream(&url).await.into_body();
     assert_eq!(
         body.frame().await.unwrap().unwrap().into_data().unwrap(),
         event("0")

@@ -470,6 +470,18 @@ pub async fn send(request: Request<Full<Bytes>>) -> Got {
     }
 }
 
+/// POSTs `{"stream":true}` and returns the answer with its body unread.
+pub async fn open_stream(url: &str) -> Response<Incoming> {
+    client()
+        .request(
+            Request::post(url)
+                .body(Full::new(Bytes::from_static(br#"{"stream":true}"#)))
+                .unwrap(),
+        )
+        .await
+        .unwrap()
+}
+
 pub async fn post(url: &str, body: impl Into<Bytes>) -> Got {
     send(
         Request::post(url)
