@@ -54,6 +54,8 @@ pub fn failure_kind(error: &(dyn std::error::Error + 'static)) -> &'static str {
                 | std::io::ErrorKind::ConnectionAborted
                 | std::io::ErrorKind::BrokenPipe
                 | std::io::ErrorKind::UnexpectedEof => "upstream_reset",
+                // The HTTP/1.1 client's framing errors (bad chunk, bad length).
+                std::io::ErrorKind::InvalidData => "upstream_protocol_error",
                 _ => "upstream_body",
             };
         }

@@ -20,9 +20,8 @@ use tokio::time::Instant;
 use crate::config::Timeouts;
 use crate::error::ProxyError;
 use crate::headers;
-use crate::stream::{Deadline, IdleTimeout, Observed, Observer};
+use crate::stream::{Deadline, Hold, IdleTimeout, Observed};
 use crate::telemetry::UpstreamInfo;
-use crate::upstream::pool::Lease;
 use crate::upstream::{RequestBody, Target, classify};
 
 /// What one attempt ends with: the upstream's answer (any status), or why
@@ -104,19 +103,7 @@ pub async fn send<H: Send + Sync + 'static>(
     let body = IdleTimeout::new(body, timeouts.idle).with_total(sent_at, timeouts.total);
     Ok(Response::from_parts(
         parts,
-        Body::new(Observed::new(body, Exchange { lease, _held: held })),
+        // Held until the body ends: an HTTP/2 stream's slot, the caller's permits.
+        Body::new(Observed::new(body, Hold((lease, held)))),
     ))
-}
-
-/// What an answer's body holds until it ends: the connection's lease
-/// (given back when the body ends cleanly) and the caller's permits.
-struct Exchange<H> {
-    lease: Lease,
-    _held: H,
-}
-
-impl<H> Observer for Exchange<H> {
-    fn on_end(&mut self) {
-        self.lease.release();
-    }
 }

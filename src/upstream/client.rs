@@ -16,6 +16,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 
 use crate::config::Timeouts;
 use crate::error::ProxyError;
+use crate::upstream::h1::H1Error;
 use crate::upstream::pool::{Connector, SendError};
 
 /// A request body on its way upstream: the client's (streamed, or buffered
@@ -107,25 +108,33 @@ pub fn classify(err: &SendError, timeouts: &Timeouts, limit: u64) -> ProxyError 
             }
             return ProxyError::UpstreamUnreachable(chain(err));
         }
-        SendError::Http(hyper_err) => hyper_err,
+        SendError::H1(H1Error::RequestBody(cause)) => {
+            return request_body_failed(cause.as_ref(), limit);
+        }
+        SendError::H1(H1Error::Protocol(_)) => return ProxyError::UpstreamProtocol(chain(err)),
+        SendError::H1(_) => return ProxyError::UpstreamUnreachable(chain(err)),
+        SendError::H2(hyper_err) => hyper_err,
     };
-    if find::<LengthLimitError>(hyper_err).is_some() {
-        return ProxyError::BodyTooLarge { limit };
-    }
-    if let Some(timed_out) = find::<crate::stream::BodyTimedOut>(hyper_err) {
-        return ProxyError::RequestBodyTimeout(timed_out.0);
-    }
     if hyper_err.is_user() {
-        // The client's own request body failed (it disconnected mid-upload).
-        return ProxyError::BadRequest(format!(
-            "reading the request body failed: {}",
-            chain(hyper_err)
-        ));
+        // The client's own request body failed (too large, too slow, gone).
+        return request_body_failed(hyper_err, limit);
     }
     if hyper_err.is_parse() {
         return ProxyError::UpstreamProtocol(chain(hyper_err));
     }
     ProxyError::UpstreamUnreachable(chain(hyper_err))
+}
+
+/// The client's request body failed while it was being sent upstream.
+fn request_body_failed(cause: &(dyn StdError + 'static), limit: u64) -> ProxyError {
+    if find::<LengthLimitError>(cause).is_some() {
+        return ProxyError::BodyTooLarge { limit };
+    }
+    if let Some(timed_out) = find::<crate::stream::BodyTimedOut>(cause) {
+        return ProxyError::RequestBodyTimeout(timed_out.0);
+    }
+    // The client disconnected mid-upload.
+    ProxyError::BadRequest(format!("reading the request body failed: {}", chain(cause)))
 }
 
 /// The first error of type `E` in the source chain.

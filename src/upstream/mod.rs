@@ -5,6 +5,7 @@
 pub mod attempt;
 mod base_url;
 mod client;
+pub mod h1;
 pub mod pool;
 
 use std::sync::Arc;

@@ -1,6 +1,7 @@
 //! Connections to one upstream, kept and reused: HTTP/1.1 connections one
-//! exchange at a time, HTTP/2 connections (negotiated by ALPN on `https://`,
-//! or spoken with prior knowledge when the upstream sets `http2: true`)
+//! exchange at a time ([`super::h1`], driven by the request's own task),
+//! HTTP/2 connections (negotiated by ALPN on `https://`, or spoken with
+//! prior knowledge when the upstream sets `http2: true`; hyper's client)
 //! shared by many streams, a new one opened when every open one is full.
 //!
 //! Why not hyper-util's pooled client: per request it checks a connection
@@ -9,27 +10,33 @@
 //! connection to go idle and puts it back. Here each upstream has its own
 //! pool (no key to build or hash), the URI is built once in the form the
 //! connection speaks, and an HTTP/1 connection goes back into the pool from
-//! the answer's body the moment it ends, with no task. On HTTP/2 many
-//! streams share one connection, so thousands of held streams cost one
-//! socket and one pair of buffers instead of one each.
+//! the answer's body the moment it ends. On HTTP/2 many streams share one
+//! connection, so thousands of held streams cost one socket and one pair of
+//! buffers instead of one each.
 //!
-//! A connection's own task (hyper's dispatcher) lives as long as its sender:
-//! dropping the last sender, or the upstream closing the socket, ends it.
+//! An idle HTTP/1 connection has no task: the pool holds it, and checks it
+//! is still open (without waiting) when it takes it out. An HTTP/2
+//! connection's task (hyper's) lives as long as its senders.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::{Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::Instant;
 
 use super::UpstreamBody;
-use super::client::TimedConnect;
+use super::client::{BoxError, TimedConnect};
+use super::h1::{self, H1Error};
 
 /// The connector every pool dials with: DNS, TCP, TLS, under one timeout.
 pub type Connector = TimedConnect<HttpsConnector<HttpConnector>>;
@@ -45,16 +52,19 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 #[derive(Debug)]
 pub enum SendError {
     /// No connection could be made (DNS, TCP, TLS, or the connect timeout).
-    Connect(super::client::BoxError),
-    /// The connection failed, or the request body did, before the head.
-    Http(hyper::Error),
+    Connect(BoxError),
+    /// An HTTP/1.1 exchange failed before the head.
+    H1(H1Error),
+    /// An HTTP/2 exchange failed, or its request body did, before the head.
+    H2(hyper::Error),
 }
 
 impl std::fmt::Display for SendError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Connect(_) => f.write_str("connect error"),
-            Self::Http(err) => err.fmt(f),
+            Self::H1(err) => err.fmt(f),
+            Self::H2(err) => err.fmt(f),
         }
     }
 }
@@ -63,16 +73,58 @@ impl std::error::Error for SendError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Self::Connect(err) => Some(err.as_ref()),
-            Self::Http(err) => err.source(),
+            Self::H1(err) => err.source(),
+            Self::H2(err) => err.source(),
         }
     }
 }
 
 /// An HTTP/1.1 connection waiting for its next exchange.
 struct Idle {
-    sender: http1::SendRequest<UpstreamBody>,
+    conn: h1::Conn,
     since: Instant,
 }
+
+/// An upstream answer's body, from either protocol.
+pub enum ResponseBody {
+    /// Read from the socket by the body itself.
+    H1(h1::ResponseBody),
+    /// hyper's HTTP/2 stream.
+    H2(Incoming),
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        // Both are Unpin, so the enum is too.
+        match self.get_mut() {
+            Self::H1(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Self::H2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::H1(body) => body.is_end_stream(),
+            Self::H2(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::H1(body) => body.size_hint(),
+            Self::H2(body) => body.size_hint(),
+        }
+    }
+}
+
+/// An upstream answer.
+pub type Answer = http::Response<ResponseBody>;
 
 /// An HTTP/2 connection and the streams open on it now.
 struct Shared {
@@ -91,7 +143,6 @@ pub struct Pool {
     destination: http::Uri,
     /// Cleartext HTTP/2 with prior knowledge (`http2: true`).
     prior_knowledge: bool,
-    h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
     idle: Mutex<Vec<Idle>>,
     shared: Mutex<Vec<Shared>>,
@@ -108,41 +159,13 @@ pub struct Pool {
     connecting: tokio::sync::Mutex<()>,
 }
 
-/// What a sent request holds until its answer's body ends: the HTTP/1
-/// connection to give back, or the HTTP/2 stream slot to free.
-pub struct Lease {
-    inner: LeaseInner,
-}
-
-enum LeaseInner {
-    H1 {
-        pool: Arc<Pool>,
-        sender: Option<http1::SendRequest<UpstreamBody>>,
-    },
-    H2(Arc<AtomicUsize>),
-}
-
-impl Lease {
-    /// The answer's body ended cleanly: the HTTP/1 connection can carry the
-    /// next exchange. A lease dropped without this (the client left, the
-    /// body failed) takes its connection with it, so an unfinished answer
-    /// can never be read by the next request.
-    pub fn release(&mut self) {
-        if let LeaseInner::H1 { pool, sender } = &mut self.inner
-            && let Some(sender) = sender.take()
-            && !sender.is_closed()
-        {
-            pool.lock_idle().push(Idle {
-                sender,
-                since: Instant::now(),
-            });
-        }
-    }
-}
+/// What an HTTP/2 stream holds until its answer's body ends: its slot on
+/// the connection. (An HTTP/1 answer's body holds its connection itself.)
+pub struct Lease(Option<Arc<AtomicUsize>>);
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        if let LeaseInner::H2(streams) = &self.inner {
+        if let Some(streams) = &self.0 {
             streams.fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -159,7 +182,6 @@ impl Pool {
             connector,
             destination,
             prior_knowledge,
-            h1: http1::Builder::new(),
             h2,
             idle: Mutex::new(Vec::new()),
             shared: Mutex::new(Vec::new()),
@@ -183,22 +205,31 @@ impl Pool {
     /// waits for the answer's head.
     pub async fn send(
         self: &Arc<Self>,
-        mut request: http::Request<UpstreamBody>,
-    ) -> Result<(http::Response<Incoming>, Lease), SendError> {
+        request: http::Request<UpstreamBody>,
+    ) -> Result<(Answer, Lease), SendError> {
         if let Some(lease) = self.shared_stream() {
             return self.send_h2(lease, request).await;
         }
-        // An idle HTTP/1 connection may have been closed by the upstream in
-        // the instant before we wrote to it; a request that was never sent
-        // is tried again, on the next idle connection or a new one.
-        while let Some(mut sender) = self.checkout().await {
-            match sender.try_send_request(request).await {
-                Ok(response) => return Ok((response, self.h1_lease(sender))),
-                Err(mut failed) => match failed.take_message() {
-                    Some(unsent) => request = unsent,
-                    None => return Err(SendError::Http(failed.into_error())),
+        if let Some(conn) = self.checkout() {
+            return match conn.send(request, self).await {
+                Ok(answer) => Ok((answer.map(ResponseBody::H1), Lease(None))),
+                // The upstream closed this idle connection as we wrote to
+                // it: the same bytes go out again on a fresh one.
+                Err(h1::Failed {
+                    replay: Some(replay),
+                    ..
+                }) => match Box::pin(self.connect()).await? {
+                    Connected::H1(fresh) => fresh
+                        .resend(replay, self)
+                        .await
+                        .map(|answer| (answer.map(ResponseBody::H1), Lease(None)))
+                        .map_err(SendError::H1),
+                    Connected::H2(_) => Err(SendError::H1(H1Error::Closed(
+                        "before sending a response, and the new connection speaks HTTP/2",
+                    ))),
                 },
-            }
+                Err(failed) => Err(SendError::H1(failed.error)),
+            };
         }
         // HTTP/2 connections are opened one at a time: requests that find
         // every connection full while one is being opened wait for it and
@@ -217,11 +248,11 @@ impl Pool {
         // and every request's future would otherwise carry its size — and
         // copy it when the pipeline's future is boxed — to use it rarely.
         match Box::pin(self.connect()).await? {
-            Connected::H1(mut sender) => {
+            Connected::H1(conn) => {
                 drop(connecting);
-                match sender.send_request(request).await {
-                    Ok(response) => Ok((response, self.h1_lease(sender))),
-                    Err(err) => Err(SendError::Http(err)),
+                match conn.send(request, self).await {
+                    Ok(answer) => Ok((answer.map(ResponseBody::H1), Lease(None))),
+                    Err(failed) => Err(SendError::H1(failed.error)),
                 }
             }
             Connected::H2(lease) => {
@@ -231,24 +262,21 @@ impl Pool {
         }
     }
 
-    fn h1_lease(self: &Arc<Self>, sender: http1::SendRequest<UpstreamBody>) -> Lease {
-        Lease {
-            inner: LeaseInner::H1 {
-                pool: Arc::clone(self),
-                sender: Some(sender),
-            },
-        }
+    /// Takes back an HTTP/1.1 connection whose answer ended cleanly.
+    pub fn put_back(&self, conn: h1::Conn) {
+        self.lock_idle().push(Idle {
+            conn,
+            since: Instant::now(),
+        });
     }
 
     async fn send_h2(
         &self,
         (mut sender, streams): (http2::SendRequest<UpstreamBody>, Arc<AtomicUsize>),
         mut request: http::Request<UpstreamBody>,
-    ) -> Result<(http::Response<Incoming>, Lease), SendError> {
+    ) -> Result<(Answer, Lease), SendError> {
         // The slot is counted from here, so a failed send frees it too.
-        let lease = Lease {
-            inner: LeaseInner::H2(streams),
-        };
+        let lease = Lease(Some(streams));
         // HTTP/2 carries the target as `:scheme`, `:authority` and `:path`,
         // and `:authority` replaces `Host` (RFC 9113 §8.3.1).
         let mut target = http::uri::Parts::default();
@@ -260,8 +288,8 @@ impl Pool {
         }
         request.headers_mut().remove(http::header::HOST);
         match sender.send_request(request).await {
-            Ok(response) => Ok((response, lease)),
-            Err(err) => Err(SendError::Http(err)),
+            Ok(response) => Ok((response.map(ResponseBody::H2), lease)),
+            Err(err) => Err(SendError::H2(err)),
         }
     }
 
@@ -283,19 +311,12 @@ impl Pool {
     }
 
     /// The most recently used idle HTTP/1 connection that is still open and
-    /// young enough; older or closed ones are dropped on the way (which
-    /// ends their tasks).
-    async fn checkout(&self) -> Option<http1::SendRequest<UpstreamBody>> {
+    /// young enough; older or closed ones are dropped (closed) on the way.
+    fn checkout(&self) -> Option<h1::Conn> {
         loop {
-            let idle = self.lock_idle().pop()?;
-            if idle.sender.is_closed() || idle.since.elapsed() >= IDLE_TIMEOUT {
-                continue;
-            }
-            let mut sender = idle.sender;
-            // Given back the moment its last answer ended, a connection may
-            // not have polled for its next request yet; it does so at once.
-            if sender.is_ready() || sender.ready().await.is_ok() {
-                return Some(sender);
+            let mut idle = self.lock_idle().pop()?;
+            if idle.since.elapsed() < IDLE_TIMEOUT && idle.conn.is_reusable() {
+                return Some(idle.conn);
             }
         }
     }
@@ -310,7 +331,7 @@ impl Pool {
             // keeps to) what the others learnt.
             let mut h2 = self.h2.clone();
             h2.initial_max_send_streams(self.stream_limit.load(Ordering::Relaxed));
-            let (sender, connection) = h2.handshake(io).await.map_err(SendError::Http)?;
+            let (sender, connection) = h2.handshake(io).await.map_err(SendError::H2)?;
             let limit = Arc::clone(&self.stream_limit);
             spawn_connection(async move {
                 let mut connection = std::pin::pin!(connection);
@@ -328,20 +349,18 @@ impl Pool {
             });
             return Ok(Connected::H2((sender, streams)));
         }
-        let (sender, connection) = self.h1.handshake(io).await.map_err(SendError::Http)?;
-        spawn_connection(connection);
-        Ok(Connected::H1(sender))
+        Ok(Connected::H1(h1::Conn::new(TokioIo::new(io))))
     }
 }
 
 enum Connected {
-    H1(http1::SendRequest<UpstreamBody>),
+    H1(h1::Conn),
     H2((http2::SendRequest<UpstreamBody>, Arc<AtomicUsize>)),
 }
 
 #[expect(
     clippy::disallowed_methods,
-    reason = "a pooled connection's task holds no work shutdown must wait for: each exchange \
+    reason = "an HTTP/2 connection's task holds no work shutdown must wait for: each stream \
               on it is awaited by its request, which the task tracker waits for, and an idle \
               connection would only hold the drain until its idle timeout"
 )]
