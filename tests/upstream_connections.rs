@@ -198,3 +198,106 @@ async fn an_http2_client_that_leaves_resets_only_its_own_stream() {
         "the left stream was sent whole"
     );
 }
+
+async fn through_raw(answer: &'static [u8], body: &'static str) -> Got {
+    let addr = spawn_raw_upstream(answer, true).await;
+    let proxy = spawn_proxy_with(config_for(&format!("http://{addr}/v1"))).await;
+    post(&proxy.url("/v1/chat/completions"), body).await
+}
+
+#[tokio::test]
+async fn interim_answers_are_skipped_and_the_final_one_passes() {
+    let got = through_raw(
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n\
+          HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        CHAT,
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    assert_eq!(&got.body[..], b"ok");
+    assert!(got.header("link").is_none());
+}
+
+#[tokio::test]
+async fn chunked_answers_with_extensions_and_trailers_arrive_whole() {
+    let got = through_raw(
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+          5;name=value\r\nhello\r\n7\r\n, world\r\n0\r\nx-checksum: 1\r\n\r\n",
+        CHAT,
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    assert_eq!(&got.body[..], b"hello, world");
+}
+
+#[tokio::test]
+async fn an_answer_without_length_runs_to_the_close_and_is_not_reused() {
+    let addr = spawn_raw_upstream(b"HTTP/1.1 200 OK\r\n\r\nuntil the end", true).await;
+    let proxy = spawn_proxy_with(config_for(&format!("http://{addr}/v1"))).await;
+    for _ in 0..3 {
+        let got = post(&proxy.url("/v1/chat/completions"), CHAT).await;
+        assert_eq!(got.status, 200);
+        assert_eq!(&got.body[..], b"until the end");
+    }
+}
+
+#[tokio::test]
+async fn an_invalid_content_length_from_the_upstream_is_a_502() {
+    for answer in [
+        &b"HTTP/1.1 200 OK\r\ncontent-length: 5x\r\n\r\nhello"[..],
+        b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello",
+        b"HTTP/1.1 2000 OK\r\ncontent-length: 5\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nbad header\r\n\r\n",
+    ] {
+        let got = through_raw(answer, CHAT).await;
+        assert_eq!(got.status, 502, "{}", String::from_utf8_lossy(answer));
+        assert_eq!(got.json()["error"]["code"], "upstream_protocol_error");
+    }
+}
+
+#[tokio::test]
+async fn a_broken_chunk_mid_body_aborts_the_answer() {
+    let addr = spawn_raw_upstream(
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
+        false,
+    )
+    .await;
+    let proxy = spawn_proxy_with(config_for(&format!("http://{addr}/v1"))).await;
+    let (status, aborted) =
+        post_expecting_abort(&proxy.url("/v1/chat/completions"), r#"{"stream":true}"#).await;
+    assert_eq!(status, 200);
+    assert!(aborted, "a broken answer must never look complete");
+}
+
+#[tokio::test]
+async fn uploads_stream_through_with_their_length_or_chunked() {
+    let upstream = spawn_upstream(|r| Reply::json(200, &r.body.len().to_string())).await;
+    let proxy = spawn_proxy(&upstream).await;
+    // A sized body: sent with its Content-Length.
+    let big = vec![b'x'; 300_000];
+    let got = post(&proxy.url("/v1/uploads"), big.clone()).await;
+    assert_eq!(&got.body[..], b"300000");
+    // A body of unknown length: sent chunked, arriving whole.
+    let (mut tx, body) = http_body_util::channel::Channel::<bytes::Bytes, std::io::Error>::new(4);
+    let url = proxy.url("/v1/uploads");
+    let sending = tokio::spawn(async move {
+        for _ in 0..30 {
+            tx.send_data(bytes::Bytes::from(vec![b'y'; 10_000]))
+                .await
+                .unwrap();
+        }
+    });
+    let response =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http()
+            .request(http::Request::post(url).body(body).unwrap())
+            .await
+            .unwrap();
+    sending.await.unwrap();
+    let answer = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&answer[..], b"300000");
+    let requests = upstream.requests();
+    assert_eq!(requests[0].headers["content-length"], "300000");
+    assert_eq!(requests[1].headers["transfer-encoding"], "chunked");
+    assert_eq!(requests[1].body.len(), 300_000);
+}

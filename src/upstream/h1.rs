@@ -192,6 +192,7 @@ impl Conn {
             conn: Some(self),
             decoder: framing.decoder,
             home: keep_alive.then(|| Arc::clone(home)),
+            failed: None,
         };
         body.finish_if_empty();
         Ok(head.map(|()| body))
@@ -504,6 +505,8 @@ enum Decoder {
     /// Until the upstream closes.
     Eof,
     Done,
+    /// Failed; the error is yet to be reported (never an end of stream).
+    Failed,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -525,6 +528,9 @@ pub struct ResponseBody {
     /// Where the connection goes when the body ends by its framing; `None`
     /// when it cannot be reused (`Connection: close`, HTTP/1.0, read to EOF).
     home: Option<Arc<Pool>>,
+    /// A failure found while data was still on its way out, reported on
+    /// the next poll (see `fail`).
+    failed: Option<std::io::Error>,
 }
 
 impl ResponseBody {
@@ -548,11 +554,21 @@ impl ResponseBody {
         }
     }
 
-    /// The connection is dropped (closed) before the error is reported.
-    fn fail(&mut self, error: H1Error) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
-        self.decoder = Decoder::Done;
+    /// The connection is dropped (closed) at once; the error is reported on
+    /// the next poll, after a wake-up. Reported now, it would reach hyper
+    /// before it has flushed what this body already gave it (a head and
+    /// data read in the same gulp as a broken chunk), and the client would
+    /// get no answer at all instead of an aborted one.
+    fn fail(
+        &mut self,
+        error: H1Error,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        self.decoder = Decoder::Failed;
         self.conn = None;
-        Poll::Ready(Some(Err(error.into_io())))
+        self.failed = Some(error.into_io());
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 }
 
@@ -565,20 +581,24 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         let this = &mut *self;
+        if let Some(error) = this.failed.take() {
+            return Poll::Ready(Some(Err(error)));
+        }
         loop {
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
             };
             match this.decoder {
-                Decoder::Done => return Poll::Ready(None),
+                Decoder::Done | Decoder::Failed => return Poll::Ready(None),
                 Decoder::Length(left) => {
                     if conn.0.buf.is_empty() {
                         match ready!(conn.poll_fill(cx)) {
                             Ok(0) => {
-                                return this.fail(H1Error::Closed("before the end of the body"));
+                                return this
+                                    .fail(H1Error::Closed("before the end of the body"), cx);
                             }
                             Ok(_) => {}
-                            Err(err) => return this.fail(err.into()),
+                            Err(err) => return this.fail(err.into(), cx),
                         }
                     }
                     let take = usize::try_from(left)
@@ -601,7 +621,7 @@ impl Body for ResponseBody {
                                 return Poll::Ready(None);
                             }
                             Ok(_) => {}
-                            Err(err) => return this.fail(err.into()),
+                            Err(err) => return this.fail(err.into(), cx),
                         }
                     }
                     let data = conn.0.buf.split().freeze();
@@ -619,19 +639,21 @@ impl Body for ResponseBody {
                     }
                     Ok(Step::NeedMore) => {
                         if conn.0.buf.len() >= MAX_HEAD {
-                            return this.fail(H1Error::Protocol(
-                                "a chunk header or trailer block is too large",
-                            ));
+                            return this.fail(
+                                H1Error::Protocol("a chunk header or trailer block is too large"),
+                                cx,
+                            );
                         }
                         match ready!(conn.poll_fill(cx)) {
                             Ok(0) => {
-                                return this.fail(H1Error::Closed("before the end of the body"));
+                                return this
+                                    .fail(H1Error::Closed("before the end of the body"), cx);
                             }
                             Ok(_) => {}
-                            Err(err) => return this.fail(err.into()),
+                            Err(err) => return this.fail(err.into(), cx),
                         }
                     }
-                    Err(err) => return this.fail(err),
+                    Err(err) => return this.fail(err, cx),
                 },
             }
         }
