@@ -6,7 +6,11 @@ column the targets are judged on), and HTTP/2 (`http2: true`, which nginx's
 proxy module cannot do).
 
 Core 0 runs the proxy under test; core 1 runs the load generator and the
-mock upstream. Scenarios (see the Performance issue):
+upstream. (a) and (b) use a static upstream — nginx returning the mock's
+own non-streamed answer, byte for byte — because the mock costs about as
+much CPU per request as a proxy: with it, the shared load core saturates
+first and (a) cannot load the proxy's core. (c)-(f) use the mock, which
+streams. Scenarios (see the Performance issue):
   a  non-streamed chat completion, ~600 B answer, 64 connections: RPS, p50/p99/p99.9
   b  one connection, sequential: latency added per request
   c  streams of 50 chunks 20 ms apart: added time to first byte and per-chunk delay
@@ -184,6 +188,9 @@ class Bench:
         self.tmp = Path(tempfile.mkdtemp(prefix="llmproxy-bench-"))
         self.mock_port = free_port()
         self.mock = None
+        # The static upstream: HTTP/1.1 and cleartext HTTP/2 listeners.
+        self.static_port, self.static_h2_port = free_port(), free_port()
+        self.static = None
         self.results = {t: {} for t in TARGETS}
 
     # -- processes ---------------------------------------------------------
@@ -195,16 +202,52 @@ class Bench:
             self.mock_port, LOAD_CORE, self.tmp / "mock.log",
         )
 
-    def start(self, target):
+    def start_static(self, answer):
+        """nginx on the load core answering every request with `answer`."""
+        text = answer.decode()
+        if "'" in text or "$" in text or "\\" in text:
+            raise RuntimeError("the mock's answer cannot be written into an nginx `return`")
+        tmp = self.tmp / "static"
+        tmp.mkdir(exist_ok=True)
+        conf = tmp / "nginx.conf"
+        conf.write_text(f"""
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {tmp}/body;
+  proxy_temp_path {tmp}/proxy;
+  fastcgi_temp_path {tmp}/fastcgi;
+  uwsgi_temp_path {tmp}/uwsgi;
+  scgi_temp_path {tmp}/scgi;
+  keepalive_requests 10000000;
+  server {{
+    listen 127.0.0.1:{self.static_port};
+    listen 127.0.0.1:{self.static_h2_port} http2;
+    location / {{ default_type application/json; return 200 '{text}'; }}
+  }}
+}}
+""")
+        self.static = Server("static", ["nginx", "-c", str(conf), "-p", str(tmp)], self.static_port, LOAD_CORE,
+                             tmp / "nginx.out")
+
+    def start(self, target, static=False):
+        upstream = self.static_port if static else self.mock_port
         if target == "direct":
-            return None, self.mock_port
+            return None, upstream
         port = free_port()
         if target == "nginx":
             conf = self.tmp / "nginx.conf"
-            conf.write_text(nginx_conf(self.tmp, port, self.mock_port))
+            conf.write_text(nginx_conf(self.tmp, port, upstream))
             return Server("nginx", ["nginx", "-c", str(conf), "-p", str(self.tmp)], port, PROXY_CORE, self.tmp / "nginx.out"), port
+        http2 = target == "llmproxy-h2"
+        if http2 and static:
+            upstream = self.static_h2_port
         conf = self.tmp / "llmproxy.yaml"
-        conf.write_text(llmproxy_conf(port, self.mock_port, http2=target == "llmproxy-h2"))
+        conf.write_text(llmproxy_conf(port, upstream, http2=http2))
         return Server("llmproxy", [str(LLMPROXY), "--config", str(conf)], port, PROXY_CORE, self.tmp / "llmproxy.log"), port
 
     # -- load ----------------------------------------------------------------
@@ -235,20 +278,26 @@ class Bench:
     def run(self):
         a = self.args
         self.start_mock()
-        answer = self.answer_size()
+        answer = self.answer()
+        self.start_static(answer)
         for target in TARGETS:
-            server, port = self.start(target)
+            server, port = self.start(target, static=True)
             try:
                 r = self.results[target]
                 # f: idle RSS, right after start and one request.
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5).read()
-                r["idle_rss_kb"] = server.rss_kb() if server else self.mock.rss_kb()
-                serving = server or self.mock
+                r["idle_rss_kb"] = server.rss_kb() if server else self.static.rss_kb()
+                serving = server or self.static
                 print(f"[{target}] (a) 64 connections, non-streamed", flush=True)
                 self.wrk(port, "wrk_chat.lua", 64, a.warmup)
                 r["a"] = self.measured(serving, lambda: self.wrk(port, "wrk_chat.lua", 64, a.seconds))
                 print(f"[{target}] (b) one connection, sequential", flush=True)
                 r["b"] = self.measured(serving, lambda: self.wrk(port, "wrk_chat.lua", 1, a.seconds))
+            finally:
+                if server:
+                    server.stop()
+            server, port = self.start(target)
+            try:
                 print(f"[{target}] (c) streams, 50 chunks 20 ms apart", flush=True)
                 r["c"] = self.probe(port, streams=a.streams, concurrency=50, chunks=50, delay_ms=20)
                 print(f"[{target}] (e) 1 MiB bodies", flush=True)
@@ -266,8 +315,9 @@ class Bench:
             finally:
                 if server:
                     server.stop()
+        self.static.stop()
         self.mock.stop()
-        return answer
+        return len(answer)
 
     def measured(self, server, run):
         """Runs a wrk scenario and adds the server's CPU per request and how
@@ -281,11 +331,12 @@ class Bench:
         report["load_core_busy"] = (load1[0] - load0[0]) / max(load1[1] - load0[1], 1)
         return report
 
-    def answer_size(self):
+    def answer(self):
+        """The mock's non-streamed answer to scenario (a)'s request."""
         body = json.dumps({"model": "gpt-4o-mini", "messages": []}).encode()
         req = urllib.request.Request(f"http://127.0.0.1:{self.mock_port}/v1/chat/completions", data=body,
                                      headers={"content-type": "application/json", "x-mock-chunks": "45"})
-        return len(urllib.request.urlopen(req, timeout=5).read())
+        return urllib.request.urlopen(req, timeout=5).read()
 
 
 # -- report ------------------------------------------------------------------
@@ -435,6 +486,8 @@ def main():
     finally:
         if bench.mock:
             bench.mock.stop()
+        if bench.static:
+            bench.static.stop()
     info = versions()
     body = table(bench.results, answer, args)
     print("\n" + body + "\n")
@@ -456,9 +509,13 @@ def main():
 | llmproxy | {info['llmproxy']} ({info['rustc']}) |
 | nginx | {info['nginx']}, 1 worker, `proxy_buffering off`, keepalive 1024 to the upstream, buffered access log |
 | load | {info['wrk']}, 1 thread; `target/release/examples/bench_probe` for streams |
-| upstream | `llmproxy mock-upstream`, non-streamed answer {answer} bytes |
+| upstream | (a), (b): nginx on core {LOAD_CORE} returning the mock's non-streamed answer ({answer} bytes) to every request; (c)–(f): `llmproxy mock-upstream` |
 
-"direct" is the mock upstream without a proxy: the floor. "llmproxy" speaks
+"direct" is the upstream without a proxy: the floor. (a) and (b) run
+against a static upstream (nginx returning the mock's own answer, byte for
+byte) because the mock costs about as much CPU per request as a proxy and
+shares the load core: with it, the load core saturates first and the
+proxy's CPU per request is measured on a half-idle core. "llmproxy" speaks
 HTTP/1.1 to the upstream, as nginx does: the like-for-like column. "llmproxy
 h2↑" is the same binary with `http2: true` on the upstream (HTTP/2 with prior
 knowledge: many streams share a connection), which nginx's proxy module
@@ -468,7 +525,7 @@ better; for rates, higher). "added" rows subtract direct's figure.
 
 (a)'s target is judged on **server CPU µs per request** (user + system time
 of the server's processes over the measured window, from `/proc`, divided by
-the requests completed; for "direct", the mock's own): on two cores the load
+the requests completed; for "direct", the upstream's own): on two cores the load
 generator and the mock share the other core, and when that core saturates
 first, requests/s cannot rank the proxies. The "core busy" row says which
 core saturated in each run.

@@ -2,7 +2,9 @@
 # Instructions per request on the proxy path, counted by callgrind: a figure
 # that repeats run to run whatever else the machine is doing (bench/HISTORY.md
 # compares commits with it).
-#   bench/callgrind.sh [single|routed] [requests]   (default: single 2000)
+#   bench/callgrind.sh [single|routed|nginx] [requests]   (default: single 2000)
+#   nginx: the same requests through nginx (one process, proxy_pass with
+#   keepalive, buffered access log), for the user-space side of the comparison
 #   BIN=/path/to/llmproxy bench/callgrind.sh ...    (another build, e.g. a baseline)
 # Builds the release binary, starts the mock upstream and llmproxy under
 # callgrind (one worker), warms up, zeroes the counters, sends the requests
@@ -44,8 +46,41 @@ YAML
 else
   printf 'upstream:\n  base_url: http://127.0.0.1:%s/v1\nlog:\n  level: %s\n' "$mock_port" "${LOG_LEVEL:-warn}" > "$tmp/config.yaml"
 fi
-valgrind --tool=callgrind --callgrind-out-file="$tmp/out.%p" \
-  $bin --config "$tmp/config.yaml" --listen "127.0.0.1:$proxy_port" --workers 1 2>"$tmp/valgrind.log" &
+if [ "$mode" = nginx ]; then
+  command -v nginx >/dev/null || { echo "callgrind: nginx is not installed" >&2; exit 1; }
+  mkdir -p "$tmp/nginx"
+  cat > "$tmp/nginx.conf" <<NGINX
+daemon off;
+master_process off;
+pid $tmp/nginx.pid;
+error_log $tmp/nginx-error.log warn;
+events { worker_connections 1024; }
+http {
+  access_log $tmp/nginx-access.log combined buffer=64k flush=1s;
+  client_body_temp_path $tmp/nginx;
+  proxy_temp_path $tmp/nginx;
+  fastcgi_temp_path $tmp/nginx;
+  uwsgi_temp_path $tmp/nginx;
+  scgi_temp_path $tmp/nginx;
+  upstream mock { server 127.0.0.1:$mock_port; keepalive 64; }
+  server {
+    listen 127.0.0.1:$proxy_port;
+    location / {
+      proxy_pass http://mock;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+      proxy_request_buffering off;
+    }
+  }
+}
+NGINX
+  valgrind --tool=callgrind --callgrind-out-file="$tmp/out.%p" \
+    nginx -c "$tmp/nginx.conf" -p "$tmp" 2>"$tmp/valgrind.log" &
+else
+  valgrind --tool=callgrind --callgrind-out-file="$tmp/out.%p" \
+    $bin --config "$tmp/config.yaml" --listen "127.0.0.1:$proxy_port" --workers 1 2>"$tmp/valgrind.log" &
+fi
 proxy=$!
 python3 - "$proxy_port" "$requests" "$proxy" "$tmp" <<'PY'
 import http.client, subprocess, sys, time, glob

@@ -332,7 +332,9 @@ impl Conn {
             );
         }
         let bytes = self.0.buf.split_to(len).freeze();
-        let mut map = HeaderMap::with_capacity(count);
+        // Room for what the proxy adds on the way out (request id,
+        // Server-Timing, routing headers): growing a full map rehashes it.
+        let mut map = HeaderMap::with_capacity(count + 4);
         for &(name, name_len, value, value_len) in &spans[..count] {
             let (name, value) = (name as usize, value as usize);
             let name = HeaderName::from_bytes(&bytes[name..name + name_len as usize])
