@@ -25,7 +25,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWriteExt};
 
 use super::UpstreamBody;
 use super::pool::Pool;
@@ -39,7 +39,13 @@ const MAX_HEAD: usize = 64 * 1024;
 /// Most response headers.
 const MAX_HEADERS: usize = 128;
 /// Bytes asked of the socket per read.
-const READ_SIZE: usize = 8 * 1024;
+const READ_SIZE: usize = 16 * 1024;
+
+thread_local! {
+    /// Where reads land before what came is copied out (see `poll_fill`).
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0; READ_SIZE].into_boxed_slice());
+}
 /// A request body this small is copied behind the head and written in one
 /// go; larger ones are written frame by frame.
 const COALESCE: usize = 16 * 1024;
@@ -120,10 +126,12 @@ impl Conn {
             return false;
         }
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        self.0.buf.reserve(1);
-        let inner = &mut *self.0;
+        let mut byte = [0u8; 1];
+        let mut read = tokio::io::ReadBuf::new(&mut byte);
         // Ready means closed (0 bytes), failed, or stray bytes: not reusable.
-        tokio_util::io::poll_read_buf(Pin::new(&mut inner.io), &mut cx, &mut inner.buf).is_pending()
+        Pin::new(&mut self.0.io)
+            .poll_read(&mut cx, &mut read)
+            .is_pending()
     }
 
     /// Sends `request` and reads the answer's head. The body, when there is
@@ -357,10 +365,22 @@ impl Conn {
         std::future::poll_fn(|cx| self.poll_fill(cx)).await
     }
 
+    /// Reads into the thread's scratch space and keeps exactly what came.
+    ///
+    /// A connection holds no read buffer of its own between reads: a held
+    /// stream of small events (thousands at once) would otherwise keep a
+    /// mostly empty 8 KiB buffer each — most of its memory. What a read
+    /// brings is copied out once, into an allocation of its own size, which
+    /// the data frame then carries to the client without another copy.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
-        self.0.buf.reserve(READ_SIZE);
         let inner = &mut *self.0;
-        tokio_util::io::poll_read_buf(Pin::new(&mut inner.io), cx, &mut inner.buf)
+        SCRATCH.with_borrow_mut(|scratch| {
+            let mut read = tokio::io::ReadBuf::new(&mut scratch[..]);
+            ready!(Pin::new(&mut inner.io).poll_read(cx, &mut read))?;
+            let got = read.filled();
+            inner.buf.extend_from_slice(got);
+            Poll::Ready(Ok(got.len()))
+        })
     }
 }
 
