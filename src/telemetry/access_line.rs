@@ -172,7 +172,7 @@ fn number(out: &mut Vec<u8>, n: u64) {
 }
 
 /// `n`'s decimal digits, written into the end of `buf` (no `fmt`).
-pub(super) fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+pub(crate) fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
     let mut i = buf.len();
     loop {
         i -= 1;

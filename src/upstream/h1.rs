@@ -365,6 +365,16 @@ impl Conn {
         std::future::poll_fn(|cx| self.poll_fill(cx)).await
     }
 
+    /// Reads more of a body whose framing says more is coming: the end of
+    /// the stream here is a cut-short body.
+    fn poll_more(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), H1Error>> {
+        match ready!(self.poll_fill(cx)) {
+            Ok(0) => Poll::Ready(Err(H1Error::Closed("before the end of the body"))),
+            Ok(_) => Poll::Ready(Ok(())),
+            Err(err) => Poll::Ready(Err(err.into())),
+        }
+    }
+
     /// Reads into the thread's scratch space and keeps exactly what came.
     ///
     /// A connection holds no read buffer of its own between reads: a held
@@ -407,18 +417,8 @@ fn is_closed_before_answer(error: &H1Error) -> bool {
     }
 }
 
-fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
+fn push_decimal(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(crate::telemetry::access_line::decimal(n, &mut [0; 20]));
 }
 
 fn push_hex(out: &mut Vec<u8>, mut n: u64) {
@@ -613,15 +613,10 @@ impl Body for ResponseBody {
             match this.decoder {
                 Decoder::Done | Decoder::Failed => return Poll::Ready(None),
                 Decoder::Length(left) => {
-                    if conn.0.buf.is_empty() {
-                        match ready!(conn.poll_fill(cx)) {
-                            Ok(0) => {
-                                return this
-                                    .fail(H1Error::Closed("before the end of the body"), cx);
-                            }
-                            Ok(_) => {}
-                            Err(err) => return this.fail(err.into(), cx),
-                        }
+                    if conn.0.buf.is_empty()
+                        && let Err(err) = ready!(conn.poll_more(cx))
+                    {
+                        return this.fail(err, cx);
                     }
                     let take = usize::try_from(left)
                         .unwrap_or(usize::MAX)
@@ -666,13 +661,8 @@ impl Body for ResponseBody {
                                 cx,
                             );
                         }
-                        match ready!(conn.poll_fill(cx)) {
-                            Ok(0) => {
-                                return this
-                                    .fail(H1Error::Closed("before the end of the body"), cx);
-                            }
-                            Ok(_) => {}
-                            Err(err) => return this.fail(err.into(), cx),
+                        if let Err(err) = ready!(conn.poll_more(cx)) {
+                            return this.fail(err, cx);
                         }
                     }
                     Err(err) => return this.fail(err, cx),
