@@ -92,9 +92,66 @@ pub enum ProxyError {
     /// The upstream did not send response headers within `timeouts.response_headers`.
     #[error("upstream sent no response headers within {0:?}")]
     UpstreamTimeout(Duration),
+    /// No virtual key, or one that is unknown, revoked or expired.
+    #[error("{0}")]
+    InvalidApiKey(String),
+    /// The key may not use the requested model.
+    #[error("this API key may not use the model `{0}`")]
+    ModelNotAllowed(String),
+    /// One of the key's limits is reached.
+    #[error("{}", .0.message)]
+    RateLimited(Box<RateLimit>),
+    /// The key's budget for the period is spent.
+    #[error("{0}")]
+    BudgetExceeded(String),
+    /// The admin API was asked for a key that does not exist.
+    #[error("no key with id `{0}`")]
+    KeyNotFound(String),
+    /// The store (SQLite/PostgreSQL) failed while serving an admin call.
+    #[error("the store failed: {0}")]
+    Store(String),
     /// The upstream answered with something that is not valid HTTP.
     #[error("upstream answered with an invalid response: {0}")]
     UpstreamProtocol(String),
+}
+
+/// A limit hit: what was hit and what the `x-ratelimit-*` headers say.
+#[derive(Debug)]
+pub struct RateLimit {
+    /// The message, naming the limit.
+    pub message: String,
+    /// `requests` or `tokens`: OpenAI's error `type` for rate limits.
+    pub kind: &'static str,
+    /// When to come back.
+    pub retry_after: Duration,
+    /// The request bucket's state, if the key has an RPM limit.
+    pub requests: Option<Quota>,
+    /// The token bucket's state, if the key has a TPM limit.
+    pub tokens: Option<Quota>,
+}
+
+/// One bucket's state, as the `x-ratelimit-*` headers show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    /// Units per minute.
+    pub limit: u64,
+    /// Units that could still be admitted now.
+    pub remaining: u64,
+    /// Until the bucket is full again.
+    pub reset: Duration,
+}
+
+/// OpenAI's duration format in `x-ratelimit-reset-*`: `20ms`, `1s`, `6m0s`.
+fn reset_text(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    match secs / 60 {
+        0 => format!("{secs}s"),
+        minutes => format!("{minutes}m{}s", secs % 60),
+    }
 }
 
 impl ProxyError {
@@ -108,7 +165,11 @@ impl ProxyError {
             Self::RequestBodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Throttled(_) => StatusCode::TOO_MANY_REQUESTS,
-            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Unauthorized(_) | Self::InvalidApiKey(_) => StatusCode::UNAUTHORIZED,
+            Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
+            Self::RateLimited(_) | Self::BudgetExceeded(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::KeyNotFound(_) => StatusCode::NOT_FOUND,
+            Self::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UpstreamUnreachable(_) | Self::UpstreamProtocol(_) => StatusCode::BAD_GATEWAY,
             Self::ConnectTimeout(_) | Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -170,6 +231,12 @@ impl ProxyError {
             Self::Internal => "internal_error",
             Self::Throttled(_) => "rate_limit_exceeded",
             Self::Unauthorized(_) => "unauthorized",
+            Self::InvalidApiKey(_) => "invalid_api_key",
+            Self::ModelNotAllowed(_) => "model_not_allowed",
+            Self::RateLimited(_) => "rate_limit_exceeded",
+            Self::BudgetExceeded(_) => "budget_exceeded",
+            Self::KeyNotFound(_) => "key_not_found",
+            Self::Store(_) => "store_unavailable",
             Self::BodyTooLarge { .. } => "request_too_large",
             Self::UpstreamUnreachable(_) => "upstream_unreachable",
             Self::ConnectTimeout(_) => "upstream_connect_timeout",
@@ -188,8 +255,13 @@ impl ProxyError {
             | Self::BadPath(_)
             | Self::MethodNotAllowed { .. }
             | Self::RequestBodyTimeout(_)
-            | Self::BodyTooLarge { .. } => "invalid_request_error",
+            | Self::BodyTooLarge { .. }
+            | Self::InvalidApiKey(_)
+            | Self::ModelNotAllowed(_)
+            | Self::KeyNotFound(_) => "invalid_request_error",
             Self::Unauthorized(_) => "authentication_error",
+            Self::RateLimited(limit) => limit.kind,
+            Self::BudgetExceeded(_) => "insufficient_quota",
             _ => "proxy_error",
         }
     }
@@ -242,6 +314,7 @@ impl IntoResponse for ProxyError {
             Self::ModelAtCapacity(_) | Self::Overloaded(_) | Self::Throttled(_) => {
                 Some(Duration::from_secs(1))
             }
+            Self::RateLimited(limit) => Some(limit.retry_after),
             _ => None,
         };
         if let Some(retry_after) = retry_after {
@@ -252,6 +325,28 @@ impl IntoResponse for ProxyError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if let Self::RateLimited(limit) = &self {
+            let headers = response.headers_mut();
+            let ms = u64::try_from(limit.retry_after.as_millis()).unwrap_or(u64::MAX);
+            headers.insert("retry-after-ms", HeaderValue::from(ms.max(1)));
+            for (verdict, suffix) in [(limit.requests, "requests"), (limit.tokens, "tokens")] {
+                let Some(verdict) = verdict else { continue };
+                let values = [
+                    ("x-ratelimit-limit-", HeaderValue::from(verdict.limit)),
+                    ("x-ratelimit-remaining-", HeaderValue::from(verdict.remaining)),
+                    (
+                        "x-ratelimit-reset-",
+                        HeaderValue::try_from(reset_text(verdict.reset))
+                            .unwrap_or(HeaderValue::from_static("0s")),
+                    ),
+                ];
+                for (prefix, value) in values {
+                    if let Ok(name) = http::HeaderName::try_from(format!("{prefix}{suffix}")) {
+                        headers.insert(name, value);
+                    }
+                }
+            }
         }
         if let Self::MethodNotAllowed { allowed, .. } = &self {
             response
@@ -379,6 +474,14 @@ mod tests {
             assert_eq!(json["error"]["message"], message.as_str());
             assert!(json["error"]["param"].is_null());
         }
+    }
+
+    #[test]
+    fn reset_times_are_written_like_openai() {
+        assert_eq!(reset_text(Duration::from_millis(20)), "20ms");
+        assert_eq!(reset_text(Duration::from_millis(1000)), "1s");
+        assert_eq!(reset_text(Duration::from_millis(1500)), "2s");
+        assert_eq!(reset_text(Duration::from_secs(360)), "6m0s");
     }
 
     #[test]

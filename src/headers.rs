@@ -92,6 +92,12 @@ impl Secret {
         Self(value)
     }
 
+    /// The secret itself, for the one place that must use it (a driver's
+    /// connection string); never for a message.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
     /// Whether `candidate` is the secret, in time independent of where they differ.
     pub fn matches(&self, candidate: &[u8]) -> bool {
         let expected = self.0.as_bytes();

@@ -16,20 +16,25 @@
 //!   authenticate, limit, route, attempt, observe — and streams the
 //!   upstream's answer back.
 
-pub(crate) mod admin;
+pub mod admin;
+pub(crate) mod admin_http;
+pub mod auth;
 pub(crate) mod catch_panic;
 pub mod config;
 pub(crate) mod error;
 pub(crate) mod headers;
 pub(crate) mod ingress;
+pub(crate) mod limits;
 pub mod mock;
 pub(crate) mod pipeline;
 pub(crate) mod routing;
 pub(crate) mod server;
 pub(crate) mod state;
+pub mod store;
 pub(crate) mod stream;
 pub mod telemetry;
 pub(crate) mod upstream;
+pub(crate) mod usage;
 pub(crate) mod wire;
 
 use std::convert::Infallible;
@@ -38,7 +43,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use http::{Method, Uri, header};
 
 use crate::catch_panic::CatchPanic;
@@ -57,7 +62,28 @@ pub use server::bind;
 pub(crate) fn app(state: Arc<AppState>) -> Routes {
     let router = Router::new()
         .route("/", get(health).fallback(not_found))
-        .route("/admin/status", get(admin_status).fallback(not_found))
+        .route("/admin/status", get(admin_http::status).fallback(not_found))
+        .route(
+            "/admin/keys",
+            get(admin_http::list_keys)
+                .post(admin_http::create_key)
+                .fallback(not_found),
+        )
+        .route(
+            "/admin/keys/{id}",
+            get(admin_http::show_key)
+                .patch(admin_http::update_key)
+                .fallback(not_found),
+        )
+        .route(
+            "/admin/keys/{id}/revoke",
+            post(admin_http::revoke_key).fallback(not_found),
+        )
+        .route("/admin/usage", get(admin_http::usage_totals).fallback(not_found))
+        .route(
+            "/admin/usage/records",
+            get(admin_http::usage_records).fallback(not_found),
+        )
         .fallback(not_found_fallback)
         .with_state(Arc::clone(&state));
     Routes { state, router }
@@ -114,7 +140,9 @@ where
 /// line and a request id; the panic net sits right inside it, around
 /// everything that could panic.
 pub(crate) fn service(state: Arc<AppState>) -> AccessLog<CatchPanic<Routes>> {
-    AccessLog::new(CatchPanic(app(state)))
+    // Usage records carry the request id the client and the log line see.
+    let share_ids = state.accounts.is_some();
+    AccessLog::new(CatchPanic(app(state))).sharing_ids(share_ids)
 }
 
 /// Serves `listener` with `config` until `shutdown` resolves, then stops
@@ -125,24 +153,68 @@ pub async fn run(
     config: config::Config,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let state = AppState::new(&config);
+    let Some(settings) = config.accounting.clone() else {
+        let state = AppState::new(&config, None);
+        let tasks = state.tasks.clone();
+        return server::serve(listener, &config, tasks, service(state), shutdown).await;
+    };
+    let failed = |err: store::StoreError| std::io::Error::other(format!("store: {err}"));
+    let store = store::Store::open(settings.store_url.expose())
+        .await
+        .map_err(failed)?;
+    let keys = auth::Keys::load(&store).await.map_err(failed)?;
+    keys.load_spend(&store).await.map_err(failed)?;
+    tracing::info!(
+        store = store.backend(),
+        keys = keys.all().len(),
+        required = settings.keys_required,
+        "keys and usage store ready"
+    );
+    let (sink, writer) = usage::Writer::start(store.clone(), settings.flush_interval);
+    let refresh = settings.refresh;
+    let state = AppState::new(
+        &config,
+        Some(state::Accounts {
+            store: store.clone(),
+            keys,
+            sink,
+            settings,
+        }),
+    );
+    let refresher = {
+        let state = Arc::clone(&state);
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "the refresh loop runs until the server is done and is aborted then; the drain must not wait for it"
+        )]
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(refresh);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if let Some(accounts) = &state.accounts
+                    && let Err(err) = accounts.keys.refresh(&accounts.store).await
+                {
+                    tracing::warn!(%err, "reading key changes from the store failed; keys in memory stay as they were");
+                }
+            }
+        })
+    };
     let tasks = state.tasks.clone();
-    server::serve(listener, &config, tasks, service(state), shutdown).await
+    let served = server::serve(listener, &config, tasks, service(state), shutdown).await;
+    refresher.abort();
+    let _ = refresher.await;
+    // Every request's meter holds a sender: once the last is gone, the
+    // writer stores what is left and ends.
+    writer.finish(std::time::Duration::from_secs(10)).await;
+    store.close().await;
+    served
 }
 
 async fn not_found_fallback(request: Request) -> Response {
     not_found(request.method().clone(), request.uri().clone())
         .await
         .into_response()
-}
-
-async fn admin_status(State(state): State<Arc<AppState>>, headers: http::HeaderMap) -> Response {
-    admin::status(
-        state.admin.as_ref(),
-        &state.upstreams,
-        state.router.as_ref(),
-        &headers,
-    )
 }
 
 async fn health() -> impl IntoResponse {

@@ -4,11 +4,11 @@
 //! | stage | when it runs | what it does today | on failure |
 //! |---|---|---|---|
 //! | 1. **admit** | first, before any work | method and path ([`wire`]), declared size | 405 / 400 / 413 |
-//! | 2. **authenticate** | after admit | nothing yet: the seam where virtual keys will be checked (and the key header removed) | 401 / 403 |
-//! | 3. **limit** | after authenticate | an in-flight permit (held until the answer ends), the body deadline | 503 / 408 |
+//! | 2. **authenticate** | with a store ([`accounts`]) | the virtual key (`keys.required`; every key header removed either way), the key's models | 401 / 403 |
+//! | 3. **limit** | after authenticate | an in-flight permit (held until the answer ends), the body deadline; with a key: budget, RPM, TPM (an estimate, settled later), a concurrency slot | 503 / 408 / 429 |
 //! | 4. **route** | after limit | no `models`: the first upstream, body streamed. `models`: read the JSON body (bounded in size, time and gateway-wide bytes), resolve `model` | 404 / 400 / 503 |
 //! | 5. **attempt** | per try | one send ([`upstream::attempt`]); routed: the model's retry chain and fallbacks ([`routing`]) | 502 / 504 / the upstream's answer |
-//! | 6. **observe** | on the answer | routed: `x-llmproxy-upstream` / `x-llmproxy-attempts` and the model and attempt path for the log line; the body is wrapped (timeouts, held permits) and streams back | the body fails, never ends cleanly |
+//! | 6. **observe** | on the answer | with a store: the usage [`Meter`] (JSON answers read whole for `usage` and the cost headers, streams scanned as they pass), one record per request; routed: `x-llmproxy-upstream` / `x-llmproxy-attempts` and the model and attempt path for the log line; the body is wrapped (timeouts, held permits) and streams back | the body fails, never ends cleanly |
 //!
 //! The access log and request id (`telemetry::AccessLog`) wrap this from
 //! outside, so every answer, an error included, gets one log line. A stage
@@ -19,6 +19,8 @@
 //! [`wire`]: crate::wire
 //! [`upstream::attempt`]: crate::upstream::attempt
 //! [`routing`]: crate::routing
+//! [`accounts`]: crate::state::Accounts
+//! [`Meter`]: crate::usage::Meter
 
 use std::sync::Arc;
 
@@ -34,9 +36,21 @@ use crate::error::ProxyError;
 use crate::ingress::openai;
 use crate::routing::retry::{Attempted, Trace};
 use crate::routing::{ModelRouter, fallback};
-use crate::state::AppState;
+use crate::auth::Key;
+use crate::error::RateLimit;
+use crate::limits::Slot;
+use crate::state::{Accounts, AppState};
+use crate::telemetry::RequestId;
+use crate::usage::{self, Meter, Metered};
 use crate::stream::{BodyTimedOut, Deadline, Hold, Observed};
 use crate::telemetry::{ATTEMPTS_HEADER, RoutedRequest, UPSTREAM_HEADER};
+
+/// What a non-streamed answer cost, USD.
+const COST_HEADER: &str = "x-llmproxy-cost-usd";
+/// Its prompt tokens.
+const PROMPT_TOKENS_HEADER: &str = "x-llmproxy-prompt-tokens";
+/// Its completion tokens.
+const COMPLETION_TOKENS_HEADER: &str = "x-llmproxy-completion-tokens";
 use crate::upstream::RequestBody;
 use crate::upstream::attempt::{Outcome, buffered, send};
 use crate::wire;
@@ -60,8 +74,6 @@ pub async fn forward(
         });
     }
 
-    // 2. authenticate: no keys are configured yet; nothing to check.
-
     // 3. limit. Each request in flight may hold an upstream socket: counting
     // requests, not only connections, keeps HTTP/2 multiplexing inside the
     // fd budget.
@@ -72,7 +84,23 @@ pub async fn forward(
     };
     let body = Deadline::new(body, state.body_read_timeout);
 
+    // 2. authenticate, and the key's own limits: only with a store.
+    if let Some(accounts) = &state.accounts {
+        return Ok(Box::pin(metered(&state, accounts, parts, body, declared, permit)).await);
+    }
+
     // 4–6. route, attempt, observe.
+    dispatch(&state, parts, body, declared, permit).await
+}
+
+/// Stages 4–6: the first upstream, or the model's route.
+async fn dispatch(
+    state: &AppState,
+    parts: http::request::Parts,
+    body: RequestBody,
+    declared: Option<u64>,
+    permit: OwnedSemaphorePermit,
+) -> Result<Response, ProxyError> {
     match &state.router {
         None => {
             let Some(target) = state.upstreams.targets.first() else {
@@ -90,8 +118,254 @@ pub async fn forward(
         }
         // Boxed so the single-upstream future stays as small as before routing
         // existed: its size is measurable on every request (bench/HISTORY.md).
-        Some(router) => Ok(Box::pin(routed(&state, router, parts, body, declared, permit)).await),
+        Some(router) => Ok(Box::pin(routed(state, router, parts, body, declared, permit)).await),
     }
+}
+
+/// Stages 2–6 with a store: the key, its limits and budget, then the
+/// request, metered. Always an answer (the error ones included).
+async fn metered(
+    state: &AppState,
+    accounts: &Accounts,
+    mut parts: http::request::Parts,
+    body: RequestBody,
+    declared: Option<u64>,
+    permit: OwnedSemaphorePermit,
+) -> Response {
+    let start = std::time::Instant::now();
+    match admit_key(state, accounts, &mut parts, body, declared).await {
+        Err(err) => err.into_response(),
+        Ok((admitted, body)) => {
+            let request_id = parts
+                .extensions
+                .get::<RequestId>()
+                .map_or_else(String::new, |id| id.as_str().to_owned());
+            let stream = admitted.stream;
+            let metered = Metered {
+                sink: accounts.sink.clone(),
+                price: admitted
+                    .model
+                    .as_deref()
+                    .and_then(|model| accounts.settings.price(model)),
+                key: admitted.key,
+                request_id,
+                model: admitted.model.unwrap_or_default(),
+                upstream: String::new(),
+                prompt_estimate: admitted.prompt_estimate,
+                reserved_tokens: admitted.reserved_tokens,
+                slot: admitted.slot,
+                start,
+            };
+            let response = match dispatch(state, parts, body, declared, permit).await {
+                Ok(response) => response,
+                Err(err) => err.into_response(),
+            };
+            observe_usage(state, metered, response, stream).await
+        }
+    }
+}
+
+/// What the key stage let through.
+struct Admitted {
+    key: Option<Arc<Key>>,
+    model: Option<String>,
+    stream: bool,
+    prompt_estimate: u64,
+    reserved_tokens: u64,
+    slot: Option<Slot>,
+}
+
+/// Authenticates the key (when required), reads the JSON body for the
+/// model and the token estimate, and takes what the key's limits allow;
+/// everything taken is given back if a later check refuses.
+async fn admit_key(
+    state: &AppState,
+    accounts: &Accounts,
+    parts: &mut http::request::Parts,
+    body: RequestBody,
+    declared: Option<u64>,
+) -> Result<(Admitted, RequestBody), ProxyError> {
+    let key = if accounts.settings.keys_required {
+        Some(accounts.keys.authenticate(&mut parts.headers)?)
+    } else {
+        for name in &crate::auth::KEY_HEADERS {
+            // Without required keys a client's credential header is its own
+            // business, but a virtual key must never reach a provider.
+            if parts.headers.get(name).is_some_and(|v| {
+                v.as_bytes()
+                    .windows(crate::auth::KEY_PREFIX.len())
+                    .any(|w| w == crate::auth::KEY_PREFIX.as_bytes())
+            }) {
+                parts.headers.remove(name);
+            }
+        }
+        None
+    };
+    let (body, facts, size) = if parts.method == Method::POST && openai::is_json(&parts.headers) {
+        let (bytes, _budget) = read_body(state, body, declared).await?;
+        let facts = openai::facts(&bytes);
+        let size = bytes.len() as u64;
+        (buffered(bytes), facts, size)
+    } else {
+        (body, openai::Facts::default(), 0)
+    };
+    // About four bytes of JSON per prompt token: an estimate for the
+    // token limit and for a request whose usage never arrives.
+    let prompt_estimate = size.div_ceil(4);
+    let mut admitted = Admitted {
+        key: None,
+        stream: facts.stream,
+        model: facts.model,
+        prompt_estimate,
+        reserved_tokens: 0,
+        slot: None,
+    };
+    let Some(key) = key else {
+        return Ok((admitted, body));
+    };
+    if let Some(model) = &admitted.model
+        && !key.allows(model)
+    {
+        return Err(ProxyError::ModelNotAllowed(model.clone()));
+    }
+    let record = &key.record;
+    if let Some(budget) = record.budget_nano_usd {
+        let now = crate::store::unix_ms();
+        if key.state.spent_now(record, now) >= budget {
+            let resets = match crate::limits::budget_period(record, now).1 {
+                Some(end) => format!("it resets at {}", crate::admin::keys::rfc3339(end)),
+                None => "it is a lifetime budget and does not reset".to_owned(),
+            };
+            return Err(ProxyError::BudgetExceeded(format!(
+                "this API key has spent its budget of {} USD; {resets}",
+                budget as f64 / 1e9
+            )));
+        }
+    }
+    let requests = record.rpm.map(|limit| (limit, key.state.requests.take(1, limit)));
+    let estimate = prompt_estimate.saturating_add(facts.max_tokens.unwrap_or(0));
+    let tokens = match (requests, record.tpm) {
+        (Some((_, verdict)), _) if verdict.retry_after.is_some() => None,
+        (_, Some(limit)) => Some((limit, key.state.tokens.take(estimate, limit))),
+        _ => None,
+    };
+    let give_back = |requests: Option<(u64, crate::limits::Verdict)>,
+                     tokens: Option<(u64, crate::limits::Verdict)>| {
+        if let Some((limit, verdict)) = requests
+            && verdict.retry_after.is_none()
+        {
+            key.state.requests.settle(1, 0, limit);
+        }
+        if let Some((limit, verdict)) = tokens
+            && verdict.retry_after.is_none()
+        {
+            key.state.tokens.settle(estimate, 0, limit);
+        }
+    };
+    let refused = |what: &str, kind: &'static str, retry_after: std::time::Duration| {
+        ProxyError::RateLimited(Box::new(RateLimit {
+            message: format!("this API key's limit of {what} is reached; retry after {retry_after:.1?}"),
+            kind,
+            retry_after,
+            requests: requests.map(|(_, v)| v.quota()),
+            tokens: tokens.map(|(_, v)| v.quota()),
+        }))
+    };
+    if let Some((limit, verdict)) = requests
+        && let Some(retry) = verdict.retry_after
+    {
+        return Err(refused(&format!("{limit} requests per minute"), "requests", retry));
+    }
+    if let Some((limit, verdict)) = tokens
+        && let Some(retry) = verdict.retry_after
+    {
+        give_back(requests, None);
+        return Err(refused(&format!("{limit} tokens per minute"), "tokens", retry));
+    }
+    if let Some(max) = record.max_concurrent {
+        match crate::limits::acquire_slot(&key.state, max) {
+            Some(slot) => admitted.slot = Some(slot),
+            None => {
+                give_back(requests, tokens);
+                return Err(refused(
+                    &format!("{max} concurrent requests"),
+                    "requests",
+                    std::time::Duration::from_secs(1),
+                ));
+            }
+        }
+    }
+    admitted.reserved_tokens = if tokens.is_some() { estimate } else { 0 };
+    admitted.key = Some(key);
+    Ok((admitted, body))
+}
+
+/// Wraps the answer in its usage meter. A JSON answer is read whole first
+/// (bounded by [`usage::MAX_JSON`]) so its cost can go in the headers; a
+/// stream is metered as it passes, unchanged.
+async fn observe_usage(
+    state: &AppState,
+    mut metered: Metered,
+    response: Response,
+    stream: bool,
+) -> Response {
+    let headers = response.headers();
+    metered.upstream = headers
+        .get(UPSTREAM_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| state.upstreams.names().first().map(|n| (*n).to_owned()))
+        .unwrap_or_default();
+    let attempt = headers
+        .get(ATTEMPTS_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let content_type = headers
+        .get(http::header::CONTENT_TYPE)
+        .map_or(&b""[..], |v| v.as_bytes())
+        .to_vec();
+    let status = response.status().as_u16();
+    let mut meter = Meter::new(metered, status, attempt, &content_type);
+    let json = !stream && meter.reads_json();
+    if !json {
+        return response.map(|body| Body::new(Observed::new(body, meter)));
+    }
+    let (mut parts, mut body) = response.into_parts();
+    let mut whole = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                if let Some(data) = frame.data_ref() {
+                    if whole.len() + data.len() > usage::MAX_JSON {
+                        // Too big to hold: the rest streams through, metered.
+                        whole.extend_from_slice(data);
+                        let head = whole.freeze();
+                        crate::stream::Observer::on_data(&mut meter, &head, false);
+                        let rest = usage::Prefixed::new(head, body);
+                        return Response::from_parts(parts, Body::new(Observed::new(rest, meter)));
+                    }
+                    whole.extend_from_slice(data);
+                }
+            }
+            Err(err) => {
+                crate::stream::Observer::on_error(&mut meter, &err);
+                return ProxyError::UpstreamProtocol(format!(
+                    "the answer's body failed before it ended: {err}"
+                ))
+                .into_response();
+            }
+        }
+    }
+    let whole = whole.freeze();
+    crate::stream::Observer::on_data(&mut meter, &whole, true);
+    if let Some((tokens, cost)) = meter.settle(true) {
+        let headers = &mut parts.headers;
+        headers.insert(COST_HEADER, usage::usd_header(cost));
+        headers.insert(PROMPT_TOKENS_HEADER, HeaderValue::from(tokens.prompt_tokens));
+        headers.insert(COMPLETION_TOKENS_HEADER, HeaderValue::from(tokens.completion_tokens));
+    }
+    Response::from_parts(parts, Body::from(whole))
 }
 
 /// Stages 4–6 for a routed request: always an answer, the error ones

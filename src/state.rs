@@ -9,9 +9,25 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 
 use crate::admin::Admin;
+use crate::auth::Keys;
+use crate::config::Accounting;
+use crate::store::Store;
+use crate::usage::Sink;
 use crate::config::Config;
 use crate::routing::ModelRouter;
 use crate::upstream::Upstreams;
+
+/// Keys, limits and usage, when a store is configured.
+pub struct Accounts {
+    /// The store.
+    pub store: Store,
+    /// Every key, in memory.
+    pub keys: Keys,
+    /// Where usage records go.
+    pub sink: Sink,
+    /// The validated settings (prices, whether keys are required).
+    pub settings: Accounting,
+}
 
 /// What every request shares.
 pub struct AppState {
@@ -28,13 +44,15 @@ pub struct AppState {
     pub body_budget: Arc<Semaphore>,
     /// How long a client may take to send its request body.
     pub body_read_timeout: Duration,
+    /// Keys and usage accounting; `None` costs nothing per request.
+    pub accounts: Option<Accounts>,
     /// Every task the server starts; shutdown closes it and waits.
     pub tasks: tokio_util::task::TaskTracker,
 }
 
 impl AppState {
     /// Builds the state from a validated config.
-    pub fn new(config: &Config) -> Arc<Self> {
+    pub fn new(config: &Config, accounts: Option<Accounts>) -> Arc<Self> {
         Arc::new(Self {
             upstreams: Upstreams::new(config),
             router: ModelRouter::new(
@@ -53,6 +71,7 @@ impl AppState {
                     .min(Semaphore::MAX_PERMITS),
             )),
             body_read_timeout: config.limits.body_read_timeout,
+            accounts,
             tasks: tokio_util::task::TaskTracker::new(),
         })
     }

@@ -16,17 +16,22 @@ const LAYERS: &[(&str, u32)] = &[
     ("headers", 0),
     ("mock", 0),
     ("error", 1),
+    ("store", 1),
     ("wire", 2),
     ("config", 2),
     ("telemetry", 2),
     ("catch_panic", 2),
     ("ingress", 2),
+    ("limits", 2),
+    ("auth", 3),
     ("upstream", 3),
+    ("usage", 4),
     ("routing", 4),
     ("admin", 5),
     ("state", 6),
     ("pipeline", 7),
     ("server", 7),
+    ("admin_http", 7),
 ];
 
 /// Uses that cross a layer upwards on purpose, with the reason.

@@ -139,6 +139,9 @@ pub(super) fn check_variables(
     if let Some(token) = &file.admin.token {
         fields.push(("admin.token".to_owned(), token));
     }
+    if let Some(url) = &file.store.url {
+        fields.push(("store.url".to_owned(), url));
+    }
     let mut missing: Vec<(String, &str)> = Vec::new();
     for (field, text) in &fields {
         for name in variables(text) {

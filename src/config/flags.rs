@@ -39,6 +39,9 @@ pub fn from_flags(
         limits: LimitsFile::default(),
         shutdown_timeout: default_shutdown_timeout(),
         log: LogFile::default(),
+        store: StoreFile::default(),
+        keys: KeysFile::default(),
+        prices: Ordered::default(),
     };
     resolve(file, origin, env).map_err(|err| {
         // The URL typed on the command line may carry a key in its query.

@@ -17,6 +17,7 @@ use serde::Deserialize;
 
 use crate::headers::DefaultHeaders;
 
+mod accounting;
 mod env;
 mod flags;
 mod limits;
@@ -25,6 +26,8 @@ mod models;
 mod units;
 mod upstreams;
 
+pub use accounting::{Accounting, KeysFile, Price, StoreFile};
+use accounting::resolve_accounting;
 pub use crate::upstream::BaseUrl;
 pub use env::{Env, Lookup, NoEnv, Secrets, interpolate};
 use env::{Recording, check_variables};
@@ -121,6 +124,15 @@ pub struct FileConfig {
     /// Log output.
     #[serde(default)]
     pub log: LogFile,
+    /// The database for virtual keys and usage records.
+    #[serde(default)]
+    pub store: StoreFile,
+    /// Virtual keys.
+    #[serde(default)]
+    pub keys: KeysFile,
+    /// What each public model costs, USD per million tokens.
+    #[serde(default)]
+    pub prices: Ordered<Price>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -154,6 +166,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Log filter.
     pub log_level: String,
+    /// Keys, usage and prices, when a store is configured.
+    pub accounting: Option<Accounting>,
     /// Things that are allowed but probably not meant (`field: what`), shown
     /// by `check-config` and logged at start-up.
     pub warnings: Vec<String>,
@@ -368,6 +382,9 @@ fn resolve_recorded(
         limits,
         shutdown_timeout,
         log,
+        store,
+        keys,
+        prices,
     } = file;
 
     let single = !upstream.base_url.is_empty();
@@ -477,8 +494,10 @@ fn resolve_recorded(
             Some(crate::headers::Secret::new(token))
         }
     };
+    let accounting = resolve_accounting(store, keys, prices, origin, env)?;
     Ok(Config {
         listen,
+        accounting,
         upstreams: resolved,
         models,
         admin_token,

@@ -45,6 +45,45 @@ pub fn requested_model(
     Ok(Some((model, start..start + raw.get().len())))
 }
 
+/// What accounting reads from a request body: the model, whether it
+/// streams, and the most it may generate (for the token-limit estimate).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Facts {
+    /// `model`.
+    pub model: Option<String>,
+    /// `stream: true`.
+    pub stream: bool,
+    /// `max_completion_tokens`, else `max_tokens`.
+    pub max_tokens: Option<u64>,
+}
+
+/// Reads [`Facts`] from a JSON request body; a body that is not a JSON
+/// object has none (the upstream will say what is wrong with it).
+pub fn facts(body: &[u8]) -> Facts {
+    #[derive(serde::Deserialize)]
+    struct Wire {
+        #[serde(default)]
+        model: Option<serde_json::Value>,
+        #[serde(default)]
+        stream: Option<serde_json::Value>,
+        #[serde(default)]
+        max_tokens: Option<serde_json::Value>,
+        #[serde(default)]
+        max_completion_tokens: Option<serde_json::Value>,
+    }
+    let Ok(wire) = serde_json::from_slice::<Wire>(body) else {
+        return Facts::default();
+    };
+    Facts {
+        model: wire.model.and_then(|m| m.as_str().map(str::to_owned)),
+        stream: wire.stream.and_then(|s| s.as_bool()).unwrap_or(false),
+        max_tokens: wire
+            .max_completion_tokens
+            .and_then(|n| n.as_u64())
+            .or_else(|| wire.max_tokens.and_then(|n| n.as_u64())),
+    }
+}
+
 /// `body` with the `model` value at `span` replaced by `name`, byte for byte otherwise.
 pub fn rename_model(body: &Bytes, span: std::ops::Range<usize>, name: &str) -> Bytes {
     let quoted = serde_json::Value::from(name).to_string();
@@ -80,6 +119,20 @@ mod tests {
             &renamed[..],
             br#"{ "messages" : [{"role":"user","content":"model: \"x\""}], "model":"gpt-4o-2024-08-06" ,"n":1}"#
         );
+    }
+
+    #[test]
+    fn facts_read_model_stream_and_the_token_cap() {
+        let facts = facts(br#"{"model":"m","stream":true,"max_tokens":10,"max_completion_tokens":20}"#);
+        assert_eq!(
+            facts,
+            Facts {
+                model: Some("m".into()),
+                stream: true,
+                max_tokens: Some(20)
+            }
+        );
+        assert_eq!(super::facts(b"[1]"), Facts::default());
     }
 
     #[test]

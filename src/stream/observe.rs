@@ -10,9 +10,10 @@ use http_body::{Body, Frame, SizeHint};
 /// What watches a body. Every hook has a no-op default; at most one of
 /// `on_end`, `on_error` and `on_cancel` is called, once.
 pub trait Observer {
-    /// A data frame of `len` bytes went through; `last` when the body has
-    /// nothing more after it (hyper stops polling a sized body then).
-    fn on_data(&mut self, _len: usize, _last: bool) {}
+    /// A data frame went through (the observer sees the same bytes: a
+    /// clone is a reference count); `last` when the body has nothing more
+    /// after it (hyper stops polling a sized body then).
+    fn on_data(&mut self, _data: &Bytes, _last: bool) {}
     /// The body ended cleanly.
     fn on_end(&mut self) {}
     /// The body failed.
@@ -79,7 +80,7 @@ where
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Some(data) = frame.data_ref() {
                         let last = this.inner.is_end_stream();
-                        watch.observer.on_data(data.len(), last);
+                        watch.observer.on_data(data, last);
                         if last {
                             watch.over = true;
                             watch.observer.on_end();
@@ -125,7 +126,8 @@ mod tests {
     struct Seen(Arc<Mutex<Vec<String>>>);
 
     impl Observer for Seen {
-        fn on_data(&mut self, len: usize, last: bool) {
+        fn on_data(&mut self, data: &Bytes, last: bool) {
+            let len = data.len();
             self.0.lock().unwrap().push(format!("data {len} {last}"));
         }
         fn on_end(&mut self) {

@@ -220,6 +220,9 @@ impl Drop for Record {
 pub struct AccessLog<S> {
     inner: S,
     ids: Arc<RequestIds>,
+    /// Whether the request carries its id in its extensions (usage records
+    /// need it; an extension costs an allocation, so only then).
+    share_ids: bool,
 }
 
 impl<S> AccessLog<S> {
@@ -228,7 +231,14 @@ impl<S> AccessLog<S> {
         Self {
             inner,
             ids: Arc::new(RequestIds::default()),
+            share_ids: false,
         }
+    }
+
+    /// Puts each request's [`RequestId`] into its extensions for the stack inside.
+    pub fn sharing_ids(mut self, share: bool) -> Self {
+        self.share_ids = share;
+        self
     }
 }
 
@@ -264,7 +274,10 @@ where
             bytes_out: 0,
             outcome: Outcome::ClientClosed,
         };
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
+        if self.share_ids {
+            parts.extensions.insert(id);
+        }
         let request = Request::from_parts(parts, Observed::new(body, CountIn(bytes_in)));
         AccessLogFuture {
             inner: self.inner.call(request),
@@ -331,7 +344,8 @@ where
 pub struct CountIn(Arc<AtomicU64>);
 
 impl Observer for CountIn {
-    fn on_data(&mut self, len: usize, _last: bool) {
+    fn on_data(&mut self, data: &bytes::Bytes, _last: bool) {
+        let len = data.len();
         self.0.fetch_add(len as u64, Ordering::Relaxed);
     }
 }
@@ -344,7 +358,8 @@ pub type Counted<B> = Observed<B, CountIn>;
 pub struct LogOnEnd(Option<Record>);
 
 impl Observer for LogOnEnd {
-    fn on_data(&mut self, len: usize, _last: bool) {
+    fn on_data(&mut self, data: &bytes::Bytes, _last: bool) {
+        let len = data.len();
         if let Some(record) = self.0.as_mut() {
             record.first_byte.get_or_insert_with(Instant::now);
             record.bytes_out += len as u64;

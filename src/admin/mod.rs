@@ -1,5 +1,5 @@
-//! `GET /admin/status`: each deployment's health, load and latency, for
-//! operators. Guarded by `admin.token` (a bearer token compared in constant
+//! The admin API: `GET /admin/status` (each deployment's health, load and
+//! latency) and, with a store, keys and usage ([`keys`]), for operators. Guarded by `admin.token` (a bearer token compared in constant
 //! time); without a configured token the path does not exist (404). Wrong
 //! tokens are throttled ([`Guard`]).
 
@@ -13,6 +13,8 @@ use crate::error::ProxyError;
 use crate::headers::Secret;
 use crate::routing::{ModelRouter, now_ms};
 use crate::upstream::Upstreams;
+
+pub mod keys;
 
 /// Wrong tokens accepted per second, from all clients together.
 const WRONG_TOKENS_PER_SECOND: u64 = 10;
@@ -72,34 +74,49 @@ impl Admin {
     }
 }
 
-/// `GET /admin/status`: a 404 without an admin token, else the routes'
-/// state for the right bearer token.
-pub fn status(
+/// Lets the request through when it carries the admin token: a 404 when
+/// no token is configured (the admin API does not exist), 429 while
+/// guessing is throttled, 401 for a wrong token.
+pub fn check(
     admin: Option<&Admin>,
-    upstreams: &Upstreams,
-    router: Option<&ModelRouter>,
     headers: &HeaderMap,
-) -> Response {
+    method: &http::Method,
+    path: &str,
+) -> Result<(), ProxyError> {
     let Some(admin) = admin else {
-        return ProxyError::NotFound {
-            method: http::Method::GET,
-            path: "/admin/status".into(),
-        }
-        .into_response();
+        return Err(ProxyError::NotFound {
+            method: method.clone(),
+            path: path.to_owned(),
+        });
     };
     if admin.guard.throttled() {
-        return ProxyError::Throttled("too many wrong admin tokens; retry in a second".into())
-            .into_response();
+        return Err(ProxyError::Throttled(
+            "too many wrong admin tokens; retry in a second".into(),
+        ));
     }
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
     if !presented.is_some_and(|p| admin.token.matches(p)) {
         admin.guard.wrong_token();
-        return ProxyError::Unauthorized(
-            "the admin endpoint needs `Authorization: Bearer <admin.token>`".into(),
-        )
-        .into_response();
+        return Err(ProxyError::Unauthorized(
+            "the admin API needs `Authorization: Bearer <admin.token>`".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// `GET /admin/status`: a 404 without an admin token, else the routes'
+/// state for the right bearer token.
+pub fn status(
+    admin: Option<&Admin>,
+    upstreams: &Upstreams,
+    router: Option<&ModelRouter>,
+    extra: serde_json::Value,
+    headers: &HeaderMap,
+) -> Response {
+    if let Err(err) = check(admin, headers, &http::Method::GET, "/admin/status") {
+        return err.into_response();
     }
     let names = upstreams.names();
     let models = router.map_or_else(Vec::new, |router| {
@@ -113,5 +130,9 @@ pub fn status(
         }
         routes
     });
-    axum::Json(json!({"upstreams": names, "models": models})).into_response()
+    let mut body = json!({"upstreams": names, "models": models});
+    if let (Some(body), serde_json::Value::Object(extra)) = (body.as_object_mut(), extra) {
+        body.extend(extra);
+    }
+    axum::Json(body).into_response()
 }

@@ -1,0 +1,134 @@
+//! `store`, `keys` and `prices`: where keys and usage live, whether every
+//! request needs a virtual key, and what each model costs.
+
+use super::*;
+
+/// `store`: the database for keys and usage.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreFile {
+    /// `sqlite://FILE` (created on first start) or `postgres://…`;
+    /// `${VAR}` reads the environment. Default with `keys.required`:
+    /// `sqlite://llmproxy.db`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// How often usage records are written (1 s unless set).
+    #[serde(default, with = "humantime_serde")]
+    pub flush_interval: Option<Duration>,
+}
+
+/// `keys`: virtual keys.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysFile {
+    /// Every `/v1/*` request must carry a virtual key.
+    #[serde(default)]
+    pub required: bool,
+    /// How often changes to keys are read from the store (1 s unless set):
+    /// the longest a revocation made elsewhere takes to apply here.
+    #[serde(default, with = "humantime_serde")]
+    pub refresh: Option<Duration>,
+}
+
+/// What a model costs, in USD per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    /// Input (prompt) tokens.
+    pub input: f64,
+    /// Output (completion) tokens.
+    pub output: f64,
+    /// Prompt tokens served from the provider's cache (the input price
+    /// unless set).
+    #[serde(default)]
+    pub cached_input: Option<f64>,
+}
+
+/// The validated accounting settings: present when a store is configured.
+#[derive(Debug, Clone)]
+pub struct Accounting {
+    /// The store's URL (may hold a password: never logged).
+    pub store_url: crate::headers::Secret,
+    /// Whether requests need a virtual key.
+    pub keys_required: bool,
+    /// Key refresh interval.
+    pub refresh: Duration,
+    /// Usage flush interval.
+    pub flush_interval: Duration,
+    /// Prices by public model name (`*` suffix matches a prefix), in file order.
+    pub prices: Vec<(String, Price)>,
+}
+
+impl Accounting {
+    /// The price of `model`: an exact entry first, else the first matching pattern.
+    pub fn price(&self, model: &str) -> Option<Price> {
+        self.prices
+            .iter()
+            .find(|(name, _)| name == model)
+            .or_else(|| {
+                self.prices.iter().find(|(name, _)| {
+                    name.strip_suffix('*')
+                        .is_some_and(|prefix| model.starts_with(prefix))
+                })
+            })
+            .map(|(_, price)| *price)
+    }
+}
+
+/// Validates `store`, `keys` and `prices` together.
+pub fn resolve_accounting(
+    store: StoreFile,
+    keys: KeysFile,
+    prices: Ordered<Price>,
+    origin: &str,
+    env: &dyn Lookup,
+) -> Result<Option<Accounting>, ConfigError> {
+    for (model, price) in &prices.0 {
+        for (field, value) in [
+            ("input", Some(price.input)),
+            ("output", Some(price.output)),
+            ("cached_input", price.cached_input),
+        ] {
+            if value.is_some_and(|v| !v.is_finite() || v < 0.0) {
+                return Err(invalid(
+                    origin,
+                    &format!("prices.{model}.{field}"),
+                    "must be a number of USD per million tokens, zero or more",
+                ));
+            }
+        }
+    }
+    let url = match store.url {
+        Some(url) => interpolate(&url, env).map_err(|m| invalid(origin, "store.url", m))?,
+        None if keys.required => "sqlite://llmproxy.db".to_owned(),
+        None => {
+            if !prices.0.is_empty() {
+                return Err(invalid(
+                    origin,
+                    "prices",
+                    "prices are charged to usage records: set `store.url` (or `keys.required: true`)",
+                ));
+            }
+            return Ok(None);
+        }
+    };
+    if !(url.starts_with("sqlite:") || url.starts_with("postgres:") || url.starts_with("postgresql:"))
+    {
+        return Err(invalid(
+            origin,
+            "store.url",
+            "must start with sqlite: (an embedded file, e.g. sqlite://llmproxy.db) or postgres://",
+        ));
+    }
+    let refresh = keys.refresh.unwrap_or(Duration::from_secs(1));
+    duration(origin, "keys.refresh", refresh, max::HOUR)?;
+    let flush_interval = store.flush_interval.unwrap_or(Duration::from_secs(1));
+    duration(origin, "store.flush_interval", flush_interval, max::HOUR)?;
+    Ok(Some(Accounting {
+        store_url: crate::headers::Secret::new(url),
+        keys_required: keys.required,
+        refresh,
+        flush_interval,
+        prices: prices.0,
+    }))
+}
