@@ -129,8 +129,13 @@ pub async fn update_key(
 ) -> Response {
     let result = async {
         let accounts = guarded(&state, &headers, &method, &uri)?;
-        let view = keys::update(&accounts.store, Some(&accounts.keys), &id, json_body(&body)?)
-            .await?;
+        let view = keys::update(
+            &accounts.store,
+            Some(&accounts.keys),
+            &id,
+            json_body(&body)?,
+        )
+        .await?;
         if let Err(err) = accounts.keys.refresh(&accounts.store).await {
             tracing::warn!(%err, "reading keys after a change failed");
         }

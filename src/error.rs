@@ -334,7 +334,10 @@ impl IntoResponse for ProxyError {
                 let Some(verdict) = verdict else { continue };
                 let values = [
                     ("x-ratelimit-limit-", HeaderValue::from(verdict.limit)),
-                    ("x-ratelimit-remaining-", HeaderValue::from(verdict.remaining)),
+                    (
+                        "x-ratelimit-remaining-",
+                        HeaderValue::from(verdict.remaining),
+                    ),
                     (
                         "x-ratelimit-reset-",
                         HeaderValue::try_from(reset_text(verdict.reset))

@@ -79,7 +79,10 @@ pub(crate) fn app(state: Arc<AppState>) -> Routes {
             "/admin/keys/{id}/revoke",
             post(admin_http::revoke_key).fallback(not_found),
         )
-        .route("/admin/usage", get(admin_http::usage_totals).fallback(not_found))
+        .route(
+            "/admin/usage",
+            get(admin_http::usage_totals).fallback(not_found),
+        )
         .route(
             "/admin/usage/records",
             get(admin_http::usage_records).fallback(not_found),

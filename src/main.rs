@@ -40,6 +40,29 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Manage virtual keys in the configured store (needs --config with `store` or `keys`).
+    Keys {
+        #[command(subcommand)]
+        action: KeysCommand,
+    },
+    /// Usage totals from the configured store, or the last request records.
+    Usage {
+        /// First UTC day, YYYY-MM-DD (default: 30 days ago).
+        #[arg(long)]
+        from: Option<String>,
+        /// Last UTC day (default: today).
+        #[arg(long)]
+        to: Option<String>,
+        /// Group by `key`, `model` or `day`.
+        #[arg(long, value_parser = ["key", "model", "day"])]
+        group_by: Option<String>,
+        /// Only this key's usage.
+        #[arg(long)]
+        key_id: Option<String>,
+        /// Show the last N request records instead of totals.
+        #[arg(long)]
+        records: Option<u32>,
+    },
     /// Validate a config file and exit (0 when valid, 2 with the problem otherwise).
     CheckConfig {
         /// The YAML file.
@@ -67,6 +90,55 @@ enum Command {
         /// try retries, fallbacks and circuit breakers offline.
         #[arg(long, value_parser = clap::value_parser!(u16).range(400..600))]
         fail_status: Option<u16>,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a key; prints it once (it is stored only as a hash).
+    Create {
+        /// A name for people.
+        #[arg(long)]
+        name: String,
+        /// Who holds it.
+        #[arg(long)]
+        owner: Option<String>,
+        /// Their team.
+        #[arg(long)]
+        team: Option<String>,
+        /// Allowed public model names, comma-separated (`*` suffix for a prefix); default all.
+        #[arg(long, value_delimiter = ',')]
+        models: Vec<String>,
+        /// Requests per minute.
+        #[arg(long)]
+        rpm: Option<u64>,
+        /// Tokens per minute.
+        #[arg(long)]
+        tpm: Option<u64>,
+        /// Requests in flight at once.
+        #[arg(long)]
+        max_concurrent: Option<u64>,
+        /// Budget in USD per period.
+        #[arg(long)]
+        budget_usd: Option<f64>,
+        /// The budget's period: 1d, 7d, 30d (default: lifetime).
+        #[arg(long)]
+        budget_period: Option<String>,
+        /// RFC 3339 expiry, e.g. 2027-01-01T00:00:00Z.
+        #[arg(long)]
+        expires_at: Option<String>,
+    },
+    /// List every key (never the keys themselves).
+    List,
+    /// Show one key.
+    Show {
+        /// The key's id (`key_…`).
+        id: String,
+    },
+    /// Revoke a key: it never works again (within `keys.refresh` on every instance).
+    Revoke {
+        /// The key's id (`key_…`).
+        id: String,
     },
 }
 
@@ -118,6 +190,38 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(err) => fail(err),
+            }
+        }
+        Some(command @ (Command::Keys { .. } | Command::Usage { .. })) => {
+            let Some(path) = &cli.config else {
+                return fail("give --config FILE: the store is the one its `store` section names");
+            };
+            let config = match config::load(path, &Env) {
+                Ok(config) => config,
+                Err(err) => return fail(err),
+            };
+            let Some(accounting) = config.accounting else {
+                return fail(format_args!(
+                    "{}: no store configured: set `store.url` (or `keys.required: true`)",
+                    path.display()
+                ));
+            };
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(err) => return fail(format_args!("cannot start the runtime: {err}")),
+            };
+            match runtime.block_on(admin_command(command, accounting.store_url.expose())) {
+                Ok(value) => {
+                    #[expect(clippy::print_stdout, reason = "the command's answer")]
+                    {
+                        println!("{value:#}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(message) => fail(message),
             }
         }
         Some(Command::MockUpstream {
@@ -189,6 +293,86 @@ fn main() -> ExitCode {
             })
         }
     }
+}
+
+/// Runs a `keys` or `usage` command against the store at `url`.
+async fn admin_command(command: Command, url: &str) -> Result<serde_json::Value, String> {
+    use llmproxy::admin::keys;
+    let store = llmproxy::store::Store::open(url)
+        .await
+        .map_err(|err| format!("store: {err}"))?;
+    fn text(err: impl std::fmt::Display) -> String {
+        err.to_string()
+    }
+    fn json(value: &impl serde::Serialize) -> Result<serde_json::Value, String> {
+        serde_json::to_value(value).map_err(text)
+    }
+    let value = match command {
+        Command::Keys { action } => match action {
+            KeysCommand::Create {
+                name,
+                owner,
+                team,
+                models,
+                rpm,
+                tpm,
+                max_concurrent,
+                budget_usd,
+                budget_period,
+                expires_at,
+            } => {
+                let spec = keys::KeySpec {
+                    name: Some(name),
+                    owner: owner.map(Some),
+                    team: team.map(Some),
+                    metadata: None,
+                    models: Some(models),
+                    rpm: rpm.map(Some),
+                    tpm: tpm.map(Some),
+                    max_concurrent: max_concurrent.map(Some),
+                    budget_usd: budget_usd.map(Some),
+                    budget_period: budget_period.map(Some),
+                    expires_at: expires_at.map(Some),
+                };
+                let (secret, view) = keys::create(&store, spec).await.map_err(text)?;
+                serde_json::json!({"key": secret, "info": json(&view)?})
+            }
+            KeysCommand::List => {
+                serde_json::json!({"data": json(&keys::list(&store, None).await.map_err(text)?)?})
+            }
+            KeysCommand::Show { id } => json(&keys::show(&store, None, &id).await.map_err(text)?)?,
+            KeysCommand::Revoke { id } => {
+                json(&keys::revoke(&store, None, &id).await.map_err(text)?)?
+            }
+        },
+        Command::Usage {
+            from,
+            to,
+            group_by,
+            key_id,
+            records,
+        } => match records {
+            Some(limit) => serde_json::json!({
+                "data": json(&keys::records(&store, Some(limit), key_id.as_deref()).await.map_err(text)?)?
+            }),
+            None => {
+                let group_by = group_by
+                    .map(|g| serde_json::from_value(serde_json::Value::from(g)))
+                    .transpose()
+                    .map_err(|e| e.to_string())?;
+                let query = keys::UsageQuery {
+                    from,
+                    to,
+                    group_by,
+                    key_id,
+                };
+                keys::totals(&store, query).await.map_err(text)?
+            }
+        },
+        _ => serde_json::Value::Null,
+    };
+    store.close().await;
+    Ok(value)
 }
 
 /// Resolves on the first SIGTERM or SIGINT (the graceful drain starts); a

@@ -228,6 +228,11 @@ async fn chat_completions(
             if timestamps {
                 chunk["llmproxy_mock_sent_us"] = json!(unix_micros());
             }
+            // As OpenAI does: with include_usage, every other chunk carries
+            // `"usage": null`.
+            if include_usage {
+                chunk["usage"] = Value::Null;
+            }
             Bytes::from(format!("data: {chunk}\n\n"))
         };
         if tx

@@ -32,18 +32,18 @@ use http::{HeaderValue, Method};
 use http_body_util::BodyExt;
 use tokio::sync::OwnedSemaphorePermit;
 
+use crate::auth::Key;
 use crate::error::ProxyError;
+use crate::error::RateLimit;
 use crate::ingress::openai;
+use crate::limits::Slot;
 use crate::routing::retry::{Attempted, Trace};
 use crate::routing::{ModelRouter, fallback};
-use crate::auth::Key;
-use crate::error::RateLimit;
-use crate::limits::Slot;
 use crate::state::{Accounts, AppState};
-use crate::telemetry::RequestId;
-use crate::usage::{self, Meter, Metered};
 use crate::stream::{BodyTimedOut, Deadline, Hold, Observed};
+use crate::telemetry::RequestId;
 use crate::telemetry::{ATTEMPTS_HEADER, RoutedRequest, UPSTREAM_HEADER};
+use crate::usage::{self, Meter, Metered};
 
 /// What a non-streamed answer cost, USD.
 const COST_HEADER: &str = "x-llmproxy-cost-usd";
@@ -141,6 +141,7 @@ async fn metered(
                 .get::<RequestId>()
                 .map_or_else(String::new, |id| id.as_str().to_owned());
             let stream = admitted.stream;
+            let strip = admitted.strip_usage;
             let metered = Metered {
                 sink: accounts.sink.clone(),
                 price: admitted
@@ -160,13 +161,15 @@ async fn metered(
                 Ok(response) => response,
                 Err(err) => err.into_response(),
             };
-            observe_usage(state, metered, response, stream).await
+            observe_usage(state, metered, response, stream, strip).await
         }
     }
 }
 
 /// What the key stage let through.
 struct Admitted {
+    /// llmproxy asked for the stream's usage: the client's copy drops it.
+    strip_usage: bool,
     key: Option<Arc<Key>>,
     model: Option<String>,
     stream: bool,
@@ -201,10 +204,22 @@ async fn admit_key(
         }
         None
     };
+    let mut strip_usage = false;
     let (body, facts, size) = if parts.method == Method::POST && openai::is_json(&parts.headers) {
-        let (bytes, _budget) = read_body(state, body, declared).await?;
+        let (mut bytes, _budget) = read_body(state, body, declared).await?;
         let facts = openai::facts(&bytes);
         let size = bytes.len() as u64;
+        // Usage must come from the upstream: a stream that did not ask for
+        // it asks upstream, and the client's copy is stripped of it.
+        if facts.stream
+            && let Some(asked) = openai::with_usage_requested(&bytes)
+        {
+            bytes = asked;
+            strip_usage = true;
+            parts
+                .headers
+                .insert(http::header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+        }
         (buffered(bytes), facts, size)
     } else {
         (body, openai::Facts::default(), 0)
@@ -213,6 +228,7 @@ async fn admit_key(
     // token limit and for a request whose usage never arrives.
     let prompt_estimate = size.div_ceil(4);
     let mut admitted = Admitted {
+        strip_usage,
         key: None,
         stream: facts.stream,
         model: facts.model,
@@ -242,7 +258,9 @@ async fn admit_key(
             )));
         }
     }
-    let requests = record.rpm.map(|limit| (limit, key.state.requests.take(1, limit)));
+    let requests = record
+        .rpm
+        .map(|limit| (limit, key.state.requests.take(1, limit)));
     let estimate = prompt_estimate.saturating_add(facts.max_tokens.unwrap_or(0));
     let tokens = match (requests, record.tpm) {
         (Some((_, verdict)), _) if verdict.retry_after.is_some() => None,
@@ -264,7 +282,9 @@ async fn admit_key(
     };
     let refused = |what: &str, kind: &'static str, retry_after: std::time::Duration| {
         ProxyError::RateLimited(Box::new(RateLimit {
-            message: format!("this API key's limit of {what} is reached; retry after {retry_after:.1?}"),
+            message: format!(
+                "this API key's limit of {what} is reached; retry after {retry_after:.1?}"
+            ),
             kind,
             retry_after,
             requests: requests.map(|(_, v)| v.quota()),
@@ -274,13 +294,21 @@ async fn admit_key(
     if let Some((limit, verdict)) = requests
         && let Some(retry) = verdict.retry_after
     {
-        return Err(refused(&format!("{limit} requests per minute"), "requests", retry));
+        return Err(refused(
+            &format!("{limit} requests per minute"),
+            "requests",
+            retry,
+        ));
     }
     if let Some((limit, verdict)) = tokens
         && let Some(retry) = verdict.retry_after
     {
         give_back(requests, None);
-        return Err(refused(&format!("{limit} tokens per minute"), "tokens", retry));
+        return Err(refused(
+            &format!("{limit} tokens per minute"),
+            "tokens",
+            retry,
+        ));
     }
     if let Some(max) = record.max_concurrent {
         match crate::limits::acquire_slot(&key.state, max) {
@@ -308,6 +336,7 @@ async fn observe_usage(
     mut metered: Metered,
     response: Response,
     stream: bool,
+    strip: bool,
 ) -> Response {
     let headers = response.headers();
     metered.upstream = headers
@@ -329,6 +358,13 @@ async fn observe_usage(
     let mut meter = Meter::new(metered, status, attempt, &content_type);
     let json = !stream && meter.reads_json();
     if !json {
+        if strip && meter.reads_sse() {
+            let (mut parts, body) = response.into_parts();
+            parts.headers.remove(http::header::CONTENT_LENGTH);
+            // The meter sees the upstream's bytes, usage chunk included.
+            let body = usage::strip::StripUsage::new(Observed::new(body, meter));
+            return Response::from_parts(parts, Body::new(body));
+        }
         return response.map(|body| Body::new(Observed::new(body, meter)));
     }
     let (mut parts, mut body) = response.into_parts();
@@ -362,8 +398,14 @@ async fn observe_usage(
     if let Some((tokens, cost)) = meter.settle(true) {
         let headers = &mut parts.headers;
         headers.insert(COST_HEADER, usage::usd_header(cost));
-        headers.insert(PROMPT_TOKENS_HEADER, HeaderValue::from(tokens.prompt_tokens));
-        headers.insert(COMPLETION_TOKENS_HEADER, HeaderValue::from(tokens.completion_tokens));
+        headers.insert(
+            PROMPT_TOKENS_HEADER,
+            HeaderValue::from(tokens.prompt_tokens),
+        );
+        headers.insert(
+            COMPLETION_TOKENS_HEADER,
+            HeaderValue::from(tokens.completion_tokens),
+        );
     }
     Response::from_parts(parts, Body::from(whole))
 }

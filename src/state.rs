@@ -11,11 +11,11 @@ use tokio::sync::Semaphore;
 use crate::admin::Admin;
 use crate::auth::Keys;
 use crate::config::Accounting;
-use crate::store::Store;
-use crate::usage::Sink;
 use crate::config::Config;
 use crate::routing::ModelRouter;
+use crate::store::Store;
 use crate::upstream::Upstreams;
+use crate::usage::Sink;
 
 /// Keys, limits and usage, when a store is configured.
 pub struct Accounts {

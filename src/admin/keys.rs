@@ -104,8 +104,7 @@ pub struct KeyView {
 
 /// Unix ms as RFC 3339 (UTC, seconds).
 pub fn rfc3339(unix_ms: i64) -> String {
-    let at = std::time::UNIX_EPOCH
-        + Duration::from_millis(u64::try_from(unix_ms).unwrap_or(0));
+    let at = std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(unix_ms).unwrap_or(0));
     humantime::format_rfc3339_seconds(at).to_string()
 }
 
@@ -177,7 +176,10 @@ fn apply(record: &mut KeyRecord, spec: KeySpec) -> Result<(), ProxyError> {
         record.metadata = serde_json::Value::Object(metadata);
     }
     if let Some(models) = spec.models {
-        if models.iter().any(|m| m.is_empty() || m[..m.len() - 1].contains('*')) {
+        if models
+            .iter()
+            .any(|m| m.is_empty() || m[..m.len() - 1].contains('*'))
+        {
             return Err(bad(
                 "`models` entries must be model names, `*` allowed only at the end",
             ));
@@ -187,7 +189,11 @@ fn apply(record: &mut KeyRecord, spec: KeySpec) -> Result<(), ProxyError> {
     for (field, value, slot) in [
         ("rpm", spec.rpm, &mut record.rpm),
         ("tpm", spec.tpm, &mut record.tpm),
-        ("max_concurrent", spec.max_concurrent, &mut record.max_concurrent),
+        (
+            "max_concurrent",
+            spec.max_concurrent,
+            &mut record.max_concurrent,
+        ),
     ] {
         if let Some(value) = value {
             if value == Some(0) {

@@ -63,7 +63,11 @@ fn unhex(text: &str) -> Option<[u8; 32]> {
     }
     let mut out = [0u8; 32];
     for (i, pair) in bytes.chunks_exact(2).enumerate() {
-        let nibble = |c: u8| char::from(c).to_digit(16).and_then(|d| u8::try_from(d).ok());
+        let nibble = |c: u8| {
+            char::from(c)
+                .to_digit(16)
+                .and_then(|d| u8::try_from(d).ok())
+        };
         out[i] = nibble(pair[0])? << 4 | nibble(pair[1])?;
     }
     Some(out)
@@ -255,8 +259,16 @@ fn presented_key(headers: &HeaderMap) -> Option<Vec<u8>> {
             .then(|| rest.trim_ascii())
     });
     bearer
-        .or_else(|| headers.get(&KEY_HEADERS[1]).map(|v| v.as_bytes().trim_ascii()))
-        .or_else(|| headers.get(&KEY_HEADERS[2]).map(|v| v.as_bytes().trim_ascii()))
+        .or_else(|| {
+            headers
+                .get(&KEY_HEADERS[1])
+                .map(|v| v.as_bytes().trim_ascii())
+        })
+        .or_else(|| {
+            headers
+                .get(&KEY_HEADERS[2])
+                .map(|v| v.as_bytes().trim_ascii())
+        })
         .filter(|key| !key.is_empty())
         .map(<[u8]>::to_vec)
 }

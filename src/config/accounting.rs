@@ -112,7 +112,9 @@ pub fn resolve_accounting(
             return Ok(None);
         }
     };
-    if !(url.starts_with("sqlite:") || url.starts_with("postgres:") || url.starts_with("postgresql:"))
+    if !(url.starts_with("sqlite:")
+        || url.starts_with("postgres:")
+        || url.starts_with("postgresql:"))
     {
         return Err(invalid(
             origin,

@@ -26,9 +26,9 @@ mod models;
 mod units;
 mod upstreams;
 
-pub use accounting::{Accounting, KeysFile, Price, StoreFile};
-use accounting::resolve_accounting;
 pub use crate::upstream::BaseUrl;
+use accounting::resolve_accounting;
+pub use accounting::{Accounting, KeysFile, Price, StoreFile};
 pub use env::{Env, Lookup, NoEnv, Secrets, interpolate};
 use env::{Recording, check_variables};
 pub use flags::from_flags;

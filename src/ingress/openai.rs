@@ -84,6 +84,55 @@ pub fn facts(body: &[u8]) -> Facts {
     }
 }
 
+/// The body with `stream_options.include_usage` set to `true`, for a
+/// streamed request that did not ask for usage; `None` when it already
+/// asked (or is not a JSON object). Every other byte is kept.
+pub fn with_usage_requested(body: &Bytes) -> Option<Bytes> {
+    #[derive(serde::Deserialize)]
+    struct Options<'a> {
+        #[serde(borrow, default)]
+        stream_options: Option<&'a RawValue>,
+    }
+    let options: Options<'_> = serde_json::from_slice(body).ok()?;
+    let start = body.iter().position(|b| !b.is_ascii_whitespace())?;
+    if body[start] != b'{' {
+        return None;
+    }
+    match options.stream_options {
+        None => {
+            let rest = &body[start + 1..];
+            let empty = rest.iter().all(|b| b.is_ascii_whitespace() || *b == b'}');
+            let mut out = Vec::with_capacity(body.len() + 40);
+            out.extend_from_slice(&body[..=start]);
+            out.extend_from_slice(br#""stream_options":{"include_usage":true}"#);
+            if !empty {
+                out.push(b',');
+            }
+            out.extend_from_slice(rest);
+            Some(Bytes::from(out))
+        }
+        Some(raw) => {
+            let mut map: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(raw.get()).unwrap_or_default();
+            if map
+                .get("include_usage")
+                .and_then(serde_json::Value::as_bool)
+                == Some(true)
+            {
+                return None;
+            }
+            map.insert("include_usage".into(), serde_json::Value::Bool(true));
+            let at = (raw.get().as_ptr() as usize).saturating_sub(body.as_ptr() as usize);
+            let replaced = serde_json::Value::Object(map).to_string();
+            let mut out = Vec::with_capacity(body.len() + replaced.len());
+            out.extend_from_slice(&body[..at]);
+            out.extend_from_slice(replaced.as_bytes());
+            out.extend_from_slice(&body[at + raw.get().len()..]);
+            Some(Bytes::from(out))
+        }
+    }
+}
+
 /// `body` with the `model` value at `span` replaced by `name`, byte for byte otherwise.
 pub fn rename_model(body: &Bytes, span: std::ops::Range<usize>, name: &str) -> Bytes {
     let quoted = serde_json::Value::from(name).to_string();
@@ -123,7 +172,8 @@ mod tests {
 
     #[test]
     fn facts_read_model_stream_and_the_token_cap() {
-        let facts = facts(br#"{"model":"m","stream":true,"max_tokens":10,"max_completion_tokens":20}"#);
+        let facts =
+            facts(br#"{"model":"m","stream":true,"max_tokens":10,"max_completion_tokens":20}"#);
         assert_eq!(
             facts,
             Facts {
@@ -133,6 +183,27 @@ mod tests {
             }
         );
         assert_eq!(super::facts(b"[1]"), Facts::default());
+    }
+
+    #[test]
+    fn usage_is_requested_without_touching_other_bytes() {
+        let body = Bytes::from_static(br#"{"model":"m","stream":true}"#);
+        assert_eq!(
+            &with_usage_requested(&body).unwrap()[..],
+            br#"{"stream_options":{"include_usage":true},"model":"m","stream":true}"#
+        );
+        let body =
+            Bytes::from_static(br#"{"stream":true,"stream_options":{"include_usage":false}}"#);
+        assert_eq!(
+            &with_usage_requested(&body).unwrap()[..],
+            br#"{"stream":true,"stream_options":{"include_usage":true}}"#
+        );
+        let asked = Bytes::from_static(br#"{"stream_options":{"include_usage":true}}"#);
+        assert!(with_usage_requested(&asked).is_none());
+        assert_eq!(
+            &with_usage_requested(&Bytes::from_static(b" {}")).unwrap()[..],
+            br#" {"stream_options":{"include_usage":true}}"#
+        );
     }
 
     #[test]

@@ -575,9 +575,15 @@ where
     for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
     let text = |i: usize| row.try_get::<String, _>(i).map_err(db("reading a key"));
-    let opt_text = |i: usize| row.try_get::<Option<String>, _>(i).map_err(db("reading a key"));
+    let opt_text = |i: usize| {
+        row.try_get::<Option<String>, _>(i)
+            .map_err(db("reading a key"))
+    };
     let int = |i: usize| row.try_get::<i64, _>(i).map_err(db("reading a key"));
-    let opt_int = |i: usize| row.try_get::<Option<i64>, _>(i).map_err(db("reading a key"));
+    let opt_int = |i: usize| {
+        row.try_get::<Option<i64>, _>(i)
+            .map_err(db("reading a key"))
+    };
     let opt_u64 = |i: usize| opt_int(i).map(|n| n.map(to_u64));
     Ok(KeyRecord {
         id: text(0)?,
@@ -606,8 +612,14 @@ where
     for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
-    let text = |i: usize| row.try_get::<String, _>(i).map_err(db("reading usage records"));
-    let int = |i: usize| row.try_get::<i64, _>(i).map_err(db("reading usage records"));
+    let text = |i: usize| {
+        row.try_get::<String, _>(i)
+            .map_err(db("reading usage records"))
+    };
+    let int = |i: usize| {
+        row.try_get::<i64, _>(i)
+            .map_err(db("reading usage records"))
+    };
     let source = match text(14)?.as_str() {
         "reported" => "reported",
         "estimated" => "estimated",

@@ -30,6 +30,7 @@ use crate::store::{Store, UsageRecord, unix_ms};
 use crate::stream::Observer;
 
 pub mod sse;
+pub mod strip;
 
 /// Largest JSON answer kept to read its `usage` (longer ones are estimated).
 pub const MAX_JSON: usize = 8 * 1024 * 1024;
@@ -266,6 +267,11 @@ impl Meter {
         }
     }
 
+    /// Whether the answer is an event stream.
+    pub fn reads_sse(&self) -> bool {
+        matches!(self.reading, Reading::Sse(_))
+    }
+
     /// Whether the answer is JSON (read whole for its cost headers).
     pub fn reads_json(&self) -> bool {
         matches!(self.reading, Reading::Json { .. })
@@ -297,11 +303,7 @@ impl Meter {
                 model,
             }) => (tokens, "reported", model),
             // An error answer generated nothing: nothing to estimate.
-            other if !success => (
-                Tokens::default(),
-                "reported",
-                other.and_then(|a| a.model),
-            ),
+            other if !success => (Tokens::default(), "reported", other.and_then(|a| a.model)),
             other => (
                 Tokens {
                     prompt_tokens: request.prompt_estimate,
@@ -319,7 +321,9 @@ impl Meter {
         let now = unix_ms();
         if let Some(key) = &request.key {
             if let Some(limit) = key.record.tpm {
-                let used = tokens.prompt_tokens.saturating_add(tokens.completion_tokens);
+                let used = tokens
+                    .prompt_tokens
+                    .saturating_add(tokens.completion_tokens);
                 key.state
                     .tokens
                     .settle(request.reserved_tokens, used, limit);
@@ -328,7 +332,9 @@ impl Meter {
                 key.state.charge(&key.record, now, cost);
             }
         }
-        let elapsed = |t: Instant| u64::try_from(t.duration_since(request.start).as_millis()).unwrap_or(u64::MAX);
+        let elapsed = |t: Instant| {
+            u64::try_from(t.duration_since(request.start).as_millis()).unwrap_or(u64::MAX)
+        };
         let record = UsageRecord {
             request_id: request.request_id,
             attempt: self.attempt,

@@ -126,7 +126,13 @@ mod tests {
     #[test]
     fn a_stream_without_usage_counts_its_content_chunks() {
         let mut scanner = Scanner::default();
-        for byte in STREAM.lines().take(4).collect::<Vec<_>>().join("\n").bytes() {
+        for byte in STREAM
+            .lines()
+            .take(4)
+            .collect::<Vec<_>>()
+            .join("\n")
+            .bytes()
+        {
             scanner.feed(&[byte]);
         }
         scanner.feed(b"\n");
@@ -141,6 +147,9 @@ mod tests {
         scanner.feed(&vec![b'x'; MAX_LINE + 1]);
         assert!(scanner.partial.is_empty());
         scanner.feed(b"\ndata: {\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1}}\n");
-        assert_eq!(scanner.into_answer().unwrap().usage.unwrap().prompt_tokens, 1);
+        assert_eq!(
+            scanner.into_answer().unwrap().usage.unwrap().prompt_tokens,
+            1
+        );
     }
 }

@@ -1,0 +1,747 @@
+//! Virtual keys, limits, budgets and usage accounting, over the wire, on
+//! both stores: a temporary SQLite file and a database of its own on the
+//! real PostgreSQL (127.0.0.1:5432, or `LLMPROXY_TEST_POSTGRES`), dropped
+//! afterwards.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::disallowed_methods,
+    reason = "a test fails loudly and spawns freely"
+)]
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use serde_json::{Value, json};
+
+const ADMIN: &str = "admin-token-for-tests-0123";
+
+/// A store for one test, removed when it ends.
+struct Backend {
+    url: String,
+    cleanup: Cleanup,
+}
+
+enum Cleanup {
+    File(std::path::PathBuf),
+    Database { admin_url: String, name: String },
+}
+
+fn unique() -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "{}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos()
+    )
+}
+
+impl Backend {
+    fn sqlite() -> Self {
+        let path = std::env::temp_dir().join(format!("llmproxy-test-{}.db", unique()));
+        Self {
+            url: format!("sqlite://{}", path.display()),
+            cleanup: Cleanup::File(path),
+        }
+    }
+
+    async fn postgres() -> Self {
+        let admin_url = std::env::var("LLMPROXY_TEST_POSTGRES")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let name = format!("llmproxy_test_{}", unique());
+        let pool = sqlx::PgPool::connect(&admin_url)
+            .await
+            .expect("PostgreSQL at 127.0.0.1:5432 (scripts/services.sh starts it)");
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        let base = admin_url.rsplit_once('/').unwrap().0;
+        Self {
+            url: format!("{base}/{name}"),
+            cleanup: Cleanup::Database { admin_url, name },
+        }
+    }
+
+    async fn both() -> Vec<Self> {
+        vec![Self::sqlite(), Self::postgres().await]
+    }
+
+    async fn remove(self) {
+        match self.cleanup {
+            Cleanup::File(path) => {
+                for suffix in ["", "-wal", "-shm"] {
+                    let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+                }
+            }
+            Cleanup::Database { admin_url, name } => {
+                let pool = sqlx::PgPool::connect(&admin_url).await.unwrap();
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                pool.close().await;
+            }
+        }
+    }
+}
+
+/// The YAML for a gateway with keys required on `store`, in front of `base_url`.
+fn gateway_yaml(base_url: &str, store: &str, extra: &str) -> String {
+    format!(
+        "upstream:\n  base_url: {base_url}\n  default_headers:\n    Authorization: Bearer sk-upstream-secret\n\
+         admin:\n  token: {ADMIN}\nstore:\n  url: {store}\n  flush_interval: 100ms\n\
+         keys:\n  required: true\n  refresh: 200ms\n\
+         prices:\n  gpt-*:\n    input: 1000\n    output: 2000\n{extra}"
+    )
+}
+
+async fn gateway(base_url: &str, store: &str, extra: &str) -> Proxy {
+    let proxy = spawn_proxy_with(
+        llmproxy::config::parse(&gateway_yaml(base_url, store, extra), "test").unwrap(),
+    )
+    .await;
+    // The store opens before the listener serves; wait until it answers.
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(proxy.addr).await.is_ok() {
+            let got = admin(&proxy, "GET", "/admin/status", None).await;
+            if got.status == 200 {
+                return proxy;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the gateway did not start");
+}
+
+async fn admin(proxy: &Proxy, method: &str, path: &str, body: Option<Value>) -> Got {
+    send(
+        Request::builder()
+            .method(method)
+            .uri(proxy.url(path))
+            .header("authorization", format!("Bearer {ADMIN}"))
+            .header("content-type", "application/json")
+            .body(Full::new(
+                body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string())),
+            ))
+            .unwrap(),
+    )
+    .await
+}
+
+/// Creates a key; returns (secret, id).
+async fn create_key(proxy: &Proxy, spec: Value) -> (String, String) {
+    let got = admin(proxy, "POST", "/admin/keys", Some(spec)).await;
+    assert_eq!(got.status, 201, "{}", String::from_utf8_lossy(&got.body));
+    let json = got.json();
+    (
+        json["key"].as_str().unwrap().to_owned(),
+        json["info"]["id"].as_str().unwrap().to_owned(),
+    )
+}
+
+async fn chat(proxy: &Proxy, key: Option<&str>, header: &str, body: Value) -> Got {
+    let mut request =
+        Request::post(proxy.url("/v1/chat/completions")).header("content-type", "application/json");
+    if let Some(key) = key {
+        request = match header {
+            "authorization" => request.header("authorization", format!("Bearer {key}")),
+            other => request.header(other, key),
+        };
+    }
+    send(
+        request
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap(),
+    )
+    .await
+}
+
+/// The usage records, once `n` are there (within 2 s).
+async fn records(proxy: &Proxy, n: usize) -> Vec<Value> {
+    let mut last = Vec::new();
+    for _ in 0..100 {
+        let got = admin(proxy, "GET", "/admin/usage/records?limit=1000", None).await;
+        last = got.json()["data"].as_array().unwrap().clone();
+        if last.len() >= n {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("expected {n} usage records, found {}: {last:?}", last.len());
+}
+
+fn openai_error(got: &Got) -> (u16, String, String) {
+    let json = got.json();
+    (
+        got.status.as_u16(),
+        json["error"]["type"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+        json["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+    )
+}
+
+/// An upstream answering like OpenAI: usage in JSON answers; in streams
+/// only with `stream_options.include_usage`, and then with `"usage":null`
+/// on every other chunk.
+async fn openai_like() -> Upstream {
+    spawn_upstream(|request| {
+        let body: Value = serde_json::from_slice(&request.body).unwrap_or(Value::Null);
+        let usage = json!({"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13});
+        if body["stream"] == true {
+            Reply::sse(
+                stream_events(body["stream_options"]["include_usage"] == true, &usage)
+                    .into_iter()
+                    .map(|e| (Duration::ZERO, e))
+                    .collect(),
+            )
+        } else {
+            Reply::json(
+                200,
+                &json!({"id": "c1", "object": "chat.completion", "model": "gpt-4o-2024",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+                    "usage": usage})
+                .to_string(),
+            )
+        }
+    })
+    .await
+}
+
+fn stream_events(include_usage: bool, usage: &Value) -> Vec<Bytes> {
+    let null = if include_usage { ",\"usage\":null" } else { "" };
+    let mut events: Vec<Bytes> = ["Hel", "lo", "!"]
+        .iter()
+        .map(|word| {
+            Bytes::from(format!(
+                "data: {{\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-2024\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{word}\"}}}}]{null}}}\n\n"
+            ))
+        })
+        .collect();
+    if include_usage {
+        events.push(Bytes::from(format!(
+            "data: {{\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-2024\",\"choices\":[],\"usage\":{usage}}}\n\n"
+        )));
+    }
+    events.push(Bytes::from_static(b"data: [DONE]\n\n"));
+    events
+}
+
+#[tokio::test]
+async fn only_valid_keys_pass_and_no_key_reaches_the_upstream() {
+    for backend in Backend::both().await {
+        let upstream = openai_like().await;
+        let proxy = gateway(&upstream.base_url(), &backend.url, "").await;
+        let (key, id) = create_key(
+            &proxy,
+            json!({"name": "alice", "models": ["gpt-4o", "gpt-4.1-*"]}),
+        )
+        .await;
+        assert!(key.starts_with("sk-llmp-") && key.len() > 50);
+
+        let hello = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]});
+        let missing = chat(&proxy, None, "", hello.clone()).await;
+        assert_eq!(
+            openai_error(&missing),
+            (
+                401,
+                "invalid_request_error".into(),
+                "invalid_api_key".into()
+            )
+        );
+        let wrong = chat(
+            &proxy,
+            Some("sk-llmp-000000"),
+            "authorization",
+            hello.clone(),
+        )
+        .await;
+        assert_eq!(wrong.status, 401);
+        assert!(!String::from_utf8_lossy(&wrong.body).contains("sk-llmp-000000"));
+        for header in ["authorization", "x-api-key", "api-key"] {
+            let ok = chat(&proxy, Some(&key), header, hello.clone()).await;
+            assert_eq!(ok.status, 200, "key in {header}");
+        }
+        let forbidden = chat(
+            &proxy,
+            Some(&key),
+            "authorization",
+            json!({"model": "gpt-3.5"}),
+        )
+        .await;
+        assert_eq!(
+            openai_error(&forbidden),
+            (
+                403,
+                "invalid_request_error".into(),
+                "model_not_allowed".into()
+            )
+        );
+        assert!(String::from_utf8_lossy(&forbidden.body).contains("gpt-3.5"));
+        let wildcard = chat(
+            &proxy,
+            Some(&key),
+            "authorization",
+            json!({"model": "gpt-4.1-mini"}),
+        )
+        .await;
+        assert_eq!(wildcard.status, 200);
+
+        // The upstream saw only its own credential, never the virtual key.
+        let seen = upstream.requests();
+        assert_eq!(seen.len(), 4);
+        for request in &seen {
+            assert_eq!(
+                request.headers["authorization"],
+                "Bearer sk-upstream-secret"
+            );
+            assert!(!request.headers.contains_key("x-api-key"));
+            assert!(!request.headers.contains_key("api-key"));
+            for value in request.headers.values() {
+                assert!(!value.to_str().unwrap_or_default().contains("sk-llmp-"));
+            }
+        }
+
+        // Revoked: refused.
+        let revoked = admin(&proxy, "POST", &format!("/admin/keys/{id}/revoke"), None).await;
+        assert_eq!(revoked.status, 200);
+        assert_eq!(revoked.json()["revoked"], true);
+        let after = chat(&proxy, Some(&key), "authorization", hello.clone()).await;
+        assert_eq!(after.status, 401);
+        assert!(String::from_utf8_lossy(&after.body).contains("revoked"));
+
+        // Expired: refused.
+        let (old, _) = create_key(
+            &proxy,
+            json!({"name": "old", "expires_at": "2020-01-01T00:00:00Z"}),
+        )
+        .await;
+        let expired = chat(&proxy, Some(&old), "authorization", hello.clone()).await;
+        assert_eq!(expired.status, 401);
+        assert!(String::from_utf8_lossy(&expired.body).contains("expired"));
+
+        // Listing never shows a key or its hash.
+        let listed = admin(&proxy, "GET", "/admin/keys", None).await;
+        let text = String::from_utf8_lossy(&listed.body).to_string();
+        assert!(
+            !text.contains(&key[8..]) && !text.contains("hash"),
+            "{text}"
+        );
+        assert_eq!(listed.json()["data"].as_array().unwrap().len(), 2);
+        backend.remove().await;
+    }
+}
+
+#[tokio::test]
+async fn a_revocation_on_one_instance_applies_on_another_within_a_second() {
+    for backend in Backend::both().await {
+        let upstream = openai_like().await;
+        let one = gateway(&upstream.base_url(), &backend.url, "").await;
+        let two = gateway(&upstream.base_url(), &backend.url, "").await;
+        let (key, id) = create_key(&one, json!({"name": "shared"})).await;
+        let hello = json!({"model": "gpt-4o"});
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(
+            chat(&two, Some(&key), "authorization", hello.clone())
+                .await
+                .status,
+            200
+        );
+        admin(&one, "POST", &format!("/admin/keys/{id}/revoke"), None).await;
+        let start = std::time::Instant::now();
+        loop {
+            let got = chat(&two, Some(&key), "authorization", hello.clone()).await;
+            if got.status == 401 {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(1),
+                "still accepted after 1 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        backend.remove().await;
+    }
+}
+
+#[tokio::test]
+async fn limits_answer_429_with_openai_rate_limit_headers() {
+    let backend = Backend::sqlite();
+    let upstream = openai_like().await;
+    let proxy = gateway(&upstream.base_url(), &backend.url, "").await;
+    let (key, _) = create_key(&proxy, json!({"name": "rpm", "rpm": 3})).await;
+    let hello = json!({"model": "gpt-4o"});
+    for _ in 0..3 {
+        assert_eq!(
+            chat(&proxy, Some(&key), "authorization", hello.clone())
+                .await
+                .status,
+            200
+        );
+    }
+    let limited = chat(&proxy, Some(&key), "authorization", hello.clone()).await;
+    assert_eq!(
+        openai_error(&limited),
+        (429, "requests".into(), "rate_limit_exceeded".into())
+    );
+    assert_eq!(limited.header("x-ratelimit-limit-requests"), Some("3"));
+    assert_eq!(limited.header("x-ratelimit-remaining-requests"), Some("0"));
+    assert!(limited.header("x-ratelimit-reset-requests").is_some());
+    let retry: u64 = limited.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=20).contains(&retry), "{retry}");
+    assert_eq!(
+        upstream.requests().len(),
+        3,
+        "a refused request is never sent"
+    );
+
+    // Tokens: admitted on the estimate, settled to the real usage (13).
+    let (key, _) = create_key(&proxy, json!({"name": "tpm", "tpm": 1000})).await;
+    let big = json!({"model": "gpt-4o", "max_tokens": 900});
+    assert_eq!(
+        chat(&proxy, Some(&key), "authorization", big.clone())
+            .await
+            .status,
+        200
+    );
+    // Without reconciliation this second one (another 900) would not fit.
+    let second = chat(&proxy, Some(&key), "authorization", big.clone()).await;
+    assert_eq!(
+        second.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&second.body)
+    );
+    let huge = json!({"model": "gpt-4o", "max_tokens": 990});
+    let refused = chat(&proxy, Some(&key), "authorization", huge).await;
+    assert_eq!(
+        openai_error(&refused),
+        (429, "tokens".into(), "rate_limit_exceeded".into())
+    );
+    assert_eq!(refused.header("x-ratelimit-limit-tokens"), Some("1000"));
+    backend.remove().await;
+}
+
+#[tokio::test]
+async fn concurrency_slots_are_exact_and_freed_when_the_answer_ends() {
+    let backend = Backend::sqlite();
+    let upstream = spawn_upstream(|_| {
+        Reply::sse(vec![
+            (Duration::ZERO, event("{\"choices\":[]}")),
+            (
+                Duration::from_millis(400),
+                Bytes::from_static(b"data: [DONE]\n\n"),
+            ),
+        ])
+    })
+    .await;
+    let proxy = gateway(&upstream.base_url(), &backend.url, "").await;
+    let (key, _) = create_key(&proxy, json!({"name": "one", "max_concurrent": 1})).await;
+    let streaming =
+        json!({"model": "gpt-4o", "stream": true, "stream_options": {"include_usage": true}});
+    let url = proxy.url("/v1/chat/completions");
+    let open = client()
+        .request(
+            Request::post(&url)
+                .header("authorization", format!("Bearer {key}"))
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(streaming.to_string())))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(open.status(), 200);
+    let second = chat(&proxy, Some(&key), "authorization", streaming.clone()).await;
+    assert_eq!(openai_error(&second).2, "rate_limit_exceeded");
+    assert!(String::from_utf8_lossy(&second.body).contains("1 concurrent"));
+    open.into_body().collect().await.unwrap();
+    let third = chat(&proxy, Some(&key), "authorization", streaming).await;
+    assert_eq!(third.status, 200);
+    backend.remove().await;
+}
+
+#[tokio::test]
+async fn a_spent_budget_answers_insufficient_quota_until_it_resets() {
+    let backend = Backend::sqlite();
+    let upstream = openai_like().await;
+    let proxy = gateway(&upstream.base_url(), &backend.url, "").await;
+    // One request: 10 × 1000 + 3 × 2000 USD per million = 0.016 USD.
+    let (key, id) = create_key(
+        &proxy,
+        json!({"name": "b", "budget_usd": 0.02, "budget_period": "1d"}),
+    )
+    .await;
+    let hello = json!({"model": "gpt-4o"});
+    let first = chat(&proxy, Some(&key), "authorization", hello.clone()).await;
+    assert_eq!(first.header("x-llmproxy-cost-usd"), Some("0.016000000"));
+    assert_eq!(
+        chat(&proxy, Some(&key), "authorization", hello.clone())
+            .await
+            .status,
+        200
+    );
+    let spent = chat(&proxy, Some(&key), "authorization", hello.clone()).await;
+    assert_eq!(
+        openai_error(&spent),
+        (429, "insufficient_quota".into(), "budget_exceeded".into())
+    );
+    assert!(String::from_utf8_lossy(&spent.body).contains("resets at"));
+    let shown = admin(&proxy, "GET", &format!("/admin/keys/{id}"), None)
+        .await
+        .json();
+    assert_eq!(shown["spent_usd"], 0.032);
+    // Raising the budget lets the key through again.
+    let raised = admin(
+        &proxy,
+        "PATCH",
+        &format!("/admin/keys/{id}"),
+        Some(json!({"budget_usd": 1.0})),
+    )
+    .await;
+    assert_eq!(raised.status, 200);
+    assert_eq!(
+        chat(&proxy, Some(&key), "authorization", hello)
+            .await
+            .status,
+        200
+    );
+    backend.remove().await;
+}
+
+async fn stream_bytes(proxy: &Proxy, key: &str, body: Value) -> Vec<u8> {
+    let response = client()
+        .request(
+            Request::post(proxy.url("/v1/chat/completions"))
+                .header("authorization", format!("Bearer {key}"))
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body.to_string())))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .to_vec()
+}
+
+#[tokio::test]
+async fn usage_is_recorded_exactly_and_streams_stay_byte_exact() {
+    for backend in Backend::both().await {
+        let upstream = openai_like().await;
+        let proxy = gateway(&upstream.base_url(), &backend.url, "").await;
+        let (key, id) = create_key(&proxy, json!({"name": "u"})).await;
+        let usage = json!({"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13});
+
+        let plain = chat(
+            &proxy,
+            Some(&key),
+            "authorization",
+            json!({"model": "gpt-4o"}),
+        )
+        .await;
+        assert_eq!(plain.header("x-llmproxy-prompt-tokens"), Some("10"));
+        assert_eq!(plain.header("x-llmproxy-completion-tokens"), Some("3"));
+
+        // Not asked for: llmproxy asks upstream and the client sees the
+        // stream it would have seen.
+        let without = stream_bytes(&proxy, &key, json!({"model": "gpt-4o", "stream": true})).await;
+        let expected: Vec<u8> = stream_events(false, &usage).concat();
+        assert_eq!(
+            String::from_utf8_lossy(&without),
+            String::from_utf8_lossy(&expected)
+        );
+        let asked: Value = serde_json::from_slice(&upstream.requests()[1].body).unwrap();
+        assert_eq!(asked["stream_options"]["include_usage"], true);
+
+        // Asked for: passed through untouched.
+        let with = stream_bytes(
+            &proxy,
+            &key,
+            json!({"model": "gpt-4o", "stream": true, "stream_options": {"include_usage": true}}),
+        )
+        .await;
+        assert_eq!(with, stream_events(true, &usage).concat());
+
+        // An upstream error: recorded with no tokens.
+        let records_now = records(&proxy, 3).await;
+        for record in &records_now {
+            assert_eq!(record["prompt_tokens"], 10);
+            assert_eq!(record["completion_tokens"], 3);
+            assert_eq!(record["source"], "reported");
+            assert_eq!(record["key_id"], id.as_str());
+            assert_eq!(record["model_requested"], "gpt-4o");
+            assert_eq!(record["model_served"], "gpt-4o-2024");
+            assert_eq!(record["cost_nano_usd"], 16_000_000);
+        }
+        let totals = admin(&proxy, "GET", "/admin/usage?group_by=model", None)
+            .await
+            .json();
+        assert_eq!(totals["data"][0]["model"], "gpt-4o");
+        assert_eq!(totals["data"][0]["requests"], 3);
+        assert_eq!(totals["data"][0]["cost_usd"], 0.048);
+        backend.remove().await;
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_stream_is_recorded_at_once_as_estimated() {
+    let backend = Backend::sqlite();
+    let upstream = spawn_upstream(|_| {
+        Reply::sse(vec![
+            (
+                Duration::ZERO,
+                event("{\"choices\":[{\"delta\":{\"content\":\"a\"}}],\"usage\":null}"),
+            ),
+            (
+                Duration::ZERO,
+                event("{\"choices\":[{\"delta\":{\"content\":\"b\"}}],\"usage\":null}"),
+            ),
+            (
+                Duration::from_secs(30),
+                Bytes::from_static(b"data: [DONE]\n\n"),
+            ),
+        ])
+    })
+    .await;
+    let proxy = gateway(&upstream.base_url(), &backend.url, "").await;
+    let (key, _) = create_key(&proxy, json!({"name": "gone"})).await;
+    let response = client()
+        .request(
+            Request::post(proxy.url("/v1/chat/completions"))
+                .header("authorization", format!("Bearer {key}"))
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(
+                    json!({"model": "gpt-4o", "stream": true}).to_string(),
+                )))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut body = response.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert!(first.data_ref().is_some());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let left = std::time::Instant::now();
+    drop(body);
+    let found = records(&proxy, 1).await;
+    assert!(
+        left.elapsed() < Duration::from_secs(1),
+        "recorded after {:?}",
+        left.elapsed()
+    );
+    assert_eq!(found[0]["source"], "estimated");
+    assert_eq!(found[0]["completion_tokens"], 2);
+    assert!(found[0]["prompt_tokens"].as_u64().unwrap() > 0);
+    backend.remove().await;
+}
+
+#[tokio::test]
+async fn a_thousand_concurrent_requests_are_each_recorded_once_and_survive_restart() {
+    for backend in Backend::both().await {
+        let upstream = openai_like().await;
+        let mut proxy = gateway(&upstream.base_url(), &backend.url, "").await;
+        let (key, _) = create_key(&proxy, json!({"name": "load"})).await;
+        let mut tasks = Vec::new();
+        for i in 0..1000 {
+            let url = proxy.url("/v1/chat/completions");
+            let key = key.clone();
+            tasks.push(tokio::spawn(async move {
+                let stream = i % 2 == 0;
+                let got = send(
+                    Request::post(url)
+                        .header("authorization", format!("Bearer {key}"))
+                        .header("content-type", "application/json")
+                        .body(Full::new(Bytes::from(
+                            json!({"model": "gpt-4o", "stream": stream}).to_string(),
+                        )))
+                        .unwrap(),
+                )
+                .await;
+                assert_eq!(got.status, 200);
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        // Graceful shutdown right away: the last batch is written before exit.
+        proxy.shutdown();
+        (&mut proxy.task).await.unwrap().unwrap();
+
+        let again = gateway(&upstream.base_url(), &backend.url, "").await;
+        let totals = admin(&again, "GET", "/admin/usage", None).await.json();
+        assert_eq!(totals["data"][0]["requests"], 1000, "{totals}");
+        assert_eq!(totals["data"][0]["prompt_tokens"], 10_000);
+        let records = records(&again, 1000).await;
+        let ids: std::collections::HashSet<&str> = records
+            .iter()
+            .map(|r| r["request_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids.len(), 1000);
+        // The key survived the restart too.
+        let hello = json!({"model": "gpt-4o"});
+        assert_eq!(
+            chat(&again, Some(&key), "authorization", hello)
+                .await
+                .status,
+            200
+        );
+        backend.remove().await;
+    }
+}
+
+#[tokio::test]
+async fn admin_calls_need_the_token_and_name_bad_fields() {
+    let backend = Backend::sqlite();
+    let upstream = openai_like().await;
+    let proxy = gateway(&upstream.base_url(), &backend.url, "").await;
+    let anonymous = send(
+        Request::get(proxy.url("/admin/keys"))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(anonymous.status, 401);
+    let bad = admin(
+        &proxy,
+        "POST",
+        "/admin/keys",
+        Some(json!({"name": "x", "rpn": 5})),
+    )
+    .await;
+    assert_eq!(bad.status, 400);
+    assert!(String::from_utf8_lossy(&bad.body).contains("rpn"));
+    let bad = admin(
+        &proxy,
+        "POST",
+        "/admin/keys",
+        Some(json!({"name": "x", "budget_period": "soon"})),
+    )
+    .await;
+    assert!(String::from_utf8_lossy(&bad.body).contains("budget_period"));
+    let missing = admin(&proxy, "GET", "/admin/keys/key_nope", None).await;
+    assert_eq!(openai_error(&missing).2, "key_not_found");
+    let day = admin(&proxy, "GET", "/admin/usage?from=yesterday", None).await;
+    assert_eq!(day.status, 400);
+    backend.remove().await;
+}
