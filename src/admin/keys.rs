@@ -109,7 +109,7 @@ pub fn rfc3339(unix_ms: i64) -> String {
 }
 
 fn period_text(secs: u64) -> String {
-    if secs % 86_400 == 0 {
+    if secs.is_multiple_of(86_400) {
         format!("{}d", secs / 86_400)
     } else {
         humantime::format_duration(Duration::from_secs(secs)).to_string()
@@ -117,7 +117,7 @@ fn period_text(secs: u64) -> String {
 }
 
 fn usd_to_nano(usd: f64) -> Result<u64, ProxyError> {
-    if !usd.is_finite() || usd < 0.0 || usd > 1e9 {
+    if !usd.is_finite() || !(0.0..=1e9).contains(&usd) {
         return Err(ProxyError::BadRequest(
             "`budget_usd` must be a number of USD from 0 to 1e9".into(),
         ));

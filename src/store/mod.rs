@@ -409,7 +409,7 @@ impl Store {
             .fetch_all(pool)
             .await
             .map_err(db("reading keys"))
-            .and_then(|rows| rows.iter().map(|row| key_from_row(row)).collect()))
+            .and_then(|rows| rows.iter().map(key_from_row).collect()))
     }
 
     /// Writes `records` in one transaction, each at most once (a record whose
@@ -564,7 +564,7 @@ impl Store {
             .fetch_all(pool)
             .await
             .map_err(db("reading usage records"))
-            .and_then(|rows| rows.iter().map(|row| record_from_row(row)).collect()))
+            .and_then(|rows| rows.iter().map(record_from_row).collect()))
     }
 }
 

@@ -69,15 +69,15 @@ impl Scanner {
             return;
         }
         let first = self.content == 0 && self.model.is_none();
-        if first || contains(payload, b"\"usage\"") {
-            if let Ok(answer) = serde_json::from_slice::<Answer>(payload) {
-                if let Some(model) = answer.model {
-                    self.model.get_or_insert(model);
-                }
-                if let Some(usage) = answer.usage {
-                    self.usage = Some(usage);
-                    return;
-                }
+        if (first || contains(payload, b"\"usage\""))
+            && let Ok(answer) = serde_json::from_slice::<Answer>(payload)
+        {
+            if let Some(model) = answer.model {
+                self.model.get_or_insert(model);
+            }
+            if let Some(usage) = answer.usage {
+                self.usage = Some(usage);
+                return;
             }
         }
         self.content += 1;
