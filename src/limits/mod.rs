@@ -240,7 +240,7 @@ mod tests {
 
     #[test]
     fn budget_periods_follow_the_keys_creation_time() {
-        let mut record = crate::auth::tests_support::record();
+        let mut record = KeyRecord::empty();
         record.created_at = 1_000;
         record.budget_period_secs = Some(86_400);
         assert_eq!(budget_period(&record, 1_000), (0, Some(86_401_000)));

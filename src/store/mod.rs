@@ -2,9 +2,9 @@
 //! default, PostgreSQL by URL, one schema and one set of versioned
 //! migrations (`migrations/`) for both, through `sqlx`.
 //!
-//! Nothing here is on the request path: keys are read into memory
-//! ([`crate::auth::Keys`]) and refreshed in the background, usage records
-//! are written in batches by [`crate::usage::Writer`].
+//! Nothing here is on the request path: keys are read into memory (the
+//! `auth` module's `Keys`) and refreshed in the background, usage records
+//! are written in batches by the `usage` module's writer.
 //!
 //! Both backends take the same SQL text: only `TEXT` and `BIGINT` columns,
 //! numbered parameters (`$1`, in order), and `ON CONFLICT`, which both speak.
