@@ -99,3 +99,77 @@ async fn official_node_sdk_works_through_the_proxy() {
     command.arg(root().join("tests/sdk/openai_node.mjs"));
     run_client(command, &proxy).await;
 }
+
+/// A gateway requiring keys in front of the mock, and a key allowed 2
+/// requests per minute.
+async fn gateway_with_key() -> (Proxy, String, std::path::PathBuf) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mock = llmproxy::mock::MockConfig {
+        chunks: 4,
+        delay: Duration::from_millis(1),
+        ..Default::default()
+    };
+    tokio::spawn(llmproxy::mock::serve(listener, mock));
+    let db = std::env::temp_dir().join(format!(
+        "llmproxy-sdk-{}-{}.db",
+        std::process::id(),
+        addr.port()
+    ));
+    let yaml = format!(
+        "upstream:\n  base_url: http://{addr}/v1\nadmin:\n  token: sdk-admin-token-0123456\n\
+         store:\n  url: sqlite://{}\nkeys:\n  required: true\n",
+        db.display()
+    );
+    let proxy = spawn_proxy_with(llmproxy::config::parse(&yaml, "test").unwrap()).await;
+    let mut created = None;
+    for _ in 0..200 {
+        let request = http::Request::post(proxy.url("/admin/keys"))
+            .header("authorization", "Bearer sdk-admin-token-0123456")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                br#"{"name":"sdk","rpm":2}"#,
+            )))
+            .unwrap();
+        if let Ok(response) = client().request(request).await {
+            use http_body_util::BodyExt;
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            created = json["key"].as_str().map(str::to_owned);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    (proxy, created.expect("a key"), db)
+}
+
+#[tokio::test]
+async fn official_python_sdk_maps_virtual_key_errors_to_its_exceptions() {
+    let python: PathBuf = root().join(".sdk/venv/bin/python");
+    if !installed("the Python openai SDK", &python) {
+        return;
+    }
+    let (proxy, key, db) = gateway_with_key().await;
+    let mut command = Command::new(python);
+    command
+        .arg(root().join("tests/sdk/keys_python.py"))
+        .env("VIRTUAL_KEY", key);
+    run_client(command, &proxy).await;
+    let _ = std::fs::remove_file(db);
+}
+
+#[tokio::test]
+async fn official_node_sdk_maps_virtual_key_errors_to_its_exceptions() {
+    if !installed(
+        "the Node openai SDK",
+        &root().join("tests/sdk/node_modules/openai"),
+    ) {
+        return;
+    }
+    let (proxy, key, db) = gateway_with_key().await;
+    let mut command = Command::new("node");
+    command
+        .arg(root().join("tests/sdk/keys_node.mjs"))
+        .env("VIRTUAL_KEY", key);
+    run_client(command, &proxy).await;
+    let _ = std::fs::remove_file(db);
+}
