@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 echo "== installing the pinned OpenAI SDKs"
 ./scripts/sdk-setup.sh
 
+echo "== services the tests use (PostgreSQL, Redis)"
+./scripts/services.sh
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 
