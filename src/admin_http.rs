@@ -49,11 +49,24 @@ fn answer(result: Result<impl serde::Serialize, ProxyError>, status: StatusCode)
 /// `GET /admin/status`.
 pub async fn status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     let extra = match &state.accounts {
-        Some(accounts) => serde_json::json!({"keys": {
-            "required": accounts.settings.keys_required,
-            "loaded": accounts.keys.all().len(),
-            "store": accounts.store.backend(),
-        }}),
+        Some(accounts) => serde_json::json!({
+            "keys": {
+                "required": accounts.settings.keys_required,
+                "loaded": accounts.keys.all().len(),
+                "store": accounts.store.backend(),
+            },
+            "redis": accounts.shared.as_ref().map(|shared| serde_json::json!({
+                "healthy": shared.healthy(),
+                "prefix": shared.prefix(),
+                "on_unavailable": shared.on_unavailable.name(),
+                // What the limits are doing now, said plainly.
+                "limits": match (shared.healthy(), shared.on_unavailable) {
+                    (true, _) => "shared",
+                    (false, crate::limits::shared::OnUnavailable::Local) => "local",
+                    (false, crate::limits::shared::OnUnavailable::Closed) => "refusing",
+                },
+            })),
+        }),
         None => serde_json::Value::Null,
     };
     admin::status(

@@ -110,6 +110,12 @@ pub enum ProxyError {
     /// The store (SQLite/PostgreSQL) failed while serving an admin call.
     #[error("the store failed: {0}")]
     Store(String),
+    /// The key's limits are shared through Redis, Redis is unreachable and
+    /// `redis.on_unavailable` is `closed`.
+    #[error(
+        "this API key's rate limits are shared through Redis, which cannot be reached; requests with limits are refused until it is back (redis.on_unavailable: closed)"
+    )]
+    LimitsUnavailable,
     /// The upstream answered with something that is not valid HTTP.
     #[error("upstream answered with an invalid response: {0}")]
     UpstreamProtocol(String),
@@ -169,7 +175,7 @@ impl ProxyError {
             Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             Self::RateLimited(_) | Self::BudgetExceeded(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::KeyNotFound(_) => StatusCode::NOT_FOUND,
-            Self::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Store(_) | Self::LimitsUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UpstreamUnreachable(_) | Self::UpstreamProtocol(_) => StatusCode::BAD_GATEWAY,
             Self::ConnectTimeout(_) | Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -237,6 +243,7 @@ impl ProxyError {
             Self::BudgetExceeded(_) => "budget_exceeded",
             Self::KeyNotFound(_) => "key_not_found",
             Self::Store(_) => "store_unavailable",
+            Self::LimitsUnavailable => "limits_unavailable",
             Self::BodyTooLarge { .. } => "request_too_large",
             Self::UpstreamUnreachable(_) => "upstream_unreachable",
             Self::ConnectTimeout(_) => "upstream_connect_timeout",

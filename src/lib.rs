@@ -173,6 +173,25 @@ pub async fn run(
         required = settings.keys_required,
         "keys and usage store ready"
     );
+    let shared = match &settings.redis {
+        Some(redis) => {
+            let on_unavailable = match redis.on_unavailable {
+                config::OnUnavailable::Local => limits::shared::OnUnavailable::Local,
+                config::OnUnavailable::Closed => limits::shared::OnUnavailable::Closed,
+            };
+            let shared = limits::shared::SharedLimits::new(
+                redis.url.expose(),
+                redis.prefix.clone(),
+                on_unavailable,
+            )
+            .map_err(|err| std::io::Error::other(format!("redis.url: {err}")))?;
+            let shared = Arc::new(shared);
+            // Connected (or known down, and said so) before the first request.
+            shared.probe().await;
+            Some(shared)
+        }
+        None => None,
+    };
     let (sink, writer) = usage::Writer::start(store.clone(), settings.flush_interval);
     let refresh = settings.refresh;
     let state = AppState::new(
@@ -182,8 +201,14 @@ pub async fn run(
             keys,
             sink,
             settings,
+            shared: shared.clone(),
         }),
     );
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "the Redis probe runs until the server is done and is aborted then"
+    )]
+    let watcher = shared.map(|shared| tokio::spawn(shared.watch()));
     let refresher = {
         let state = Arc::clone(&state);
         #[expect(
@@ -207,6 +232,10 @@ pub async fn run(
     let served = server::serve(listener, &config, tasks, service(state), shutdown).await;
     refresher.abort();
     let _ = refresher.await;
+    if let Some(watcher) = watcher {
+        watcher.abort();
+        let _ = watcher.await;
+    }
     // Every request's meter holds a sender: once the last is gone, the
     // writer stores what is left and ends.
     writer.finish(std::time::Duration::from_secs(10)).await;

@@ -36,7 +36,7 @@ use crate::auth::Key;
 use crate::error::ProxyError;
 use crate::error::RateLimit;
 use crate::ingress::openai;
-use crate::limits::Slot;
+use crate::limits::{Dimension, Slot, Verdict};
 use crate::routing::retry::{Attempted, Trace};
 use crate::routing::{ModelRouter, fallback};
 use crate::state::{Accounts, AppState};
@@ -154,6 +154,7 @@ async fn metered(
                 upstream: String::new(),
                 prompt_estimate: admitted.prompt_estimate,
                 reserved_tokens: admitted.reserved_tokens,
+                tokens_shared: admitted.tokens_shared,
                 slot: admitted.slot,
                 start,
             };
@@ -175,6 +176,7 @@ struct Admitted {
     stream: bool,
     prompt_estimate: u64,
     reserved_tokens: u64,
+    tokens_shared: bool,
     slot: Option<Slot>,
 }
 
@@ -234,6 +236,7 @@ async fn admit_key(
         model: facts.model,
         prompt_estimate,
         reserved_tokens: 0,
+        tokens_shared: false,
         slot: None,
     };
     let Some(key) = key else {
@@ -258,27 +261,45 @@ async fn admit_key(
             )));
         }
     }
-    let requests = record
-        .rpm
-        .map(|limit| (limit, key.state.requests.take(1, limit)));
+    let shared = accounts.shared.as_deref();
+    let down = |_| ProxyError::LimitsUnavailable;
+    let requests = match record.rpm {
+        Some(limit) => Some((
+            limit,
+            key.state
+                .take(shared, &record.id, Dimension::Requests, 1, limit)
+                .await
+                .map_err(down)?,
+        )),
+        None => None,
+    };
     let estimate = prompt_estimate.saturating_add(facts.max_tokens.unwrap_or(0));
+    let give_back = |requests: Option<(u64, Verdict)>, tokens: Option<(u64, Verdict)>| {
+        for (dimension, n, taken) in [
+            (Dimension::Requests, 1, requests),
+            (Dimension::Tokens, estimate, tokens),
+        ] {
+            if let Some((limit, verdict)) = taken
+                && verdict.retry_after.is_none()
+            {
+                key.state.settle(dimension, verdict.shared, n, 0, limit);
+            }
+        }
+    };
     let tokens = match (requests, record.tpm) {
         (Some((_, verdict)), _) if verdict.retry_after.is_some() => None,
-        (_, Some(limit)) => Some((limit, key.state.tokens.take(estimate, limit))),
+        (_, Some(limit)) => match key
+            .state
+            .take(shared, &record.id, Dimension::Tokens, estimate, limit)
+            .await
+        {
+            Ok(verdict) => Some((limit, verdict)),
+            Err(err) => {
+                give_back(requests, None);
+                return Err(down(err));
+            }
+        },
         _ => None,
-    };
-    let give_back = |requests: Option<(u64, crate::limits::Verdict)>,
-                     tokens: Option<(u64, crate::limits::Verdict)>| {
-        if let Some((limit, verdict)) = requests
-            && verdict.retry_after.is_none()
-        {
-            key.state.requests.settle(1, 0, limit);
-        }
-        if let Some((limit, verdict)) = tokens
-            && verdict.retry_after.is_none()
-        {
-            key.state.tokens.settle(estimate, 0, limit);
-        }
     };
     let refused = |what: &str, kind: &'static str, retry_after: std::time::Duration| {
         ProxyError::RateLimited(Box::new(RateLimit {
@@ -323,7 +344,10 @@ async fn admit_key(
             }
         }
     }
-    admitted.reserved_tokens = if tokens.is_some() { estimate } else { 0 };
+    if let Some((_, verdict)) = tokens {
+        admitted.reserved_tokens = estimate;
+        admitted.tokens_shared = verdict.shared;
+    }
     admitted.key = Some(key);
     Ok((admitted, body))
 }

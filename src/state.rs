@@ -27,6 +27,8 @@ pub struct Accounts {
     pub sink: Sink,
     /// The validated settings (prices, whether keys are required).
     pub settings: Accounting,
+    /// RPM/TPM shared through Redis, when `redis` is configured.
+    pub shared: Option<Arc<crate::limits::shared::SharedLimits>>,
 }
 
 /// What every request shares.

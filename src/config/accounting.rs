@@ -30,6 +30,43 @@ pub struct KeysFile {
     pub refresh: Option<Duration>,
 }
 
+/// `redis`: rate limits shared by every instance.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisFile {
+    /// `redis://[:PASSWORD@]HOST[:PORT][/DB]`; `${VAR}` reads the environment.
+    pub url: String,
+    /// Prefix of every Redis key llmproxy writes (`llmproxy` unless set), so
+    /// several deployments can share one Redis.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// While Redis cannot be reached: `local` (each instance limits on its
+    /// own, the default) or `closed` (requests of keys with limits get 503).
+    #[serde(default)]
+    pub on_unavailable: Option<OnUnavailable>,
+}
+
+/// What limits do while Redis cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnUnavailable {
+    /// Each instance applies the limits on its own.
+    Local,
+    /// Requests of keys with RPM/TPM limits are refused with 503.
+    Closed,
+}
+
+/// The validated `redis` section.
+#[derive(Debug, Clone)]
+pub struct Redis {
+    /// The URL (may hold a password: never logged).
+    pub url: crate::headers::Secret,
+    /// The key prefix.
+    pub prefix: String,
+    /// While Redis cannot be reached.
+    pub on_unavailable: OnUnavailable,
+}
+
 /// What a model costs, in USD per million tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -57,6 +94,8 @@ pub struct Accounting {
     pub flush_interval: Duration,
     /// Prices by public model name (`*` suffix matches a prefix), in file order.
     pub prices: Vec<(String, Price)>,
+    /// Shared limits, when `redis` is configured.
+    pub redis: Option<Redis>,
 }
 
 impl Accounting {
@@ -80,9 +119,20 @@ pub fn resolve_accounting(
     store: StoreFile,
     keys: KeysFile,
     prices: Ordered<Price>,
+    redis: Option<RedisFile>,
     origin: &str,
     env: &dyn Lookup,
 ) -> Result<Option<Accounting>, ConfigError> {
+    let redis = redis
+        .map(|file| resolve_redis(file, origin, env))
+        .transpose()?;
+    if redis.is_some() && !keys.required {
+        return Err(invalid(
+            origin,
+            "redis",
+            "Redis shares the rate limits of virtual keys: set `keys.required: true`",
+        ));
+    }
     for (model, price) in &prices.0 {
         for (field, value) in [
             ("input", Some(price.input)),
@@ -132,5 +182,35 @@ pub fn resolve_accounting(
         refresh,
         flush_interval,
         prices: prices.0,
+        redis,
     }))
+}
+
+fn resolve_redis(file: RedisFile, origin: &str, env: &dyn Lookup) -> Result<Redis, ConfigError> {
+    let url = interpolate(&file.url, env).map_err(|m| invalid(origin, "redis.url", m))?;
+    if !env.placeholder() && !url.starts_with("redis://") {
+        return Err(invalid(
+            origin,
+            "redis.url",
+            "must be redis://[:PASSWORD@]HOST[:PORT][/DB], e.g. redis://127.0.0.1:6379 (rediss:// is not supported yet)",
+        ));
+    }
+    let prefix = file.prefix.unwrap_or_else(|| "llmproxy".to_owned());
+    if prefix.is_empty()
+        || prefix.len() > 64
+        || !prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+    {
+        return Err(invalid(
+            origin,
+            "redis.prefix",
+            "must be 1 to 64 letters, digits, `-`, `_`, `.` or `:`",
+        ));
+    }
+    Ok(Redis {
+        url: crate::headers::Secret::new(url),
+        prefix,
+        on_unavailable: file.on_unavailable.unwrap_or(OnUnavailable::Local),
+    })
 }

@@ -142,6 +142,9 @@ pub(super) fn check_variables(
     if let Some(url) = &file.store.url {
         fields.push(("store.url".to_owned(), url));
     }
+    if let Some(redis) = &file.redis {
+        fields.push(("redis.url".to_owned(), &redis.url));
+    }
     let mut missing: Vec<(String, &str)> = Vec::new();
     for (field, text) in &fields {
         for name in variables(text) {

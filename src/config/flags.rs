@@ -42,6 +42,7 @@ pub fn from_flags(
         store: StoreFile::default(),
         keys: KeysFile::default(),
         prices: Ordered::default(),
+        redis: None,
     };
     resolve(file, origin, env).map_err(|err| {
         // The URL typed on the command line may carry a key in its query.

@@ -28,7 +28,7 @@ mod upstreams;
 
 pub use crate::upstream::BaseUrl;
 use accounting::resolve_accounting;
-pub use accounting::{Accounting, KeysFile, Price, StoreFile};
+pub use accounting::{Accounting, KeysFile, OnUnavailable, Price, Redis, RedisFile, StoreFile};
 pub use env::{Env, Lookup, NoEnv, Secrets, interpolate};
 use env::{Recording, check_variables};
 pub use flags::from_flags;
@@ -133,6 +133,9 @@ pub struct FileConfig {
     /// What each public model costs, USD per million tokens.
     #[serde(default)]
     pub prices: Ordered<Price>,
+    /// Rate limits shared through Redis.
+    #[serde(default)]
+    pub redis: Option<RedisFile>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -385,6 +388,7 @@ fn resolve_recorded(
         store,
         keys,
         prices,
+        redis,
     } = file;
 
     let single = !upstream.base_url.is_empty();
@@ -494,7 +498,7 @@ fn resolve_recorded(
             Some(crate::headers::Secret::new(token))
         }
     };
-    let accounting = resolve_accounting(store, keys, prices, origin, env)?;
+    let accounting = resolve_accounting(store, keys, prices, redis, origin, env)?;
     Ok(Config {
         listen,
         accounting,

@@ -12,11 +12,19 @@
 //! Concurrency slots are guards that free themselves when the answer's body
 //! is dropped, however the request ends; on one instance a crash takes the
 //! counts with it, so nothing can stay locked.
+//!
+//! With `redis` configured, RPM and TPM are shared by every instance
+//! ([`shared`]); these buckets then serve only while Redis is unreachable
+//! and `redis.on_unavailable` is `local`.
 
+pub mod shared;
+
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::store::KeyRecord;
+use shared::{Allowance, OnUnavailable, SharedLimits};
 
 /// The clock origin the buckets count from (monotonic).
 fn now_ns() -> u64 {
@@ -45,6 +53,8 @@ pub struct Verdict {
     pub reset: Duration,
     /// When refused: how long until `n` units would be admitted.
     pub retry_after: Option<Duration>,
+    /// Admitted from a shared (Redis) lease rather than a local bucket.
+    pub shared: bool,
 }
 
 impl Verdict {
@@ -71,6 +81,7 @@ impl Bucket {
             remaining: MINUTE_NS.saturating_sub(used) / Self::unit(limit),
             reset: Duration::from_nanos(used),
             retry_after,
+            shared: false,
         }
     }
 
@@ -129,7 +140,25 @@ pub struct KeyState {
     pub spent: AtomicU64,
     /// Which budget period `spent` is for (its index since the key's creation).
     pub period: AtomicU64,
+    /// This instance's lease of the shared RPM bucket.
+    pub shared_requests: Mutex<Allowance>,
+    /// This instance's lease of the shared TPM bucket.
+    pub shared_tokens: Mutex<Allowance>,
 }
+
+/// Which of a key's rate limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dimension {
+    /// Requests per minute.
+    Requests,
+    /// Tokens per minute.
+    Tokens,
+}
+
+/// The shared limits are configured, Redis is unreachable and
+/// `redis.on_unavailable` is `closed`.
+#[derive(Debug, Clone, Copy)]
+pub struct LimitsDown;
 
 /// A request's slot in its key's concurrency limit: given back on drop.
 pub struct Slot(std::sync::Arc<KeyState>);
@@ -177,6 +206,55 @@ pub fn period_start(record: &KeyRecord, at: i64) -> i64 {
 }
 
 impl KeyState {
+    fn parts(&self, dimension: Dimension) -> (&Bucket, &Mutex<Allowance>, &'static str) {
+        match dimension {
+            Dimension::Requests => (&self.requests, &self.shared_requests, "rpm"),
+            Dimension::Tokens => (&self.tokens, &self.shared_tokens, "tpm"),
+        }
+    }
+
+    /// Admits `n` units of `limit` per minute in `dimension`: from the
+    /// shared bucket when there is one and Redis answers, else from this
+    /// instance's bucket, unless `on_unavailable` is `closed`.
+    pub async fn take(
+        &self,
+        shared: Option<&SharedLimits>,
+        key_id: &str,
+        dimension: Dimension,
+        n: u64,
+        limit: u64,
+    ) -> Result<Verdict, LimitsDown> {
+        let (bucket, allowance, name) = self.parts(dimension);
+        if let Some(shared) = shared {
+            match shared.take(allowance, key_id, name, n, limit).await {
+                Some(verdict) => return Ok(verdict),
+                None if shared.on_unavailable == OnUnavailable::Closed => return Err(LimitsDown),
+                None => {}
+            }
+        }
+        Ok(bucket.take(n, limit))
+    }
+
+    /// Corrects an admission `verdict` of `reserved` units to `used`
+    /// (`used` 0 gives a refused request's units back).
+    pub fn settle(
+        &self,
+        dimension: Dimension,
+        verdict_shared: bool,
+        reserved: u64,
+        used: u64,
+        limit: u64,
+    ) {
+        let (bucket, allowance, _) = self.parts(dimension);
+        if verdict_shared {
+            if let Ok(mut allowance) = allowance.lock() {
+                allowance.settle(reserved, used);
+            }
+        } else {
+            bucket.settle(reserved, used, limit);
+        }
+    }
+
     /// What has been spent in the period `at` falls in, resetting the count
     /// when a new period has begun.
     pub fn spent_now(&self, record: &KeyRecord, at: i64) -> u64 {

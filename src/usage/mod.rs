@@ -220,6 +220,8 @@ pub struct Metered {
     pub prompt_estimate: u64,
     /// Tokens reserved in the key's TPM bucket.
     pub reserved_tokens: u64,
+    /// Whether they were reserved from a shared (Redis) lease.
+    pub tokens_shared: bool,
     /// The key's concurrency slot, freed with the answer.
     pub slot: Option<Slot>,
     /// When the request arrived.
@@ -324,9 +326,13 @@ impl Meter {
                 let used = tokens
                     .prompt_tokens
                     .saturating_add(tokens.completion_tokens);
-                key.state
-                    .tokens
-                    .settle(request.reserved_tokens, used, limit);
+                key.state.settle(
+                    crate::limits::Dimension::Tokens,
+                    request.tokens_shared,
+                    request.reserved_tokens,
+                    used,
+                    limit,
+                );
             }
             if cost > 0 {
                 key.state.charge(&key.record, now, cost);
