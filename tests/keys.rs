@@ -745,3 +745,245 @@ async fn admin_calls_need_the_token_and_name_bad_fields() {
     assert_eq!(day.status, 400);
     backend.remove().await;
 }
+
+/// A Redis key prefix of one test's own on the real Redis (127.0.0.1:6379,
+/// or `LLMPROXY_TEST_REDIS`); its keys are deleted afterwards.
+struct RedisPrefix {
+    url: String,
+    prefix: String,
+}
+
+impl RedisPrefix {
+    fn new() -> Self {
+        Self {
+            url: std::env::var("LLMPROXY_TEST_REDIS")
+                .unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
+            prefix: format!("llmproxy_test_{}", unique()),
+        }
+    }
+
+    async fn remove(self) {
+        let client = redis::Client::open(self.url.as_str()).unwrap();
+        let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*", self.prefix))
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        if !keys.is_empty() {
+            let _: () = redis::cmd("DEL")
+                .arg(&keys)
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+        }
+    }
+}
+
+/// A TCP relay to Redis that the test can cut and restore, to play a Redis
+/// that goes away and comes back.
+struct Relay {
+    addr: std::net::SocketAddr,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cut: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl Relay {
+    async fn to(target: &str) -> Self {
+        let target = target.trim_start_matches("redis://").to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let cut = std::sync::Arc::new(tokio::sync::Notify::new());
+        let (flag, notify) = (up.clone(), cut.clone());
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !flag.load(Ordering::SeqCst) {
+                    continue; // dropped: the connection closes at once
+                }
+                let target = target.clone();
+                let notify = notify.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        () = notify.notified() => {}
+                    }
+                });
+            }
+        });
+        Self { addr, up, cut }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://{}", self.addr)
+    }
+
+    fn set(&self, up: bool) {
+        self.up.store(up, Ordering::SeqCst);
+        if !up {
+            self.cut.notify_waiters();
+        }
+    }
+}
+
+fn redis_yaml(url: &str, prefix: &str, on_unavailable: &str) -> String {
+    format!("redis:\n  url: {url}\n  prefix: {prefix}\n  on_unavailable: {on_unavailable}\n")
+}
+
+/// Polls `/admin/status` until its `redis.limits` says `want` (within 5 s).
+async fn redis_status(proxy: &Proxy, want: &str) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..100 {
+        last = admin(proxy, "GET", "/admin/status", None).await.json()["redis"].clone();
+        if last["limits"] == want {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("redis status never became {want}: {last}");
+}
+
+#[tokio::test]
+async fn two_instances_share_one_limit_through_redis() {
+    let backend = Backend::sqlite();
+    let redis = RedisPrefix::new();
+    let upstream = openai_like().await;
+    let extra = redis_yaml(&redis.url, &redis.prefix, "closed");
+    let one = gateway(&upstream.base_url(), &backend.url, &extra).await;
+    let two = gateway(&upstream.base_url(), &backend.url, &extra).await;
+    let status = redis_status(&one, "shared").await;
+    assert_eq!(status["prefix"], redis.prefix.as_str());
+    assert_eq!(status["healthy"], true);
+    const LIMIT: usize = 40;
+    let (key, id) = create_key(&one, json!({"name": "shared-rpm", "rpm": LIMIT})).await;
+    tokio::time::sleep(Duration::from_millis(400)).await; // instance two reads the key
+    let hello = json!({"model": "gpt-4o"});
+    let mut admitted = [0usize; 2];
+    let mut refused = 0;
+    // Three times the limit, alternating between the instances, eight at a time.
+    for round in 0..(3 * LIMIT / 8) {
+        let mut batch = Vec::new();
+        for i in 0..8 {
+            let which = (round + i) % 2;
+            let url = [&one, &two][which].url("/v1/chat/completions");
+            let request = Request::post(url)
+                .header("authorization", format!("Bearer {key}"))
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(hello.to_string())))
+                .unwrap();
+            batch.push(tokio::spawn(async move { (which, send(request).await) }));
+        }
+        for task in batch {
+            let (which, got) = task.await.unwrap();
+            match got.status.as_u16() {
+                200 => admitted[which] += 1,
+                429 => {
+                    assert_eq!(openai_error(&got).2, "rate_limit_exceeded");
+                    assert_eq!(got.header("x-ratelimit-limit-requests"), Some("40"));
+                    assert!(got.header("retry-after").is_some());
+                    refused += 1;
+                }
+                other => panic!("unexpected {other}: {}", String::from_utf8_lossy(&got.body)),
+            }
+        }
+    }
+    let total = admitted[0] + admitted[1];
+    // The documented bound: 2 instances × max(limit / 10, 1) = 8 either way,
+    // plus what the bucket refills while the test runs (40 a minute).
+    assert!(
+        (LIMIT - 8..=LIMIT + 8 + 2).contains(&total),
+        "admitted {admitted:?} = {total} of {LIMIT}, refused {refused}"
+    );
+    assert!(
+        admitted[0] > 0 && admitted[1] > 0,
+        "both instances admitted: {admitted:?}"
+    );
+    // Alone, each instance would have admitted the whole limit.
+    assert!(total < 2 * LIMIT - 8);
+    assert_eq!(
+        upstream.requests().len(),
+        total,
+        "a refused request is never sent"
+    );
+    let _ = id;
+    redis.remove().await;
+    backend.remove().await;
+}
+
+#[tokio::test]
+async fn when_redis_goes_away_limits_do_what_on_unavailable_says() {
+    let backend = Backend::sqlite();
+    let redis = RedisPrefix::new();
+    let relay = Relay::to(&redis.url).await;
+    let upstream = openai_like().await;
+    let local = gateway(
+        &upstream.base_url(),
+        &backend.url,
+        &redis_yaml(&relay.url(), &redis.prefix, "local"),
+    )
+    .await;
+    let closed = gateway(
+        &upstream.base_url(),
+        &backend.url,
+        &redis_yaml(&relay.url(), &redis.prefix, "closed"),
+    )
+    .await;
+    redis_status(&local, "shared").await;
+    redis_status(&closed, "shared").await;
+    let (limited, _) = create_key(&local, json!({"name": "limited", "rpm": 1000})).await;
+    let (free, _) = create_key(&local, json!({"name": "free"})).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let hello = json!({"model": "gpt-4o"});
+    for proxy in [&local, &closed] {
+        assert_eq!(
+            chat(proxy, Some(&limited), "authorization", hello.clone())
+                .await
+                .status,
+            200
+        );
+    }
+
+    relay.set(false);
+    let down = redis_status(&local, "local").await;
+    assert_eq!(down["healthy"], false);
+    assert_eq!(down["on_unavailable"], "local");
+    assert_eq!(
+        redis_status(&closed, "refusing").await["on_unavailable"],
+        "closed"
+    );
+    // Leases taken before Redis went away last a second at most.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        chat(&local, Some(&limited), "authorization", hello.clone())
+            .await
+            .status,
+        200
+    );
+    let refused = chat(&closed, Some(&limited), "authorization", hello.clone()).await;
+    assert_eq!(
+        openai_error(&refused),
+        (503, "proxy_error".into(), "limits_unavailable".into())
+    );
+    assert!(String::from_utf8_lossy(&refused.body).contains("Redis"));
+    // A key without limits never needs Redis.
+    assert_eq!(
+        chat(&closed, Some(&free), "authorization", hello.clone())
+            .await
+            .status,
+        200
+    );
+
+    relay.set(true);
+    redis_status(&closed, "shared").await;
+    assert_eq!(
+        chat(&closed, Some(&limited), "authorization", hello)
+            .await
+            .status,
+        200
+    );
+    redis.remove().await;
+    backend.remove().await;
+}

@@ -8,6 +8,8 @@
     reason = "each test crate uses part of the harness; a test fails loudly and spawns freely"
 )]
 
+pub mod bin;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
