@@ -127,6 +127,9 @@ enum KeysCommand {
         /// RFC 3339 expiry, e.g. 2027-01-01T00:00:00Z.
         #[arg(long)]
         expires_at: Option<String>,
+        /// Streams carry their cost in the final usage chunk.
+        #[arg(long)]
+        stream_cost: bool,
     },
     /// List every key (never the keys themselves).
     List,
@@ -320,6 +323,7 @@ async fn admin_command(command: Command, url: &str) -> Result<serde_json::Value,
                 budget_usd,
                 budget_period,
                 expires_at,
+                stream_cost,
             } => {
                 let spec = keys::KeySpec {
                     name: Some(name),
@@ -333,6 +337,7 @@ async fn admin_command(command: Command, url: &str) -> Result<serde_json::Value,
                     budget_usd: budget_usd.map(Some),
                     budget_period: budget_period.map(Some),
                     expires_at: expires_at.map(Some),
+                    stream_cost: Some(stream_cost),
                 };
                 let (secret, view) = keys::create(&store, spec).await.map_err(text)?;
                 serde_json::json!({"key": secret, "info": json(&view)?})

@@ -47,6 +47,8 @@ use crate::usage::{self, Meter, Metered};
 
 /// What a non-streamed answer cost, USD.
 const COST_HEADER: &str = "x-llmproxy-cost-usd";
+/// A client's opt-in to the cost in its stream's usage chunk (never forwarded).
+const STREAM_COST_HEADER: &str = "x-llmproxy-stream-cost";
 /// Its prompt tokens.
 const PROMPT_TOKENS_HEADER: &str = "x-llmproxy-prompt-tokens";
 /// Its completion tokens.
@@ -141,13 +143,19 @@ async fn metered(
                 .get::<RequestId>()
                 .map_or_else(String::new, |id| id.as_str().to_owned());
             let stream = admitted.stream;
-            let strip = admitted.strip_usage;
+            let price = admitted
+                .model
+                .as_deref()
+                .and_then(|model| accounts.settings.price(model));
+            let edit = match price {
+                // Opting in to the cost is opting in to the usage chunk.
+                Some(price) if admitted.stream_cost => Some(usage::strip::Edit::AddCost(price)),
+                _ if admitted.strip_usage => Some(usage::strip::Edit::Strip),
+                _ => None,
+            };
             let metered = Metered {
                 sink: accounts.sink.clone(),
-                price: admitted
-                    .model
-                    .as_deref()
-                    .and_then(|model| accounts.settings.price(model)),
+                price,
                 key: admitted.key,
                 request_id,
                 model: admitted.model.unwrap_or_default(),
@@ -162,7 +170,7 @@ async fn metered(
                 Ok(response) => response,
                 Err(err) => err.into_response(),
             };
-            observe_usage(state, metered, response, stream, strip).await
+            observe_usage(state, metered, response, stream, edit).await
         }
     }
 }
@@ -171,6 +179,8 @@ async fn metered(
 struct Admitted {
     /// llmproxy asked for the stream's usage: the client's copy drops it.
     strip_usage: bool,
+    /// The client or its key asked for the cost in the usage chunk.
+    stream_cost: bool,
     key: Option<Arc<Key>>,
     model: Option<String>,
     stream: bool,
@@ -206,6 +216,10 @@ async fn admit_key(
         }
         None
     };
+    let mut stream_cost = parts
+        .headers
+        .remove(STREAM_COST_HEADER)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true") || v.as_bytes() == b"1");
     let mut strip_usage = false;
     let (body, facts, size) = if parts.method == Method::POST && openai::is_json(&parts.headers) {
         let (mut bytes, _budget) = read_body(state, body, declared).await?;
@@ -229,8 +243,12 @@ async fn admit_key(
     // About four bytes of JSON per prompt token: an estimate for the
     // token limit and for a request whose usage never arrives.
     let prompt_estimate = size.div_ceil(4);
+    if let Some(key) = &key {
+        stream_cost |= key.record.stream_cost;
+    }
     let mut admitted = Admitted {
         strip_usage,
+        stream_cost,
         key: None,
         stream: facts.stream,
         model: facts.model,
@@ -360,7 +378,7 @@ async fn observe_usage(
     mut metered: Metered,
     response: Response,
     stream: bool,
-    strip: bool,
+    edit: Option<usage::strip::Edit>,
 ) -> Response {
     let headers = response.headers();
     metered.upstream = headers
@@ -382,11 +400,13 @@ async fn observe_usage(
     let mut meter = Meter::new(metered, status, attempt, &content_type);
     let json = !stream && meter.reads_json();
     if !json {
-        if strip && meter.reads_sse() {
+        if let Some(edit) = edit
+            && meter.reads_sse()
+        {
             let (mut parts, body) = response.into_parts();
             parts.headers.remove(http::header::CONTENT_LENGTH);
             // The meter sees the upstream's bytes, usage chunk included.
-            let body = usage::strip::StripUsage::new(Observed::new(body, meter));
+            let body = usage::strip::EditUsage::new(Observed::new(body, meter), edit);
             return Response::from_parts(parts, Body::new(body));
         }
         return response.map(|body| Body::new(Observed::new(body, meter)));

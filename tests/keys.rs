@@ -987,3 +987,52 @@ async fn when_redis_goes_away_limits_do_what_on_unavailable_says() {
     redis.remove().await;
     backend.remove().await;
 }
+
+#[tokio::test]
+async fn streams_carry_their_cost_only_when_the_client_or_key_opts_in() {
+    let backend = Backend::sqlite();
+    let upstream = openai_like().await;
+    let proxy = gateway(&upstream.base_url(), &backend.url, "").await;
+    let (plain, _) = create_key(&proxy, json!({"name": "plain"})).await;
+    let (costed, id) = create_key(&proxy, json!({"name": "costed", "stream_cost": true})).await;
+    let shown = admin(&proxy, "GET", &format!("/admin/keys/{id}"), None)
+        .await
+        .json();
+    assert_eq!(shown["stream_cost"], true);
+    let usage = json!({"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13});
+    let with_cost = stream_events(true, &usage)
+        .concat()
+        .iter()
+        .copied()
+        .collect::<Vec<u8>>();
+    let with_cost = String::from_utf8(with_cost).unwrap().replace(
+        "\"total_tokens\":13}",
+        "\"total_tokens\":13,\"cost_usd\":0.016000000}",
+    );
+    let streaming = json!({"model": "gpt-4o", "stream": true});
+
+    // Off by default: byte-exact.
+    let off = stream_bytes(&proxy, &plain, streaming.clone()).await;
+    assert_eq!(off, stream_events(false, &usage).concat());
+    // The key opted in: the usage chunk comes, with the cost in it.
+    let by_key = stream_bytes(&proxy, &costed, streaming.clone()).await;
+    assert_eq!(String::from_utf8(by_key).unwrap(), with_cost);
+    // The request opts in; the header never reaches the upstream.
+    let response = client()
+        .request(
+            Request::post(proxy.url("/v1/chat/completions"))
+                .header("authorization", format!("Bearer {plain}"))
+                .header("content-type", "application/json")
+                .header("x-llmproxy-stream-cost", "true")
+                .body(Full::new(Bytes::from(streaming.to_string())))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let by_request = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(String::from_utf8(by_request.to_vec()).unwrap(), with_cost);
+    for request in upstream.requests() {
+        assert!(!request.headers.contains_key("x-llmproxy-stream-cost"));
+    }
+    backend.remove().await;
+}

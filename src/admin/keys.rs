@@ -48,6 +48,9 @@ pub struct KeySpec {
     /// RFC 3339 time after which the key stops working.
     #[serde(default, deserialize_with = "present")]
     pub expires_at: Option<Option<String>>,
+    /// Streams carry their cost in the final usage chunk.
+    #[serde(default)]
+    pub stream_cost: Option<bool>,
 }
 
 /// `Some(value)` for a present field, `null` included (as `Some(None)`).
@@ -96,6 +99,8 @@ pub struct KeyView {
     pub expires_at: Option<String>,
     /// Revoked.
     pub revoked: bool,
+    /// Streams carry their cost in the final usage chunk.
+    pub stream_cost: bool,
     /// Created (RFC 3339).
     pub created_at: String,
     /// Last changed (RFC 3339).
@@ -152,6 +157,7 @@ pub fn view(record: &KeyRecord, keys: Option<&Keys>) -> KeyView {
             .map(rfc3339),
         expires_at: record.expires_at.map(rfc3339),
         revoked: record.revoked,
+        stream_cost: record.stream_cost,
         created_at: rfc3339(record.created_at),
         updated_at: rfc3339(record.updated_at),
     }
@@ -235,6 +241,9 @@ fn apply(record: &mut KeyRecord, spec: KeySpec) -> Result<(), ProxyError> {
                 Some(i64::try_from(ms).unwrap_or(i64::MAX))
             }
         };
+    }
+    if let Some(stream_cost) = spec.stream_cost {
+        record.stream_cost = stream_cost;
     }
     Ok(())
 }

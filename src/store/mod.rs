@@ -21,11 +21,18 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 
 /// The migrations, in order, built into the binary.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "keys and usage",
-    include_str!("../../migrations/0001_keys_and_usage.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "keys and usage",
+        include_str!("../../migrations/0001_keys_and_usage.sql"),
+    ),
+    (
+        2,
+        "stream cost",
+        include_str!("../../migrations/0002_stream_cost.sql"),
+    ),
+];
 
 /// A failure of the store, with what was being done.
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +116,8 @@ pub struct KeyRecord {
     pub expires_at: Option<i64>,
     /// Revoked keys stay listed but never work again.
     pub revoked: bool,
+    /// Streams carry their cost in the final usage chunk.
+    pub stream_cost: bool,
     /// Unix ms.
     pub created_at: i64,
     /// Unix ms of the last change (the refresh reads what changed).
@@ -134,6 +143,7 @@ impl KeyRecord {
             budget_period_secs: None,
             expires_at: None,
             revoked: false,
+            stream_cost: false,
             created_at: 0,
             updated_at: 0,
         }
@@ -273,7 +283,7 @@ pub fn unix_ms() -> i64 {
 }
 
 const KEY_COLUMNS: &str = "id, hash, hint, name, owner, team, metadata, models, rpm, tpm, \
-     max_concurrent, budget_nano_usd, budget_period_secs, expires_at, revoked, created_at, updated_at";
+     max_concurrent, budget_nano_usd, budget_period_secs, expires_at, revoked, created_at, updated_at, stream_cost";
 
 impl Store {
     /// Connects to `url` (`sqlite://FILE`, `sqlite::memory:`,
@@ -329,7 +339,7 @@ impl Store {
     pub async fn insert_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
         let sql = format!(
             "INSERT INTO virtual_keys ({KEY_COLUMNS}) VALUES \
-             ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
+             ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
         );
         on_pool!(self, pool => sqlx::query(&sql)
             .bind(&key.id)
@@ -349,6 +359,7 @@ impl Store {
             .bind(i64::from(key.revoked))
             .bind(key.created_at)
             .bind(key.updated_at)
+            .bind(i64::from(key.stream_cost))
             .execute(pool)
             .await
             .map(drop)
@@ -359,8 +370,8 @@ impl Store {
     pub async fn update_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
         let sql = "UPDATE virtual_keys SET name = $1, owner = $2, team = $3, metadata = $4, \
                    models = $5, rpm = $6, tpm = $7, max_concurrent = $8, budget_nano_usd = $9, \
-                   budget_period_secs = $10, expires_at = $11, revoked = $12, updated_at = $13 \
-                   WHERE id = $14";
+                   budget_period_secs = $10, expires_at = $11, revoked = $12, updated_at = $13, \
+                   stream_cost = $14 WHERE id = $15";
         let done = on_pool!(self, pool => sqlx::query(sql)
             .bind(&key.name)
             .bind(&key.owner)
@@ -375,6 +386,7 @@ impl Store {
             .bind(key.expires_at)
             .bind(i64::from(key.revoked))
             .bind(key.updated_at)
+            .bind(i64::from(key.stream_cost))
             .bind(&key.id)
             .execute(pool)
             .await
@@ -603,6 +615,7 @@ where
         revoked: int(14)? != 0,
         created_at: int(15)?,
         updated_at: int(16)?,
+        stream_cost: int(17)? != 0,
     })
 }
 

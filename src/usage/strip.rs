@@ -6,6 +6,10 @@
 //! OpenAI adds to every other chunk — so the client gets the bytes it would
 //! have got.
 //!
+//! The same rewriting adds the request's cost to the final usage chunk
+//! (`"usage":{…,"cost_usd":0.000016000}`) for a client or key that opted
+//! in; every other byte stays as the upstream sent it.
+//!
 //! Events are rewritten whole: bytes up to the last event boundary in hand
 //! go out at once, and only an event split across reads waits for its end.
 //! A chunk without `"usage"` in it passes through as the same buffer. The
@@ -40,8 +44,73 @@ fn last_boundary(data: &[u8]) -> Option<usize> {
     lf.max(crlf)
 }
 
-/// One event without the usage traces; `None` for the usage chunk itself.
-fn rewrite_event(event: &[u8]) -> Option<Vec<u8>> {
+/// What is done to the usage in a stream.
+#[derive(Debug, Clone, Copy)]
+pub enum Edit {
+    /// The usage chunk and `"usage":null` fields are removed.
+    Strip,
+    /// The cost at this price is added to the usage object.
+    AddCost(crate::config::Price),
+}
+
+/// Where the usage object in `event` starts and ends (inclusive).
+fn usage_object(event: &[u8]) -> Option<(usize, usize)> {
+    let start = find(event, b"\"usage\":{")
+        .map(|at| at + 8)
+        .or_else(|| find(event, b"\"usage\": {").map(|at| at + 9))?;
+    let (mut depth, mut in_string, mut escaped) = (0u32, false, false);
+    for (offset, &byte) in event[start..].iter().enumerate() {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'{' => depth += 1,
+            b'}' => {
+                depth = depth.checked_sub(1)?;
+                if depth == 0 {
+                    return Some((start, start + offset));
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// `event` with the cost of its usage added (unchanged without usage).
+fn add_cost(event: &[u8], price: &crate::config::Price) -> Vec<u8> {
+    let Some((start, end)) = usage_object(event) else {
+        return event.to_vec();
+    };
+    let Ok(tokens) = serde_json::from_slice::<super::Tokens>(&event[start..=end]) else {
+        return event.to_vec();
+    };
+    let nano = super::cost_nano_usd(&tokens, price);
+    let field = format!(
+        "{}\"cost_usd\":{}.{:09}",
+        if end == start + 1 { "" } else { "," },
+        nano / 1_000_000_000,
+        nano % 1_000_000_000
+    );
+    let mut out = Vec::with_capacity(event.len() + field.len());
+    out.extend_from_slice(&event[..end]);
+    out.extend_from_slice(field.as_bytes());
+    out.extend_from_slice(&event[end..]);
+    out
+}
+
+/// One event as `edit` says; `None` when it goes entirely.
+fn rewrite_event(event: &[u8], edit: Edit) -> Option<Vec<u8>> {
+    if let Edit::AddCost(price) = edit {
+        return Some(add_cost(event, &price));
+    }
     if find(event, b"\"usage\":{").is_some() || find(event, b"\"usage\": {").is_some() {
         return None;
     }
@@ -55,7 +124,7 @@ fn rewrite_event(event: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// Complete events, rewritten; the same buffer when nothing changes.
-fn rewrite(events: Bytes) -> Bytes {
+fn rewrite(events: Bytes, edit: Edit) -> Bytes {
     if find(&events, b"\"usage\"").is_none() {
         return events;
     }
@@ -71,7 +140,7 @@ fn rewrite(events: Bytes) -> Bytes {
             _ => end,
         };
         let (event, tail) = rest.split_at(end);
-        if let Some(kept) = rewrite_event(event) {
+        if let Some(kept) = rewrite_event(event, edit) {
             out.extend_from_slice(&kept);
         }
         rest = tail;
@@ -80,25 +149,27 @@ fn rewrite(events: Bytes) -> Bytes {
 }
 
 pin_project_lite::pin_project! {
-    /// `inner` without the usage llmproxy added.
-    pub struct StripUsage<B> {
+    /// `inner` with its usage edited.
+    pub struct EditUsage<B> {
         #[pin]
         inner: B,
         pending: BytesMut,
+        edit: Edit,
     }
 }
 
-impl<B> StripUsage<B> {
-    /// Wraps `inner`.
-    pub fn new(inner: B) -> Self {
+impl<B> EditUsage<B> {
+    /// `inner` as `edit` says.
+    pub fn new(inner: B, edit: Edit) -> Self {
         Self {
             inner,
             pending: BytesMut::new(),
+            edit,
         }
     }
 }
 
-impl<B: Body<Data = Bytes>> Body for StripUsage<B> {
+impl<B: Body<Data = Bytes>> Body for EditUsage<B> {
     type Data = Bytes;
     type Error = B::Error;
 
@@ -133,7 +204,7 @@ impl<B: Body<Data = Bytes>> Body for StripUsage<B> {
                             None => continue,
                         }
                     };
-                    let out = rewrite(complete);
+                    let out = rewrite(complete, *this.edit);
                     if !out.is_empty() {
                         return Poll::Ready(Some(Ok(Frame::data(out))));
                     }
@@ -141,7 +212,7 @@ impl<B: Body<Data = Bytes>> Body for StripUsage<B> {
                 Some(Err(err)) => return Poll::Ready(Some(Err(err))),
                 None if this.pending.is_empty() => return Poll::Ready(None),
                 None => {
-                    let rest = rewrite(this.pending.split().freeze());
+                    let rest = rewrite(this.pending.split().freeze(), *this.edit);
                     if !rest.is_empty() {
                         return Poll::Ready(Some(Ok(Frame::data(rest))));
                     }
@@ -183,7 +254,7 @@ mod tests {
             tx.send_data(Bytes::copy_from_slice(piece)).await.unwrap();
         }
         drop(tx);
-        StripUsage::new(channel)
+        EditUsage::new(channel, Edit::Strip)
             .collect()
             .await
             .unwrap()
@@ -210,5 +281,37 @@ mod tests {
     async fn a_stream_without_usage_passes_unchanged() {
         let out = strip(vec![WITHOUT.as_bytes()]).await;
         assert_eq!(String::from_utf8(out).unwrap(), WITHOUT);
+    }
+
+    #[tokio::test]
+    async fn the_cost_goes_into_the_usage_object_and_nothing_else_changes() {
+        let price = crate::config::Price {
+            input: 1000.0,
+            output: 2000.0,
+            cached_input: None,
+        };
+        let (mut tx, channel) = http_body_util::channel::Channel::<Bytes, std::io::Error>::new(8);
+        let bytes = WITH.as_bytes();
+        tx.send_data(Bytes::copy_from_slice(&bytes[..100]))
+            .await
+            .unwrap();
+        tx.send_data(Bytes::copy_from_slice(&bytes[100..]))
+            .await
+            .unwrap();
+        drop(tx);
+        let out = EditUsage::new(channel, Edit::AddCost(price))
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
+        // 8 × 1000 + 2 × 2000 USD per million tokens.
+        let expected = WITH.replace(
+            "\"completion_tokens\":2}",
+            "\"completion_tokens\":2,\"cost_usd\":0.012000000}",
+        );
+        assert_eq!(String::from_utf8(out.to_vec()).unwrap(), expected);
+        let nested = br#"data: {"usage":{"prompt_tokens":8,"prompt_tokens_details":{"cached_tokens":0},"completion_tokens":2}}"#;
+        let edited = add_cost(nested, &price);
+        assert!(edited.ends_with(br#""completion_tokens":2,"cost_usd":0.012000000}}"#));
     }
 }
