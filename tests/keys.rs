@@ -74,6 +74,19 @@ impl Backend {
         }
     }
 
+    /// Runs one statement on the test's database.
+    async fn execute(&self, sql: &str) {
+        if self.url.starts_with("sqlite:") {
+            let pool = sqlx::SqlitePool::connect(&self.url).await.unwrap();
+            sqlx::query(sql).execute(&pool).await.unwrap();
+            pool.close().await;
+        } else {
+            let pool = sqlx::PgPool::connect(&self.url).await.unwrap();
+            sqlx::query(sql).execute(&pool).await.unwrap();
+            pool.close().await;
+        }
+    }
+
     async fn both() -> Vec<Self> {
         vec![Self::sqlite(), Self::postgres().await]
     }
@@ -1000,15 +1013,12 @@ async fn streams_carry_their_cost_only_when_the_client_or_key_opts_in() {
         .json();
     assert_eq!(shown["stream_cost"], true);
     let usage = json!({"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13});
-    let with_cost = stream_events(true, &usage)
-        .concat()
-        .iter()
-        .copied()
-        .collect::<Vec<u8>>();
-    let with_cost = String::from_utf8(with_cost).unwrap().replace(
-        "\"total_tokens\":13}",
-        "\"total_tokens\":13,\"cost_usd\":0.016000000}",
-    );
+    let with_cost = String::from_utf8(stream_events(true, &usage).concat())
+        .unwrap()
+        .replace(
+            "\"total_tokens\":13}",
+            "\"total_tokens\":13,\"cost_usd\":0.016000000}",
+        );
     let streaming = json!({"model": "gpt-4o", "stream": true});
 
     // Off by default: byte-exact.
@@ -1034,5 +1044,210 @@ async fn streams_carry_their_cost_only_when_the_client_or_key_opts_in() {
     for request in upstream.requests() {
         assert!(!request.headers.contains_key("x-llmproxy-stream-cost"));
     }
+    backend.remove().await;
+}
+
+#[tokio::test]
+async fn a_budget_resets_when_its_period_ends() {
+    for backend in Backend::both().await {
+        let upstream = openai_like().await;
+        let proxy = gateway(&upstream.base_url(), &backend.url, "").await;
+        // One request costs 0.016 USD: the second spends the budget.
+        let (key, id) = create_key(
+            &proxy,
+            json!({"name": "daily", "budget_usd": 0.03, "budget_period": "1m"}),
+        )
+        .await;
+        let hello = json!({"model": "gpt-4o"});
+        for _ in 0..2 {
+            assert_eq!(
+                chat(&proxy, Some(&key), "authorization", hello.clone())
+                    .await
+                    .status,
+                200
+            );
+        }
+        let spent = chat(&proxy, Some(&key), "authorization", hello.clone()).await;
+        assert_eq!(openai_error(&spent).2, "budget_exceeded");
+        // Move the key's creation back so its minute ends 1.5 s from now
+        // (the period counts from the creation time).
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis();
+        backend
+            .execute(&format!(
+                "UPDATE virtual_keys SET created_at = {}, updated_at = {now} WHERE id = '{id}'",
+                now - 58_500
+            ))
+            .await;
+        tokio::time::sleep(Duration::from_millis(500)).await; // refreshed
+        let still = chat(&proxy, Some(&key), "authorization", hello.clone()).await;
+        assert_eq!(
+            openai_error(&still).2,
+            "budget_exceeded",
+            "the period has not ended yet"
+        );
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let reset = chat(&proxy, Some(&key), "authorization", hello.clone()).await;
+        assert_eq!(
+            reset.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&reset.body)
+        );
+        let shown = admin(&proxy, "GET", &format!("/admin/keys/{id}"), None)
+            .await
+            .json();
+        assert_eq!(
+            shown["spent_usd"], 0.016,
+            "only the new period's request: {shown}"
+        );
+        backend.remove().await;
+    }
+}
+
+#[tokio::test]
+async fn an_upstream_error_reaches_the_client_as_it_was_and_is_recorded_without_tokens() {
+    for backend in Backend::both().await {
+        let upstream = spawn_upstream(|_| {
+            Reply::json(
+                429,
+                r#"{"error":{"message":"slow down","type":"requests","code":"rate_limit_exceeded"}}"#,
+            )
+            .header("retry-after", "7")
+            .header("x-ratelimit-remaining-requests", "0")
+        })
+        .await;
+        let proxy = gateway(&upstream.base_url(), &backend.url, "").await;
+        let (key, id) = create_key(&proxy, json!({"name": "e", "tpm": 100000})).await;
+        let got = chat(
+            &proxy,
+            Some(&key),
+            "authorization",
+            json!({"model": "gpt-4o"}),
+        )
+        .await;
+        assert_eq!(got.status, 429);
+        assert_eq!(got.header("retry-after"), Some("7"));
+        assert_eq!(got.header("x-ratelimit-remaining-requests"), Some("0"));
+        assert!(String::from_utf8_lossy(&got.body).contains("slow down"));
+        assert_eq!(got.header("x-llmproxy-cost-usd"), Some("0.000000000"));
+        let found = records(&proxy, 1).await;
+        assert_eq!(found[0]["status"], 429);
+        assert_eq!(found[0]["key_id"], id.as_str());
+        assert_eq!(found[0]["prompt_tokens"], 0);
+        assert_eq!(found[0]["completion_tokens"], 0);
+        assert_eq!(found[0]["cost_nano_usd"], 0);
+        backend.remove().await;
+    }
+}
+
+#[tokio::test]
+async fn sigterm_during_load_loses_no_usage_record() {
+    use common::bin::Bin;
+    for backend in Backend::both().await {
+        let upstream = spawn_upstream(|_| {
+            let mut reply = Reply::json(
+                200,
+                r#"{"id":"c","model":"gpt-4o","choices":[],"usage":{"prompt_tokens":10,"completion_tokens":3}}"#,
+            );
+            reply.head_delay = Duration::from_millis(150);
+            reply
+        })
+        .await;
+        let path = std::env::temp_dir().join(format!("llmproxy-test-{}.yaml", unique()));
+        std::fs::write(&path, gateway_yaml(&upstream.base_url(), &backend.url, "")).unwrap();
+        let config = path.to_str().unwrap().to_owned();
+        let mut bin = Bin::start(&["-c", &config], &[]).await;
+        let proxy_url = bin.url("");
+        let created = send(
+            Request::post(format!("{proxy_url}/admin/keys"))
+                .header("authorization", format!("Bearer {ADMIN}"))
+                .body(Full::new(Bytes::from(json!({"name": "load"}).to_string())))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(created.status, 201);
+        let key = created.json()["key"].as_str().unwrap().to_owned();
+        let answered = std::sync::Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for i in 0..400 {
+            let (url, key, answered) = (
+                format!("{proxy_url}/v1/chat/completions"),
+                key.clone(),
+                answered.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                // Arrivals spread over 400 ms: some before the signal, some after.
+                tokio::time::sleep(Duration::from_millis(i)).await;
+                let request = Request::post(url)
+                    .header("authorization", format!("Bearer {key}"))
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(
+                        json!({"model": "gpt-4o"}).to_string(),
+                    )))
+                    .unwrap();
+                if let Ok(response) = client().request(request).await
+                    && response.status() == 200
+                    && response.into_body().collect().await.is_ok()
+                {
+                    answered.fetch_add(1, Ordering::SeqCst);
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        bin.terminate();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        assert!(
+            bin.wait_exit(Duration::from_secs(20)).await.success(),
+            "{}",
+            bin.logs()
+        );
+        let answered = answered.load(Ordering::SeqCst);
+        assert!(answered >= 100, "only {answered} answered before the drain");
+        // Every answered request is in the store, once.
+        let store = llmproxy::store::Store::open(&backend.url).await.unwrap();
+        let recent = store.recent(10_000, None).await.unwrap();
+        store.close().await;
+        assert_eq!(recent.len(), answered, "records vs answered requests");
+        let _ = std::fs::remove_file(&path);
+        backend.remove().await;
+    }
+}
+
+#[tokio::test]
+async fn redis_that_cannot_be_reached_at_start_is_said_in_the_log() {
+    use common::bin::Bin;
+    let backend = Backend::sqlite();
+    let upstream = openai_like().await;
+    let extra = redis_yaml("redis://127.0.0.1:1", "llmproxy_test_down", "closed");
+    let path = std::env::temp_dir().join(format!("llmproxy-test-{}.yaml", unique()));
+    std::fs::write(
+        &path,
+        gateway_yaml(&upstream.base_url(), &backend.url, &extra),
+    )
+    .unwrap();
+    let mut bin = Bin::start(&["-c", path.to_str().unwrap()], &[]).await;
+    let status = send(
+        Request::get(bin.url("/admin/status"))
+            .header("authorization", format!("Bearer {ADMIN}"))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await
+    .json();
+    assert_eq!(status["redis"]["limits"], "refusing", "{status}");
+    bin.terminate();
+    bin.wait_exit(Duration::from_secs(10)).await;
+    let logs = bin.logs();
+    assert!(
+        logs.contains("Redis unreachable") && logs.contains("refused (503)"),
+        "{logs}"
+    );
+    assert!(!logs.contains("127.0.0.1:1 "), "no URL in the log: {logs}");
+    let _ = std::fs::remove_file(&path);
     backend.remove().await;
 }

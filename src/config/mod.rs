@@ -542,6 +542,47 @@ mod tests {
     }
 
     #[test]
+    fn the_redis_section_is_checked_field_by_field() {
+        let base = "upstream:\n  base_url: http://127.0.0.1:9/v1\nkeys:\n  required: true\n";
+        let env = |name: &str| {
+            (name == "REDIS_URL").then(|| "redis://:pw-9f3k2@10.0.0.5:6379".to_owned())
+        };
+        let config = load_str(&format!("{base}redis:\n  url: ${{REDIS_URL}}\n"), &env).unwrap();
+        let redis = config.accounting.unwrap().redis.unwrap();
+        assert_eq!(redis.prefix, "llmproxy");
+        assert_eq!(redis.on_unavailable, OnUnavailable::Local);
+        for (yaml, field, env_ok) in [
+            ("redis:\n  url: redis://h\n  prefx: a\n", "prefx", true),
+            ("redis:\n  url: http://h\n", "redis.url", true),
+            (
+                "redis:\n  url: redis://h\n  prefix: 'a b'\n",
+                "redis.prefix",
+                true,
+            ),
+            (
+                "redis:\n  url: redis://h\n  on_unavailable: open\n",
+                "on_unavailable",
+                true,
+            ),
+            ("redis:\n  url: ${REDIS_URL}\n", "REDIS_URL", false),
+        ] {
+            let err = if env_ok {
+                load_str(&format!("{base}{yaml}"), &env).unwrap_err()
+            } else {
+                load_str(&format!("{base}{yaml}"), &no_env).unwrap_err()
+            };
+            assert!(err.contains(field), "{yaml}: {err}");
+            assert!(!err.contains("pw-9f3k2"), "{err}");
+        }
+        let err = load_str(
+            "upstream:\n  base_url: http://127.0.0.1:9/v1\nredis:\n  url: redis://h\n",
+            &no_env,
+        )
+        .unwrap_err();
+        assert!(err.contains("keys.required"), "{err}");
+    }
+
+    #[test]
     fn minimal_config_gets_production_defaults() {
         let config = load_str(
             "upstream:\n  base_url: https://api.openai.com/v1\n",

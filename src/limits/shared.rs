@@ -36,7 +36,7 @@
 //! switch is logged once per change and shown on `/admin/status`.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::OnceCell;
@@ -160,8 +160,13 @@ pub struct SharedLimits {
     script: redis::Script,
     /// What to do while Redis is down.
     pub on_unavailable: OnUnavailable,
-    healthy: AtomicBool,
+    /// [`UNKNOWN`] until the first call, then [`UP`] or [`DOWN`].
+    health: AtomicU8,
 }
+
+const UNKNOWN: u8 = 0;
+const UP: u8 = 1;
+const DOWN: u8 = 2;
 
 impl std::fmt::Debug for SharedLimits {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -188,13 +193,13 @@ impl SharedLimits {
             prefix,
             script: redis::Script::new(LEASE),
             on_unavailable,
-            healthy: AtomicBool::new(false),
+            health: AtomicU8::new(UNKNOWN),
         })
     }
 
     /// Whether the last call reached Redis.
     pub fn healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        self.health.load(Ordering::Relaxed) == UP
     }
 
     /// The key prefix.
@@ -203,7 +208,8 @@ impl SharedLimits {
     }
 
     fn mark(&self, healthy: bool, cause: &dyn std::fmt::Display) {
-        if self.healthy.swap(healthy, Ordering::Relaxed) != healthy {
+        let now = if healthy { UP } else { DOWN };
+        if self.health.swap(now, Ordering::Relaxed) != now {
             if healthy {
                 tracing::info!(prefix = %self.prefix, "Redis reachable: limits are shared across instances");
             } else {
