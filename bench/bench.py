@@ -3,7 +3,10 @@
 measured side by side in one run on this machine. Started by bench/run.sh.
 llmproxy runs twice: speaking HTTP/1.1 to the upstream, as nginx does (the
 column the targets are judged on), and HTTP/2 (`http2: true`, which nginx's
-proxy module cannot do).
+proxy module cannot do). A third llmproxy column runs with virtual keys,
+limits and usage accounting on (SQLite): every request carries a key with
+RPM, TPM, concurrency limits and a budget, is priced and recorded; its
+records are counted against the requests answered.
 
 Core 0 runs the proxy under test; core 1 runs the load generator and the
 upstream. (a) and (b) use a static upstream — nginx returning the mock's
@@ -43,7 +46,8 @@ LLMPROXY = ROOT / "target/release/llmproxy"
 PROBE = ROOT / "target/release/examples/bench_probe"
 PROXY_CORE = "0"
 LOAD_CORE = "1"
-TARGETS = ["direct", "nginx", "llmproxy", "llmproxy-h2"]
+TARGETS = ["direct", "nginx", "llmproxy", "llmproxy-h2", "llmproxy-keys"]
+ADMIN_TOKEN = "bench-admin-token-0123456789"
 
 
 def free_port():
@@ -167,7 +171,19 @@ http {{
 """
 
 
-def llmproxy_conf(listen, upstream, http2=False):
+def llmproxy_conf(listen, upstream, http2=False, store=None):
+    accounting = "" if store is None else f"""
+admin:
+  token: {ADMIN_TOKEN}
+store:
+  url: sqlite://{store}
+keys:
+  required: true
+prices:
+  gpt-4o-mini:
+    input: 0.15
+    output: 0.6
+"""
     return f"""
 listen: 127.0.0.1:{listen}
 upstream:
@@ -179,7 +195,14 @@ limits:
   max_connections: 40000
 log:
   level: info
-"""
+{accounting}"""
+
+
+def count_records(store):
+    """Usage records in a (stopped) llmproxy's SQLite store."""
+    import sqlite3
+    with sqlite3.connect(store) as db:
+        return db.execute("SELECT COUNT(*) FROM usage_records").fetchone()[0]
 
 
 class Bench:
@@ -192,6 +215,7 @@ class Bench:
         self.static_port, self.static_h2_port = free_port(), free_port()
         self.static = None
         self.results = {t: {} for t in TARGETS}
+        self.key = None
 
     # -- processes ---------------------------------------------------------
 
@@ -247,8 +271,35 @@ http {{
         if http2 and static:
             upstream = self.static_h2_port
         conf = self.tmp / "llmproxy.yaml"
-        conf.write_text(llmproxy_conf(port, upstream, http2=http2))
-        return Server("llmproxy", [str(LLMPROXY), "--config", str(conf)], port, PROXY_CORE, self.tmp / "llmproxy.log"), port
+        store = self.store() if target == "llmproxy-keys" else None
+        conf.write_text(llmproxy_conf(port, upstream, http2=http2, store=store))
+        server = Server("llmproxy", [str(LLMPROXY), "--config", str(conf)], port, PROXY_CORE, self.tmp / "llmproxy.log")
+        if store is not None:
+            self.key = self.create_key(port)
+        return server, port
+
+    def store(self):
+        """A fresh SQLite store for one llmproxy-keys process."""
+        self.store_path = self.tmp / f"usage-{time.monotonic_ns()}.db"
+        return self.store_path
+
+    def create_key(self, port):
+        """A key with every limit and a budget, none of which the run reaches."""
+        spec = {"name": "bench", "rpm": 1_000_000_000, "tpm": 1_000_000_000_000, "max_concurrent": 1_000_000,
+                "budget_usd": 1_000_000_000, "budget_period": "30d"}
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/admin/keys", data=json.dumps(spec).encode(),
+                                     headers={"authorization": f"Bearer {ADMIN_TOKEN}",
+                                              "content-type": "application/json"})
+        return json.loads(urllib.request.urlopen(req, timeout=10).read())["key"]
+
+    def stop_counting(self, target, server, answered):
+        """Stops the server; for llmproxy-keys, checks every answered request was recorded."""
+        if not server:
+            return
+        server.stop()
+        if target == "llmproxy-keys":
+            records = count_records(self.store_path)
+            return {"records": records, "answered": answered}
 
     # -- load ----------------------------------------------------------------
 
@@ -256,6 +307,8 @@ http {{
         argv = ["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
                 "-s", str(BENCH / script), f"http://127.0.0.1:{port}"]
         run_env = {**os.environ, "BENCH_DIR": str(BENCH), **(env or {})}
+        if self.key:
+            run_env["BENCH_KEY"] = self.key
         out = subprocess.run(argv, capture_output=True, text=True, env=run_env, timeout=seconds + 60)
         for line in out.stdout.splitlines():
             if line.startswith("WRK_JSON "):
@@ -266,6 +319,8 @@ http {{
 
     def probe(self, port, **kw):
         argv = ["taskset", "-c", LOAD_CORE, str(PROBE), "--addr", f"127.0.0.1:{port}"]
+        if self.key:
+            argv += ["--key", self.key]
         for key, value in kw.items():
             argv += [f"--{key.replace('_', '-')}", str(value)]
         out = subprocess.run(argv, capture_output=True, text=True, timeout=600)
@@ -281,21 +336,32 @@ http {{
         answer = self.answer()
         self.start_static(answer)
         for target in TARGETS:
+            self.key = None
+            r, warm = self.results[target], None
             server, port = self.start(target, static=True)
             try:
-                r = self.results[target]
                 # f: idle RSS, right after start and one request.
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5).read()
+                headers = {"authorization": f"Bearer {self.key}"} if self.key else {}
+                models = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models", headers=headers)
+                urllib.request.urlopen(models, timeout=5).read()
                 r["idle_rss_kb"] = server.rss_kb() if server else self.static.rss_kb()
                 serving = server or self.static
                 print(f"[{target}] (a) 64 connections, non-streamed", flush=True)
-                self.wrk(port, "wrk_chat.lua", 64, a.warmup)
+                warm = self.wrk(port, "wrk_chat.lua", 64, a.warmup)
                 r["a"] = self.measured(serving, lambda: self.wrk(port, "wrk_chat.lua", 64, a.seconds))
                 print(f"[{target}] (b) one connection, sequential", flush=True)
                 r["b"] = self.measured(serving, lambda: self.wrk(port, "wrk_chat.lua", 1, a.seconds))
             finally:
-                if server:
-                    server.stop()
+                answered = sum(x["requests"] for x in (warm, r.get("a", {}), r.get("b", {})) if x) + 1
+                counted = self.stop_counting(target, server, answered)
+                if counted:
+                    # wrk does not count the requests it cuts off at the
+                    # end of a run (up to one per connection), which
+                    # llmproxy still records, as a client that left.
+                    counted["rate_per_s"] = r["a"]["requests"] / (r["a"]["duration_us"] / 1e6)
+                    r["records"] = counted
+                    print(f"[{target}] usage records: {counted}", flush=True)
+            self.key = None
             server, port = self.start(target)
             try:
                 print(f"[{target}] (c) streams, 50 chunks 20 ms apart", flush=True)
@@ -303,9 +369,9 @@ http {{
                 print(f"[{target}] (e) 1 MiB bodies", flush=True)
                 r["e"] = self.wrk(port, "wrk_upload.lua", 16, a.seconds)
             finally:
-                if server:
-                    server.stop()
+                self.stop_counting(target, server, 0)
             # d: a fresh process, so its peak RSS is this scenario's.
+            self.key = None
             server, port = self.start(target)
             try:
                 print(f"[{target}] (d) {a.held} concurrent slow streams", flush=True)
@@ -313,8 +379,8 @@ http {{
                                     delay_ms=a.held_delay_ms, ramp_per_sec=a.ramp, timeout_secs=300)
                 r["d"]["peak_rss_kb"] = server.rss_kb("VmHWM") if server else self.mock.rss_kb("VmHWM")
             finally:
-                if server:
-                    server.stop()
+                self.stop_counting(target, server, 0)
+        self.key = None
         self.static.stop()
         self.mock.stop()
         return len(answer)
@@ -375,34 +441,37 @@ def ratio(value, reference, higher_is_better):
 
 
 def table(results, answer, args):
-    d, n, p, h = (results[t] for t in TARGETS)
+    d, n, p, h, k = (results[t] for t in TARGETS)
     rows = []
     # A smoke run lasts a second per scenario: it proves the harness, and
     # its numbers say nothing about the targets, so it judges none of them.
     judge = (lambda met: "not judged (smoke)") if args.smoke else (lambda met: "met" if met else "**missed**")
 
-    def row(label, fmt, key, higher_is_better, target=None):
-        vals = [key(r) for r in (d, n, p, h)]
+    def row(label, fmt, key, higher_is_better, target=None, keys_target=None):
+        vals = [key(r) for r in (d, n, p, h, k)]
         verdict = "" if target is None else judge(target(vals[2], vals[1]))
         verdict_h2 = "" if target is None else judge(target(vals[3], vals[1]))
+        verdict_keys = "" if keys_target is None else judge(keys_target(vals[4], vals[2], vals[1]))
         rows.append([label, *(fmt(v) for v in vals), ratio(vals[2], vals[1], higher_is_better),
-                     ratio(vals[3], vals[1], higher_is_better), ratio(vals[1], vals[0], higher_is_better),
-                     ratio(vals[2], vals[0], higher_is_better), verdict, verdict_h2])
+                     ratio(vals[3], vals[1], higher_is_better), ratio(vals[4], vals[2], higher_is_better),
+                     ratio(vals[1], vals[0], higher_is_better), ratio(vals[2], vals[0], higher_is_better),
+                     verdict, verdict_h2, verdict_keys])
 
     def added(label, key, target):
-        nginx, mine, mine_h2 = (key(r) - key(d) for r in (n, p, h))
-        rows.append([label, "0", ms(nginx), ms(mine), ms(mine_h2), "", "", "", "",
-                     judge(target(mine, nginx)), judge(target(mine_h2, nginx))])
+        nginx, mine, mine_h2, mine_keys = (key(r) - key(d) for r in (n, p, h, k))
+        rows.append([label, "0", ms(nginx), ms(mine), ms(mine_h2), ms(mine_keys), "", "", "", "", "",
+                     judge(target(mine, nginx)), judge(target(mine_h2, nginx)), ""])
 
     row("(a) server CPU µs/request", lambda v: f"{v:.1f}", lambda r: r["a"]["cpu_us"], False,
-        lambda mine, ng: mine <= ng)
+        lambda mine, ng: mine <= ng, lambda keys, plain, ng: keys <= 1.15 * plain)
     row("(a) requests/s, 64 conns", lambda v: f"{v:,.0f}", lambda r: r["a"]["rps"], True,
-        lambda mine, ng: mine >= ng)
+        lambda mine, ng: mine >= ng, lambda keys, plain, ng: keys >= ng)
     row("(a) p50 ms", ms, lambda r: r["a"]["p50_us"], False)
     row("(a) p99 ms", ms, lambda r: r["a"]["p99_us"], False, lambda mine, ng: mine <= ng)
     row("(a) p99.9 ms", ms, lambda r: r["a"]["p999_us"], False)
     row("(a) errors", str, lambda r: r["a"]["errors"] + r["a"]["status_errors"], False)
-    row("(b) server CPU µs/request", lambda v: f"{v:.1f}", lambda r: r["b"]["cpu_us"], False)
+    row("(b) server CPU µs/request", lambda v: f"{v:.1f}", lambda r: r["b"]["cpu_us"], False,
+        None, lambda keys, plain, ng: keys <= 1.15 * plain)
     row("(b) latency ms, 1 conn (mean)", ms, lambda r: r["b"]["mean_us"], False)
     row("(b) latency ms, 1 conn (p50)", ms, lambda r: r["b"]["p50_us"], False)
     added("(b) added latency ms (mean − direct)", lambda r: r["b"]["mean_us"], lambda mine, ng: mine <= ng)
@@ -418,7 +487,7 @@ def table(results, answer, args):
     row("(c) stream errors", str, lambda r: r["c"]["errors"], False)
     row(f"(d) {args.held:,} streams: completed", lambda v: f"{v:,}", lambda r: r["d"]["ok"], True)
     row(f"(d) {args.held:,} streams: errors", str, lambda r: r["d"]["errors"], False,
-        lambda mine, ng: mine == 0)
+        lambda mine, ng: mine == 0, lambda keys, plain, ng: keys == 0)
     row("(d) peak open at once", lambda v: f"{v:,}", lambda r: r["d"]["peak_open"], True)
     row("(d) peak RSS MB", lambda v: f"{v / 1024:.1f}", lambda r: r["d"]["peak_rss_kb"], False,
         lambda mine, ng: mine <= 250 * 1024)
@@ -429,9 +498,19 @@ def table(results, answer, args):
     # Which core was saturated in (a): requests/s only ranks proxies when the
     # proxy's core is the busy one, not the load generator's.
     busy = lambda r: f"proxy core {r['a']['proxy_core_busy'] * 100:.0f} %, load core {r['a']['load_core_busy'] * 100:.0f} %"
-    rows.append(["(a) core busy (proxy / load)", busy(d), busy(n), busy(p), busy(h), "", "", "", "", "", ""])
-    head = ["metric", "direct", "nginx", "llmproxy", "llmproxy h2↑", "llmproxy/nginx", "llmproxy h2↑/nginx",
-            "nginx/direct", "llmproxy/direct", "target", "target (h2↑)"]
+    rows.append(["(a) core busy (proxy / load)", busy(d), busy(n), busy(p), busy(h), busy(k),
+                 "", "", "", "", "", "", "", ""])
+    # Every request llmproxy-keys answered in (a) and (b) is in its store.
+    rec = k.get("records", {"records": 0, "answered": 0, "rate_per_s": 0})
+    lost = rec["records"] < rec["answered"]
+    rows.append(["(a)+(b) usage records written / requests answered", "", "", "", "",
+                 f"{rec['records']:,} / {rec['answered']:,}", "", "", "", "", "", "", "",
+                 judge(not lost)])
+    rows.append(["(a) records per second, sustained", "", "", "", "", f"{rec['rate_per_s']:,.0f}",
+                 "", "", "", "", "", "", "", judge(rec["rate_per_s"] >= 10_000 and not lost)])
+    head = ["metric", "direct", "nginx", "llmproxy", "llmproxy h2↑", "llmproxy keys", "llmproxy/nginx",
+            "llmproxy h2↑/nginx", "keys/llmproxy", "nginx/direct", "llmproxy/direct", "target", "target (h2↑)",
+            "target (keys)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
@@ -519,7 +598,12 @@ proxy's CPU per request is measured on a half-idle core. "llmproxy" speaks
 HTTP/1.1 to the upstream, as nginx does: the like-for-like column. "llmproxy
 h2↑" is the same binary with `http2: true` on the upstream (HTTP/2 with prior
 knowledge: many streams share a connection), which nginx's proxy module
-cannot do; each column has its own verdict. Ratios divide
+cannot do; each column has its own verdict. "llmproxy keys" is the
+HTTP/1.1 column with virtual keys, limits and usage on (SQLite store, one
+key with RPM, TPM, concurrency limits and a 30-day budget, a price for the
+model): its targets are CPU per request ≤ 1.15× "llmproxy" and requests/s ≥
+nginx's, and every request it answered in (a) and (b) recorded (counted in
+its store after a graceful stop). Ratios divide
 the first-named column by the second (for times and memory, lower is
 better; for rates, higher). "added" rows subtract direct's figure.
 

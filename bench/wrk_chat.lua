@@ -6,6 +6,7 @@ wrk.method = "POST"
 wrk.path = "/v1/chat/completions"
 wrk.body = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello in a few words."}]}'
 wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer sk-bench-client"
+-- BENCH_KEY: a virtual key, for the run with keys, limits and usage on.
+wrk.headers["Authorization"] = "Bearer " .. (os.getenv("BENCH_KEY") or "sk-bench-client")
 wrk.headers["x-mock-chunks"] = os.getenv("WORDS") or "45"
 function done(summary, latency, requests) report(summary, latency) end

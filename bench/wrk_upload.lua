@@ -5,4 +5,5 @@ wrk.method = "POST"
 wrk.path = "/v1/uploads"
 wrk.body = string.rep("a", 1048576)
 wrk.headers["Content-Type"] = "application/octet-stream"
+wrk.headers["Authorization"] = "Bearer " .. (os.getenv("BENCH_KEY") or "sk-bench-client")
 function done(summary, latency, requests) report(summary, latency) end

@@ -50,6 +50,9 @@ struct Args {
     /// Give up on a stream after this many seconds.
     #[arg(long, default_value_t = 120)]
     timeout_secs: u64,
+    /// A virtual key, sent as `Authorization: Bearer KEY`.
+    #[arg(long)]
+    key: Option<String>,
 }
 
 fn now_us() -> u64 {
@@ -82,7 +85,11 @@ async fn one_stream(
         .await
         .map_err(|e| format!("handshake: {e}"))?;
     tokio::spawn(connection);
-    let request = http::Request::post(&args.path)
+    let mut request = http::Request::post(&args.path);
+    if let Some(key) = &args.key {
+        request = request.header("authorization", format!("Bearer {key}"));
+    }
+    let request = request
         .header("host", args.addr.to_string())
         .header("content-type", "application/json")
         .header("x-mock-chunks", args.chunks)
