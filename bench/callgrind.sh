@@ -2,9 +2,13 @@
 # Instructions per request on the proxy path, counted by callgrind: a figure
 # that repeats run to run whatever else the machine is doing (bench/HISTORY.md
 # compares commits with it).
-#   bench/callgrind.sh [single|routed|nginx] [requests]   (default: single 2000)
+#   bench/callgrind.sh [single|routed|nginx|keys] [requests]   (default: single 2000)
 #   nginx: the same requests through nginx (one process, proxy_pass with
 #   keepalive, buffered access log), for the user-space side of the comparison
+#   keys: single with virtual keys, limits and usage on (SQLite store; a key
+#   with RPM, TPM, concurrency limits and a budget; a price for the model);
+#   the writer thread's work is counted too
+#   STREAM=1 bench/callgrind.sh ...   streamed requests (20 chunks) instead
 #   BIN=/path/to/llmproxy bench/callgrind.sh ...    (another build, e.g. a baseline)
 # Builds the release binary, starts the mock upstream and llmproxy under
 # callgrind (one worker), warms up, zeroes the counters, sends the requests
@@ -46,6 +50,18 @@ YAML
 else
   printf 'upstream:\n  base_url: http://127.0.0.1:%s/v1\nlog:\n  level: %s\n' "$mock_port" "${LOG_LEVEL:-warn}" > "$tmp/config.yaml"
 fi
+if [ "$mode" = keys ]; then
+  cat >> "$tmp/config.yaml" <<YAML
+admin:
+  token: callgrind-admin-token-0123
+store:
+  url: sqlite://$tmp/usage.db
+keys:
+  required: true
+prices:
+  gpt-4o-mini: {input: 0.15, output: 0.6}
+YAML
+fi
 if [ "$mode" = nginx ]; then
   command -v nginx >/dev/null || { echo "callgrind: nginx is not installed" >&2; exit 1; }
   mkdir -p "$tmp/nginx"
@@ -82,10 +98,10 @@ else
     $bin --config "$tmp/config.yaml" --listen "127.0.0.1:$proxy_port" --workers 1 2>"$tmp/valgrind.log" &
 fi
 proxy=$!
-python3 - "$proxy_port" "$requests" "$proxy" "$tmp" <<'PY'
-import http.client, subprocess, sys, time, glob
-port, n, pid, tmp = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-body = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
+python3 - "$proxy_port" "$requests" "$proxy" "$tmp" "$mode" "${STREAM:-0}" <<'PY'
+import http.client, json, subprocess, sys, time, glob
+port, n, pid, tmp, mode, stream = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6] == "1"
+body = json.dumps({"model": "gpt-4o-mini", "stream": stream, "messages": [{"role": "user", "content": "hi"}]}).encode()
 for _ in range(600):
     try:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -94,14 +110,25 @@ for _ in range(600):
         break
     except OSError:
         time.sleep(0.1)
+headers = {"content-type": "application/json"}
+if mode == "keys":
+    spec = {"name": "callgrind", "rpm": 10**9, "tpm": 10**12, "max_concurrent": 10**6,
+            "budget_usd": 10**9, "budget_period": "30d"}
+    conn.request("POST", "/admin/keys", json.dumps(spec).encode(),
+                 {"authorization": "Bearer callgrind-admin-token-0123", "content-type": "application/json"})
+    r = conn.getresponse()
+    headers["authorization"] = "Bearer " + json.loads(r.read())["key"]
 def run(count):
     for _ in range(count):
-        conn.request("POST", "/v1/chat/completions", body, {"content-type": "application/json"})
+        conn.request("POST", "/v1/chat/completions", body, headers)
         r = conn.getresponse(); r.read()
         assert r.status == 200, r.status
 run(200)
 subprocess.run(["callgrind_control", "-z", pid], check=True, capture_output=True)
 run(n)
+if mode == "keys":
+    # Counted after the writer's next flush, so every record's write is in.
+    time.sleep(1.5)
 subprocess.run(["callgrind_control", "-d", pid], check=True, capture_output=True)
 time.sleep(0.5)
 total = 0
@@ -109,7 +136,13 @@ for path in glob.glob(f"{tmp}/out.*"):
     for line in open(path):
         if line.startswith("summary:") or line.startswith("totals:"):
             total = max(total, int(line.split()[1]))
-print(f"instructions per request: {total // n:,} ({n} sequential requests, one connection)")
+if mode == "keys":
+    # The records must all be there (the writer flushes every second).
+    import sqlite3
+    with sqlite3.connect(f"{tmp}/usage.db") as db:
+        stored = db.execute("SELECT COUNT(*) FROM usage_records").fetchone()[0]
+    assert stored >= n + 200, f"{stored} usage records for {n + 200} requests"
+print(f"instructions per request: {total // n:,} ({n} sequential {'streamed' if stream else 'non-streamed'} requests, one connection)")
 PY
 # CALLGRIND_KEEP=DIR keeps the profile for callgrind_annotate.
 if [ -n "${CALLGRIND_KEEP:-}" ]; then mkdir -p "$CALLGRIND_KEEP"; cp "$tmp"/out.* "$CALLGRIND_KEEP"/; fi
