@@ -354,7 +354,7 @@ http {{
             finally:
                 answered = sum(x["requests"] for x in (warm, r.get("a", {}), r.get("b", {})) if x) + 1
                 counted = self.stop_counting(target, server, answered)
-                if counted:
+                if counted and "a" in r:
                     # wrk does not count the requests it cuts off at the
                     # end of a run (up to one per connection), which
                     # llmproxy still records, as a client that left.

@@ -1251,3 +1251,48 @@ async fn redis_that_cannot_be_reached_at_start_is_said_in_the_log() {
     let _ = std::fs::remove_file(&path);
     backend.remove().await;
 }
+
+#[tokio::test]
+async fn the_store_writes_each_record_once_however_often_it_is_sent() {
+    use llmproxy::store::{Store, UsageRecord};
+    for backend in Backend::both().await {
+        let store = Store::open(&backend.url).await.unwrap();
+        let at = 1_796_000_000_000; // 2026-11-30 00:53 UTC
+        let record = |id: &str, attempt: u32| UsageRecord {
+            request_id: id.to_owned(),
+            attempt,
+            at,
+            key_id: "key_a".into(),
+            model_requested: "gpt-4o".into(),
+            model_served: "gpt-4o-2024".into(),
+            upstream: "openai".into(),
+            status: 200,
+            prompt_tokens: 10,
+            completion_tokens: 3,
+            cached_tokens: 0,
+            cost_nano_usd: 16_000_000,
+            latency_ms: 5,
+            ttft_ms: None,
+            source: "reported",
+        };
+        // 1,200 records: more than one statement's worth.
+        let mut first: Vec<UsageRecord> = (0..1200).map(|i| record(&format!("r{i}"), 1)).collect();
+        first.push(record("r7", 1)); // a repeat within the batch
+        first.push(record("r7", 2)); // another attempt of the same request: billed
+        assert_eq!(store.insert_usage(&first).await.unwrap(), 1201);
+        // The same batch again (a writer that retried): nothing new.
+        assert_eq!(store.insert_usage(&first).await.unwrap(), 0);
+        let mixed = vec![record("r1", 1), record("new", 1)];
+        assert_eq!(store.insert_usage(&mixed).await.unwrap(), 1);
+        let totals = store
+            .totals(None, "2026-11-30", "2026-11-30", None)
+            .await
+            .unwrap();
+        assert_eq!(totals[0].requests, 1202);
+        assert_eq!(totals[0].prompt_tokens, 12_020);
+        assert_eq!(totals[0].cost_nano_usd, 1202 * 16_000_000);
+        assert_eq!(store.recent(5000, None).await.unwrap().len(), 1202);
+        store.close().await;
+        backend.remove().await;
+    }
+}

@@ -71,7 +71,9 @@ impl Verdict {
 impl Bucket {
     /// Nanoseconds one unit occupies at `limit` per minute.
     fn unit(limit: u64) -> u64 {
-        MINUTE_NS / limit.max(1)
+        // Above one unit per nanosecond the bucket cannot count finer: a
+        // limit that high is, in effect, none.
+        (MINUTE_NS / limit.max(1)).max(1)
     }
 
     fn verdict(limit: u64, tat: u64, now: u64, retry_after: Option<Duration>) -> Verdict {
@@ -307,6 +309,16 @@ mod tests {
         // Used more than estimated: the excess is charged, even past the limit.
         bucket.settle(10, 500, 1000);
         assert!(bucket.take(1, 1000).retry_after.is_some());
+    }
+
+    #[test]
+    fn limits_beyond_one_unit_per_nanosecond_do_not_divide_by_zero() {
+        let bucket = Bucket::default();
+        for limit in [u64::MAX, 1_000_000_000_000, MINUTE_NS + 1] {
+            let verdict = bucket.take(1_000, limit);
+            assert_eq!(verdict.retry_after, None);
+            bucket.settle(1_000, 10, limit);
+        }
     }
 
     #[test]

@@ -282,6 +282,10 @@ pub fn unix_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// Usage rows per INSERT: 15 parameters each stays far below SQLite's
+/// 32,766 and PostgreSQL's 65,535 bound parameters.
+const USAGE_ROWS_PER_STATEMENT: usize = 500;
+
 const KEY_COLUMNS: &str = "id, hash, hint, name, owner, team, metadata, models, rpm, tpm, \
      max_concurrent, budget_nano_usd, budget_period_secs, expires_at, revoked, created_at, updated_at, stream_cost";
 
@@ -431,11 +435,6 @@ impl Store {
         if records.is_empty() {
             return Ok(0);
         }
-        let insert = "INSERT INTO usage_records (request_id, attempt, at, key_id, model_requested, \
-            model_served, upstream, status, prompt_tokens, completion_tokens, cached_tokens, \
-            cost_nano_usd, latency_ms, ttft_ms, source) VALUES \
-            ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
-            ON CONFLICT (request_id, attempt) DO NOTHING";
         let rollup = "INSERT INTO usage_daily (day, key_id, model, requests, prompt_tokens, \
             completion_tokens, cached_tokens, cost_nano_usd) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
             ON CONFLICT (day, key_id, model) DO UPDATE SET \
@@ -449,44 +448,63 @@ impl Store {
             let mut days: std::collections::BTreeMap<(String, &str, &str), Totals> =
                 std::collections::BTreeMap::new();
             let mut new = 0;
-            for record in records {
-                let inserted = sqlx::query(insert)
-                    .bind(&record.request_id)
-                    .bind(i64::from(record.attempt))
-                    .bind(record.at)
-                    .bind(&record.key_id)
-                    .bind(&record.model_requested)
-                    .bind(&record.model_served)
-                    .bind(&record.upstream)
-                    .bind(i64::from(record.status))
-                    .bind(to_i64(record.prompt_tokens))
-                    .bind(to_i64(record.completion_tokens))
-                    .bind(to_i64(record.cached_tokens))
-                    .bind(to_i64(record.cost_nano_usd))
-                    .bind(to_i64(record.latency_ms))
-                    .bind(record.ttft_ms.map(to_i64))
-                    .bind(record.source)
-                    .execute(&mut *tx)
+            // Many rows per statement (one round trip to the database per
+            // chunk, not per record); RETURNING names the rows that were
+            // new, so a repeat is neither stored nor added to the rollups.
+            for chunk in records.chunks(USAGE_ROWS_PER_STATEMENT) {
+                let mut insert = sqlx::QueryBuilder::new(
+                    "INSERT INTO usage_records (request_id, attempt, at, key_id, model_requested, \
+                     model_served, upstream, status, prompt_tokens, completion_tokens, cached_tokens, \
+                     cost_nano_usd, latency_ms, ttft_ms, source) ",
+                );
+                insert.push_values(chunk, |mut row, record| {
+                    row.push_bind(&record.request_id)
+                        .push_bind(i64::from(record.attempt))
+                        .push_bind(record.at)
+                        .push_bind(&record.key_id)
+                        .push_bind(&record.model_requested)
+                        .push_bind(&record.model_served)
+                        .push_bind(&record.upstream)
+                        .push_bind(i64::from(record.status))
+                        .push_bind(to_i64(record.prompt_tokens))
+                        .push_bind(to_i64(record.completion_tokens))
+                        .push_bind(to_i64(record.cached_tokens))
+                        .push_bind(to_i64(record.cost_nano_usd))
+                        .push_bind(to_i64(record.latency_ms))
+                        .push_bind(record.ttft_ms.map(to_i64))
+                        .push_bind(record.source);
+                });
+                insert.push(" ON CONFLICT (request_id, attempt) DO NOTHING RETURNING request_id, attempt");
+                let mut inserted: std::collections::HashSet<(String, i64)> = insert
+                    .build_query_as::<(String, i64)>()
+                    .fetch_all(&mut *tx)
                     .await
                     .map_err(db("writing usage records"))?
-                    .rows_affected();
-                if inserted == 0 {
-                    continue;
+                    .into_iter()
+                    .collect();
+                let all_new = inserted.len() == chunk.len();
+                for record in chunk {
+                    // Removed once counted: a repeat within the chunk is not new.
+                    if !all_new
+                        && !inserted.remove(&(record.request_id.clone(), i64::from(record.attempt)))
+                    {
+                        continue;
+                    }
+                    new += 1;
+                    let model = if record.model_requested.is_empty() {
+                        &record.model_served
+                    } else {
+                        &record.model_requested
+                    };
+                    let sum = days
+                        .entry((utc_day(record.at), record.key_id.as_str(), model.as_str()))
+                        .or_default();
+                    sum.requests += 1;
+                    sum.prompt_tokens += record.prompt_tokens;
+                    sum.completion_tokens += record.completion_tokens;
+                    sum.cached_tokens += record.cached_tokens;
+                    sum.cost_nano_usd += record.cost_nano_usd;
                 }
-                new += 1;
-                let model = if record.model_requested.is_empty() {
-                    &record.model_served
-                } else {
-                    &record.model_requested
-                };
-                let sum = days
-                    .entry((utc_day(record.at), record.key_id.as_str(), model.as_str()))
-                    .or_default();
-                sum.requests += 1;
-                sum.prompt_tokens += record.prompt_tokens;
-                sum.completion_tokens += record.completion_tokens;
-                sum.cached_tokens += record.cached_tokens;
-                sum.cost_nano_usd += record.cost_nano_usd;
             }
             for ((day, key_id, model), sum) in &days {
                 sqlx::query(rollup)
