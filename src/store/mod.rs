@@ -282,9 +282,9 @@ pub fn unix_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// Usage rows per INSERT: 15 parameters each stays far below SQLite's
-/// 32,766 and PostgreSQL's 65,535 bound parameters.
-const USAGE_ROWS_PER_STATEMENT: usize = 500;
+/// Usage rows per INSERT, largest first: at 15 parameters a row, 500 stays
+/// far below SQLite's 32,766 and PostgreSQL's 65,535 bound parameters.
+const USAGE_ROWS_PER_STATEMENT: [usize; 4] = [500, 64, 8, 1];
 
 const KEY_COLUMNS: &str = "id, hash, hint, name, owner, team, metadata, models, rpm, tpm, \
      max_concurrent, budget_nano_usd, budget_period_secs, expires_at, revoked, created_at, updated_at, stream_cost";
@@ -445,13 +445,25 @@ impl Store {
             cost_nano_usd = usage_daily.cost_nano_usd + excluded.cost_nano_usd";
         on_pool!(self, pool => {
             let mut tx = pool.begin().await.map_err(db("starting a usage batch"))?;
-            let mut days: std::collections::BTreeMap<(String, &str, &str), Totals> =
+            // Keyed by the day's number; its date is written once per group.
+            let mut days: std::collections::BTreeMap<(i64, &str, &str), Totals> =
                 std::collections::BTreeMap::new();
             let mut new = 0;
             // Many rows per statement (one round trip to the database per
             // chunk, not per record); RETURNING names the rows that were
             // new, so a repeat is neither stored nor added to the rollups.
-            for chunk in records.chunks(USAGE_ROWS_PER_STATEMENT) {
+            let mut rest = records;
+            while !rest.is_empty() {
+                // A few fixed sizes, so each has one prepared statement that
+                // the connection keeps: a statement of any other size would
+                // be parsed anew.
+                let size = USAGE_ROWS_PER_STATEMENT
+                    .iter()
+                    .copied()
+                    .find(|&size| size <= rest.len())
+                    .unwrap_or(1);
+                let (chunk, tail) = rest.split_at(size);
+                rest = tail;
                 let mut insert = sqlx::QueryBuilder::new(
                     "INSERT INTO usage_records (request_id, attempt, at, key_id, model_requested, \
                      model_served, upstream, status, prompt_tokens, completion_tokens, cached_tokens, \
@@ -497,7 +509,11 @@ impl Store {
                         &record.model_requested
                     };
                     let sum = days
-                        .entry((utc_day(record.at), record.key_id.as_str(), model.as_str()))
+                        .entry((
+                            record.at.div_euclid(86_400_000),
+                            record.key_id.as_str(),
+                            model.as_str(),
+                        ))
                         .or_default();
                     sum.requests += 1;
                     sum.prompt_tokens += record.prompt_tokens;
@@ -508,7 +524,7 @@ impl Store {
             }
             for ((day, key_id, model), sum) in &days {
                 sqlx::query(rollup)
-                    .bind(day)
+                    .bind(utc_day(day.saturating_mul(86_400_000)))
                     .bind(*key_id)
                     .bind(*model)
                     .bind(to_i64(sum.requests))

@@ -78,6 +78,87 @@ pub struct Answer {
     pub usage: Option<Tokens>,
 }
 
+impl Answer {
+    /// The model and usage of a JSON answer or chunk, found without
+    /// parsing the rest of it (the content can be most of the bytes): the
+    /// last `"usage"` key's object and the first `"model"` key's string.
+    /// Inside a JSON string every quote is escaped, so content cannot fake
+    /// either key.
+    pub fn scan(json: &[u8]) -> Self {
+        Self {
+            model: Self::model_in(json),
+            usage: Self::usage_in(json),
+        }
+    }
+
+    /// The last `"usage"` key's object, when it is one (not `null`).
+    pub fn usage_in(json: &[u8]) -> Option<Tokens> {
+        memchr::memmem::rfind(json, b"\"usage\"")
+            .and_then(|at| value_after_key(json, at + 7))
+            .filter(|&start| json[start] == b'{')
+            .and_then(|start| object_end(json, start).map(|end| &json[start..=end]))
+            .and_then(|object| serde_json::from_slice::<Tokens>(object).ok())
+    }
+
+    /// The first `"model"` key's string.
+    pub fn model_in(json: &[u8]) -> Option<String> {
+        memchr::memmem::find(json, b"\"model\"")
+            .and_then(|at| value_after_key(json, at + 7))
+            .filter(|&start| json[start] == b'"')
+            .and_then(|start| {
+                serde_json::Deserializer::from_slice(&json[start..])
+                    .into_iter::<String>()
+                    .next()?
+                    .ok()
+            })
+    }
+}
+
+/// Where the value of a key whose closing quote is just before `after`
+/// starts: past `:` and any whitespace.
+fn value_after_key(json: &[u8], after: usize) -> Option<usize> {
+    let rest = json.get(after..)?;
+    let colon = rest.iter().position(|b| !b.is_ascii_whitespace())?;
+    if rest[colon] != b':' {
+        return None;
+    }
+    let value = colon
+        + 1
+        + rest[colon + 1..]
+            .iter()
+            .position(|b| !b.is_ascii_whitespace())?;
+    Some(after + value)
+}
+
+/// Where the JSON object starting at `start` (a `{`) ends (its `}`),
+/// strings and nested objects skipped.
+pub fn object_end(json: &[u8], start: usize) -> Option<usize> {
+    let (mut depth, mut in_string, mut escaped) = (0u32, false, false);
+    for (offset, &byte) in json.get(start..)?.iter().enumerate() {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'{' => depth += 1,
+            b'}' => {
+                depth = depth.checked_sub(1)?;
+                if depth == 0 {
+                    return Some(start + offset);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
 /// The cost of `tokens` at `price`, nano-USD (USD per million tokens ×
 /// tokens × 1000), rounded to the nearest nano-dollar.
 pub fn cost_nano_usd(tokens: &Tokens, price: &Price) -> u64 {
@@ -290,7 +371,7 @@ impl Meter {
                 for chunk in &chunks {
                     whole.extend_from_slice(chunk);
                 }
-                (serde_json::from_slice::<Answer>(&whole).ok(), 0)
+                (Some(Answer::scan(&whole)), 0)
             }
             Reading::Sse(scanner) => {
                 let events = scanner.content_events();
@@ -379,8 +460,23 @@ impl Drop for Meter {
 /// `cost` (nano-USD) as the `x-llmproxy-cost-usd` value, in USD with all
 /// nine decimals (exact).
 pub fn usd_header(nano: u64) -> http::HeaderValue {
-    let text = format!("{}.{:09}", nano / 1_000_000_000, nano % 1_000_000_000);
-    http::HeaderValue::try_from(text).unwrap_or(http::HeaderValue::from_static("0"))
+    // Written by hand: this runs on every priced answer, and `format!` costs
+    // more than the rest of the header.
+    let mut digits = [b'0'; 30];
+    let mut at = digits.len();
+    let mut rest = nano;
+    let mut written = 0;
+    while rest > 0 || written < 10 {
+        if written == 9 {
+            at -= 1;
+            digits[at] = b'.';
+        }
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        written += 1;
+    }
+    http::HeaderValue::from_bytes(&digits[at..]).unwrap_or(http::HeaderValue::from_static("0"))
 }
 
 pin_project_lite::pin_project! {
@@ -464,6 +560,42 @@ impl Observer for Meter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn usd_headers_have_nine_decimals() {
+        for (nano, text) in [
+            (0, "0.000000000"),
+            (16_000_000, "0.016000000"),
+            (1_000_000_000, "1.000000000"),
+            (u64::MAX, "18446744073.709551615"),
+        ] {
+            assert_eq!(usd_header(nano), text);
+        }
+    }
+
+    #[test]
+    fn a_scan_finds_model_and_usage_and_is_not_fooled_by_content() {
+        let answer = br#"{"id":"c","model" : "gpt-4o-2024","choices":[{"message":{"content":"say \"usage\":{\"prompt_tokens\":99} and \"model\":\"x\""}}],
+            "usage": {"prompt_tokens":10,"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":4},"note":"}{"}}"#;
+        let found = Answer::scan(answer);
+        assert_eq!(found.model.as_deref(), Some("gpt-4o-2024"));
+        assert_eq!(
+            found.usage,
+            Some(Tokens {
+                prompt_tokens: 10,
+                completion_tokens: 3,
+                cached_tokens: 4
+            })
+        );
+        assert_eq!(Answer::usage_in(br#"{"choices":[],"usage":null}"#), None);
+        assert_eq!(
+            Answer::usage_in(br#"{"usage":{"prompt_tokens":1"#),
+            None,
+            "cut short"
+        );
+        assert_eq!(Answer::model_in(br#"{"model":7}"#), None);
+        assert_eq!(Answer::scan(b"not json").usage, None);
+    }
 
     #[test]
     fn usage_is_read_with_cached_tokens_and_priced_exactly() {

@@ -68,17 +68,14 @@ impl Scanner {
         if payload.is_empty() || payload == b"[DONE]" {
             return;
         }
-        let first = self.content == 0 && self.model.is_none();
-        if (first || contains(payload, b"\"usage\""))
-            && let Ok(answer) = serde_json::from_slice::<Answer>(payload)
+        if self.model.is_none() {
+            self.model = Answer::model_in(payload);
+        }
+        if contains(payload, b"\"usage\"")
+            && let Some(usage) = Answer::usage_in(payload)
         {
-            if let Some(model) = answer.model {
-                self.model.get_or_insert(model);
-            }
-            if let Some(usage) = answer.usage {
-                self.usage = Some(usage);
-                return;
-            }
+            self.usage = Some(usage);
+            return;
         }
         self.content += 1;
     }

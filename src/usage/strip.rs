@@ -58,30 +58,7 @@ fn usage_object(event: &[u8]) -> Option<(usize, usize)> {
     let start = find(event, b"\"usage\":{")
         .map(|at| at + 8)
         .or_else(|| find(event, b"\"usage\": {").map(|at| at + 9))?;
-    let (mut depth, mut in_string, mut escaped) = (0u32, false, false);
-    for (offset, &byte) in event[start..].iter().enumerate() {
-        if in_string {
-            match byte {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match byte {
-            b'"' => in_string = true,
-            b'{' => depth += 1,
-            b'}' => {
-                depth = depth.checked_sub(1)?;
-                if depth == 0 {
-                    return Some((start, start + offset));
-                }
-            }
-            _ => {}
-        }
-    }
-    None
+    super::object_end(event, start).map(|end| (start, end))
 }
 
 /// `event` with the cost of its usage added (unchanged without usage).
