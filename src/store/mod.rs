@@ -282,6 +282,41 @@ pub fn unix_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// `INSERT … VALUES (…), (…) ON CONFLICT DO NOTHING` for `chunk`.
+fn usage_insert<'a, DB: sqlx::Database>(chunk: &'a [UsageRecord]) -> sqlx::QueryBuilder<'a, DB>
+where
+    String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    Option<i64>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    &'a String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    let mut insert = sqlx::QueryBuilder::new(
+        "INSERT INTO usage_records (request_id, attempt, at, key_id, model_requested, \
+         model_served, upstream, status, prompt_tokens, completion_tokens, cached_tokens, \
+         cost_nano_usd, latency_ms, ttft_ms, source) ",
+    );
+    insert.push_values(chunk, |mut row, record| {
+        row.push_bind(&record.request_id)
+            .push_bind(i64::from(record.attempt))
+            .push_bind(record.at)
+            .push_bind(&record.key_id)
+            .push_bind(&record.model_requested)
+            .push_bind(&record.model_served)
+            .push_bind(&record.upstream)
+            .push_bind(i64::from(record.status))
+            .push_bind(to_i64(record.prompt_tokens))
+            .push_bind(to_i64(record.completion_tokens))
+            .push_bind(to_i64(record.cached_tokens))
+            .push_bind(to_i64(record.cost_nano_usd))
+            .push_bind(to_i64(record.latency_ms))
+            .push_bind(record.ttft_ms.map(to_i64))
+            .push_bind(record.source);
+    });
+    insert.push(" ON CONFLICT (request_id, attempt) DO NOTHING");
+    insert
+}
+
 /// Usage rows per INSERT, largest first: at 15 parameters a row, 500 stays
 /// far below SQLite's 32,766 and PostgreSQL's 65,535 bound parameters.
 const USAGE_ROWS_PER_STATEMENT: [usize; 4] = [500, 64, 8, 1];
@@ -301,6 +336,9 @@ impl Store {
                 // WAL makes NORMAL durable against process crashes; only
                 // an OS crash can lose the last transactions.
                 .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
+                // 16 MiB of page cache a connection (SQLite's default is
+                // 2 MiB): the usage indexes stay in memory as they grow.
+                .pragma("cache_size", "-16384")
                 .busy_timeout(Duration::from_secs(5));
             let pool = SqlitePoolOptions::new()
                 .max_connections(4)
@@ -444,100 +482,86 @@ impl Store {
             cached_tokens = usage_daily.cached_tokens + excluded.cached_tokens, \
             cost_nano_usd = usage_daily.cost_nano_usd + excluded.cost_nano_usd";
         on_pool!(self, pool => {
-            let mut tx = pool.begin().await.map_err(db("starting a usage batch"))?;
-            // Keyed by the day's number; its date is written once per group.
-            let mut days: std::collections::BTreeMap<(i64, &str, &str), Totals> =
-                std::collections::BTreeMap::new();
-            let mut new = 0;
-            // Many rows per statement (one round trip to the database per
-            // chunk, not per record); RETURNING names the rows that were
-            // new, so a repeat is neither stored nor added to the rollups.
-            let mut rest = records;
-            while !rest.is_empty() {
-                // A few fixed sizes, so each has one prepared statement that
-                // the connection keeps: a statement of any other size would
-                // be parsed anew.
-                let size = USAGE_ROWS_PER_STATEMENT
-                    .iter()
-                    .copied()
-                    .find(|&size| size <= rest.len())
-                    .unwrap_or(1);
-                let (chunk, tail) = rest.split_at(size);
-                rest = tail;
-                let mut insert = sqlx::QueryBuilder::new(
-                    "INSERT INTO usage_records (request_id, attempt, at, key_id, model_requested, \
-                     model_served, upstream, status, prompt_tokens, completion_tokens, cached_tokens, \
-                     cost_nano_usd, latency_ms, ttft_ms, source) ",
-                );
-                insert.push_values(chunk, |mut row, record| {
-                    row.push_bind(&record.request_id)
-                        .push_bind(i64::from(record.attempt))
-                        .push_bind(record.at)
-                        .push_bind(&record.key_id)
-                        .push_bind(&record.model_requested)
-                        .push_bind(&record.model_served)
-                        .push_bind(&record.upstream)
-                        .push_bind(i64::from(record.status))
-                        .push_bind(to_i64(record.prompt_tokens))
-                        .push_bind(to_i64(record.completion_tokens))
-                        .push_bind(to_i64(record.cached_tokens))
-                        .push_bind(to_i64(record.cost_nano_usd))
-                        .push_bind(to_i64(record.latency_ms))
-                        .push_bind(record.ttft_ms.map(to_i64))
-                        .push_bind(record.source);
-                });
-                insert.push(" ON CONFLICT (request_id, attempt) DO NOTHING RETURNING request_id, attempt");
-                let mut inserted: std::collections::HashSet<(String, i64)> = insert
-                    .build_query_as::<(String, i64)>()
-                    .fetch_all(&mut *tx)
-                    .await
-                    .map_err(db("writing usage records"))?
-                    .into_iter()
-                    .collect();
-                let all_new = inserted.len() == chunk.len();
-                for record in chunk {
-                    // Removed once counted: a repeat within the chunk is not new.
-                    if !all_new
-                        && !inserted.remove(&(record.request_id.clone(), i64::from(record.attempt)))
-                    {
+            // First all rows at once; if any was already stored (a batch
+            // written again), the transaction is undone and written row by
+            // row, so only the new ones reach the rollups.
+            let mut row_by_row = false;
+            'attempt: loop {
+                let mut tx = pool.begin().await.map_err(db("starting a usage batch"))?;
+                // Keyed by the day's number; its date is written once per group.
+                let mut days: std::collections::BTreeMap<(i64, &str, &str), Totals> =
+                    std::collections::BTreeMap::new();
+                let mut new = 0;
+                // Many rows per statement (one round trip to the database per
+                // chunk, not per record).
+                let mut rest = records;
+                while !rest.is_empty() {
+                    // A few fixed sizes, so each has one prepared statement that
+                    // the connection keeps: a statement of any other size would
+                    // be parsed anew.
+                    let size = if row_by_row {
+                        1
+                    } else {
+                        USAGE_ROWS_PER_STATEMENT
+                            .iter()
+                            .copied()
+                            .find(|&size| size <= rest.len())
+                            .unwrap_or(1)
+                    };
+                    let (chunk, tail) = rest.split_at(size);
+                    rest = tail;
+                    let stored = usage_insert(chunk)
+                        .build()
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db("writing usage records"))?
+                        .rows_affected();
+                    if stored != chunk.len() as u64 {
+                        if !row_by_row {
+                            tx.rollback().await.map_err(db("writing usage records"))?;
+                            row_by_row = true;
+                            continue 'attempt;
+                        }
                         continue;
                     }
-                    new += 1;
-                    let model = if record.model_requested.is_empty() {
-                        &record.model_served
-                    } else {
-                        &record.model_requested
-                    };
-                    let sum = days
-                        .entry((
-                            record.at.div_euclid(86_400_000),
-                            record.key_id.as_str(),
-                            model.as_str(),
-                        ))
-                        .or_default();
-                    sum.requests += 1;
-                    sum.prompt_tokens += record.prompt_tokens;
-                    sum.completion_tokens += record.completion_tokens;
-                    sum.cached_tokens += record.cached_tokens;
-                    sum.cost_nano_usd += record.cost_nano_usd;
+                    for record in chunk {
+                        new += 1;
+                        let model = if record.model_requested.is_empty() {
+                            &record.model_served
+                        } else {
+                            &record.model_requested
+                        };
+                        let sum = days
+                            .entry((
+                                record.at.div_euclid(86_400_000),
+                                record.key_id.as_str(),
+                                model.as_str(),
+                            ))
+                            .or_default();
+                        sum.requests += 1;
+                        sum.prompt_tokens += record.prompt_tokens;
+                        sum.completion_tokens += record.completion_tokens;
+                        sum.cached_tokens += record.cached_tokens;
+                        sum.cost_nano_usd += record.cost_nano_usd;
+                    }
                 }
+                for ((day, key_id, model), sum) in &days {
+                    sqlx::query(rollup)
+                        .bind(utc_day(day.saturating_mul(86_400_000)))
+                        .bind(*key_id)
+                        .bind(*model)
+                        .bind(to_i64(sum.requests))
+                        .bind(to_i64(sum.prompt_tokens))
+                        .bind(to_i64(sum.completion_tokens))
+                        .bind(to_i64(sum.cached_tokens))
+                        .bind(to_i64(sum.cost_nano_usd))
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db("writing usage rollups"))?;
+                }
+                tx.commit().await.map_err(db("committing a usage batch"))?;
+                break Ok(new);
             }
-            for ((day, key_id, model), sum) in &days {
-                sqlx::query(rollup)
-                    .bind(utc_day(day.saturating_mul(86_400_000)))
-                    .bind(*key_id)
-                    .bind(*model)
-                    .bind(to_i64(sum.requests))
-                    .bind(to_i64(sum.prompt_tokens))
-                    .bind(to_i64(sum.completion_tokens))
-                    .bind(to_i64(sum.cached_tokens))
-                    .bind(to_i64(sum.cost_nano_usd))
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db("writing usage rollups"))?;
-            }
-            tx.commit().await.map_err(db("committing a usage batch"))?;
-            Ok(new)
         })
     }
 
