@@ -200,6 +200,7 @@ pub async fn run(
             store: store.clone(),
             keys,
             sink,
+            models: state::Accounts::model_limits(&settings),
             settings,
             shared: shared.clone(),
         }),

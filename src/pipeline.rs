@@ -36,7 +36,8 @@ use crate::auth::Key;
 use crate::error::ProxyError;
 use crate::error::RateLimit;
 use crate::ingress::openai;
-use crate::limits::{Dimension, Slot, Verdict};
+use crate::limits::shared::SharedLimits;
+use crate::limits::{Dimension, KeyState, Slot, Verdict};
 use crate::routing::retry::{Attempted, Trace};
 use crate::routing::{ModelRouter, fallback};
 use crate::state::{Accounts, AppState};
@@ -161,8 +162,7 @@ async fn metered(
                 model: admitted.model.unwrap_or_default(),
                 upstream: String::new(),
                 prompt_estimate: admitted.prompt_estimate,
-                reserved_tokens: admitted.reserved_tokens,
-                tokens_shared: admitted.tokens_shared,
+                reservations: admitted.reservations,
                 slot: admitted.slot,
                 start,
             };
@@ -185,8 +185,8 @@ struct Admitted {
     model: Option<String>,
     stream: bool,
     prompt_estimate: u64,
-    reserved_tokens: u64,
-    tokens_shared: bool,
+    /// TPM reservations to settle (the key's, the model's).
+    reservations: [Option<usage::Reservation>; 2],
     slot: Option<Slot>,
 }
 
@@ -253,121 +253,204 @@ async fn admit_key(
         stream: facts.stream,
         model: facts.model,
         prompt_estimate,
-        reserved_tokens: 0,
-        tokens_shared: false,
+        reservations: [None, None],
         slot: None,
     };
-    let Some(key) = key else {
-        return Ok((admitted, body));
-    };
-    if let Some(model) = &admitted.model
-        && !key.allows(model)
-    {
-        return Err(ProxyError::ModelNotAllowed(model.clone()));
-    }
-    let record = &key.record;
-    if let Some(budget) = record.budget_nano_usd {
-        let now = crate::store::unix_ms();
-        if key.state.spent_now(record, now) >= budget {
-            let resets = match crate::limits::budget_period(record, now).1 {
-                Some(end) => format!("it resets at {}", crate::admin::keys::rfc3339(end)),
-                None => "it is a lifetime budget and does not reset".to_owned(),
-            };
-            return Err(ProxyError::BudgetExceeded(format!(
-                "this API key has spent its budget of {} USD; {resets}",
-                budget as f64 / 1e9
-            )));
+    let shared = accounts.shared.as_deref();
+    let estimate = prompt_estimate.saturating_add(facts.max_tokens.unwrap_or(0));
+    let mut by_key = Taken::default();
+    if let Some(key) = &key {
+        if let Some(model) = &admitted.model
+            && !key.allows(model)
+        {
+            return Err(ProxyError::ModelNotAllowed(model.clone()));
+        }
+        let record = &key.record;
+        if let Some(budget) = record.budget_nano_usd {
+            let now = crate::store::unix_ms();
+            if key.state.spent_now(record, now) >= budget {
+                let resets = match crate::limits::budget_period(record, now).1 {
+                    Some(end) => format!("it resets at {}", crate::admin::keys::rfc3339(end)),
+                    None => "it is a lifetime budget and does not reset".to_owned(),
+                };
+                return Err(ProxyError::BudgetExceeded(format!(
+                    "this API key has spent its budget of {} USD; {resets}",
+                    budget as f64 / 1e9
+                )));
+            }
+        }
+        by_key = take_limits(
+            &key.state,
+            shared,
+            &record.id,
+            (record.rpm, record.tpm),
+            estimate,
+            Whose::Key,
+        )
+        .await?;
+        if let Some(max) = record.max_concurrent {
+            match crate::limits::acquire_slot(&key.state, max) {
+                Some(slot) => admitted.slot = Some(slot),
+                None => {
+                    by_key.give_back(&key.state, estimate);
+                    return Err(by_key.refused(
+                        Whose::Key,
+                        &format!("{max} concurrent requests"),
+                        "requests",
+                        std::time::Duration::from_secs(1),
+                    ));
+                }
+            }
+        }
+        if let Some((limit, verdict)) = by_key.tokens {
+            admitted.reservations[0] = Some(usage::Reservation {
+                state: Arc::clone(&key.state),
+                limit,
+                shared: verdict.shared,
+                reserved: estimate,
+            });
         }
     }
-    let shared = accounts.shared.as_deref();
-    let down = |_| ProxyError::LimitsUnavailable;
-    let requests = match record.rpm {
-        Some(limit) => Some((
-            limit,
-            key.state
-                .take(shared, &record.id, Dimension::Requests, 1, limit)
-                .await
-                .map_err(down)?,
-        )),
-        None => None,
-    };
-    let estimate = prompt_estimate.saturating_add(facts.max_tokens.unwrap_or(0));
-    let give_back = |requests: Option<(u64, Verdict)>, tokens: Option<(u64, Verdict)>| {
+    if let Some((pattern, model)) = admitted
+        .model
+        .as_deref()
+        .and_then(|name| crate::config::matching(&accounts.models, name))
+    {
+        let limit = model.limit;
+        match take_limits(
+            &model.state,
+            shared,
+            &model.id,
+            (limit.rpm, limit.tpm),
+            estimate,
+            Whose::Model(pattern),
+        )
+        .await
+        {
+            Ok(taken) => {
+                if let Some((limit, verdict)) = taken.tokens {
+                    admitted.reservations[1] = Some(usage::Reservation {
+                        state: Arc::clone(&model.state),
+                        limit,
+                        shared: verdict.shared,
+                        reserved: estimate,
+                    });
+                }
+            }
+            Err(err) => {
+                if let Some(key) = &key {
+                    by_key.give_back(&key.state, estimate);
+                }
+                return Err(err);
+            }
+        }
+    }
+    admitted.key = key;
+    Ok((admitted, body))
+}
+
+/// Whose limits a refusal names.
+#[derive(Clone, Copy)]
+enum Whose<'a> {
+    Key,
+    Model(&'a str),
+}
+
+/// What one set of RPM/TPM buckets admitted.
+#[derive(Default)]
+struct Taken {
+    requests: Option<(u64, Verdict)>,
+    tokens: Option<(u64, Verdict)>,
+}
+
+impl Taken {
+    /// Gives back what was taken (the request was refused further on).
+    fn give_back(&self, state: &KeyState, estimate: u64) {
         for (dimension, n, taken) in [
-            (Dimension::Requests, 1, requests),
-            (Dimension::Tokens, estimate, tokens),
+            (Dimension::Requests, 1, self.requests),
+            (Dimension::Tokens, estimate, self.tokens),
         ] {
             if let Some((limit, verdict)) = taken
                 && verdict.retry_after.is_none()
             {
-                key.state.settle(dimension, verdict.shared, n, 0, limit);
+                state.settle(dimension, verdict.shared, n, 0, limit);
             }
         }
-    };
-    let tokens = match (requests, record.tpm) {
-        (Some((_, verdict)), _) if verdict.retry_after.is_some() => None,
-        (_, Some(limit)) => match key
-            .state
-            .take(shared, &record.id, Dimension::Tokens, estimate, limit)
-            .await
-        {
-            Ok(verdict) => Some((limit, verdict)),
-            Err(err) => {
-                give_back(requests, None);
-                return Err(down(err));
-            }
-        },
-        _ => None,
-    };
-    let refused = |what: &str, kind: &'static str, retry_after: std::time::Duration| {
+    }
+
+    /// The 429 for a limit of `what`, with both buckets' headers.
+    fn refused(
+        &self,
+        whose: Whose<'_>,
+        what: &str,
+        kind: &'static str,
+        retry_after: std::time::Duration,
+    ) -> ProxyError {
+        let whose = match whose {
+            Whose::Key => "this API key's limit".to_owned(),
+            Whose::Model(pattern) => format!("the limit for model {pattern} (over all keys)"),
+        };
         ProxyError::RateLimited(Box::new(RateLimit {
-            message: format!(
-                "this API key's limit of {what} is reached; retry after {retry_after:.1?}"
-            ),
+            message: format!("{whose} of {what} is reached; retry after {retry_after:.1?}"),
             kind,
             retry_after,
-            requests: requests.map(|(_, v)| v.quota()),
-            tokens: tokens.map(|(_, v)| v.quota()),
+            requests: self.requests.map(|(_, v)| v.quota()),
+            tokens: self.tokens.map(|(_, v)| v.quota()),
         }))
-    };
-    if let Some((limit, verdict)) = requests
-        && let Some(retry) = verdict.retry_after
-    {
-        return Err(refused(
-            &format!("{limit} requests per minute"),
-            "requests",
-            retry,
-        ));
     }
-    if let Some((limit, verdict)) = tokens
-        && let Some(retry) = verdict.retry_after
-    {
-        give_back(requests, None);
-        return Err(refused(
-            &format!("{limit} tokens per minute"),
-            "tokens",
-            retry,
-        ));
+}
+
+/// Takes one request and `estimate` tokens from `state`'s buckets with
+/// limits `(rpm, tpm)`, shared through Redis when configured; on a refusal
+/// gives back what it took.
+async fn take_limits(
+    state: &KeyState,
+    shared: Option<&SharedLimits>,
+    id: &str,
+    (rpm, tpm): (Option<u64>, Option<u64>),
+    estimate: u64,
+    whose: Whose<'_>,
+) -> Result<Taken, ProxyError> {
+    let mut taken = Taken::default();
+    if let Some(limit) = rpm {
+        let verdict = state
+            .take(shared, id, Dimension::Requests, 1, limit)
+            .await
+            .map_err(|_| ProxyError::LimitsUnavailable)?;
+        taken.requests = Some((limit, verdict));
+        if let Some(retry) = verdict.retry_after {
+            return Err(taken.refused(
+                whose,
+                &format!("{limit} requests per minute"),
+                "requests",
+                retry,
+            ));
+        }
     }
-    if let Some(max) = record.max_concurrent {
-        match crate::limits::acquire_slot(&key.state, max) {
-            Some(slot) => admitted.slot = Some(slot),
-            None => {
-                give_back(requests, tokens);
-                return Err(refused(
-                    &format!("{max} concurrent requests"),
-                    "requests",
-                    std::time::Duration::from_secs(1),
-                ));
+    if let Some(limit) = tpm {
+        match state
+            .take(shared, id, Dimension::Tokens, estimate, limit)
+            .await
+        {
+            Ok(verdict) => {
+                taken.tokens = Some((limit, verdict));
+                if let Some(retry) = verdict.retry_after {
+                    taken.give_back(state, estimate);
+                    return Err(taken.refused(
+                        whose,
+                        &format!("{limit} tokens per minute"),
+                        "tokens",
+                        retry,
+                    ));
+                }
+            }
+            Err(_) => {
+                taken.give_back(state, estimate);
+                return Err(ProxyError::LimitsUnavailable);
             }
         }
     }
-    if let Some((_, verdict)) = tokens {
-        admitted.reserved_tokens = estimate;
-        admitted.tokens_shared = verdict.shared;
-    }
-    admitted.key = Some(key);
-    Ok((admitted, body))
+    Ok(taken)
 }
 
 /// Wraps the answer in its usage meter. A JSON answer is read whole first

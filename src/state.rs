@@ -29,6 +29,38 @@ pub struct Accounts {
     pub settings: Accounting,
     /// RPM/TPM shared through Redis, when `redis` is configured.
     pub shared: Option<Arc<crate::limits::shared::SharedLimits>>,
+    /// `keys.model_limits`, each with its buckets, in file order.
+    pub models: Vec<(String, ModelLimits)>,
+}
+
+/// One `keys.model_limits` entry and its buckets.
+pub struct ModelLimits {
+    /// The limits.
+    pub limit: crate::config::ModelLimit,
+    /// The buckets (the same kind a key has).
+    pub state: Arc<crate::limits::KeyState>,
+    /// Its id in shared limits: `model:PATTERN`.
+    pub id: String,
+}
+
+impl Accounts {
+    /// Builds the per-model buckets from the settings.
+    pub fn model_limits(settings: &Accounting) -> Vec<(String, ModelLimits)> {
+        settings
+            .model_limits
+            .iter()
+            .map(|(pattern, limit)| {
+                (
+                    pattern.clone(),
+                    ModelLimits {
+                        limit: *limit,
+                        state: Arc::default(),
+                        id: format!("model:{pattern}"),
+                    },
+                )
+            })
+            .collect()
+    }
 }
 
 /// What every request shares.

@@ -619,54 +619,55 @@ async fn usage_is_recorded_exactly_and_streams_stay_byte_exact() {
 
 #[tokio::test]
 async fn a_client_that_leaves_mid_stream_is_recorded_at_once_as_estimated() {
-    let backend = Backend::sqlite();
-    let upstream = spawn_upstream(|_| {
-        Reply::sse(vec![
-            (
-                Duration::ZERO,
-                event("{\"choices\":[{\"delta\":{\"content\":\"a\"}}],\"usage\":null}"),
-            ),
-            (
-                Duration::ZERO,
-                event("{\"choices\":[{\"delta\":{\"content\":\"b\"}}],\"usage\":null}"),
-            ),
-            (
-                Duration::from_secs(30),
-                Bytes::from_static(b"data: [DONE]\n\n"),
-            ),
-        ])
-    })
-    .await;
-    let proxy = gateway(&upstream.base_url(), &backend.url, "").await;
-    let (key, _) = create_key(&proxy, json!({"name": "gone"})).await;
-    let response = client()
-        .request(
-            Request::post(proxy.url("/v1/chat/completions"))
-                .header("authorization", format!("Bearer {key}"))
-                .header("content-type", "application/json")
-                .body(Full::new(Bytes::from(
-                    json!({"model": "gpt-4o", "stream": true}).to_string(),
-                )))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let mut body = response.into_body();
-    let first = body.frame().await.unwrap().unwrap();
-    assert!(first.data_ref().is_some());
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let left = std::time::Instant::now();
-    drop(body);
-    let found = records(&proxy, 1).await;
-    assert!(
-        left.elapsed() < Duration::from_secs(1),
-        "recorded after {:?}",
-        left.elapsed()
-    );
-    assert_eq!(found[0]["source"], "estimated");
-    assert_eq!(found[0]["completion_tokens"], 2);
-    assert!(found[0]["prompt_tokens"].as_u64().unwrap() > 0);
-    backend.remove().await;
+    for backend in Backend::both().await {
+        let upstream = spawn_upstream(|_| {
+            Reply::sse(vec![
+                (
+                    Duration::ZERO,
+                    event("{\"choices\":[{\"delta\":{\"content\":\"a\"}}],\"usage\":null}"),
+                ),
+                (
+                    Duration::ZERO,
+                    event("{\"choices\":[{\"delta\":{\"content\":\"b\"}}],\"usage\":null}"),
+                ),
+                (
+                    Duration::from_secs(30),
+                    Bytes::from_static(b"data: [DONE]\n\n"),
+                ),
+            ])
+        })
+        .await;
+        let proxy = gateway(&upstream.base_url(), &backend.url, "").await;
+        let (key, _) = create_key(&proxy, json!({"name": "gone"})).await;
+        let response = client()
+            .request(
+                Request::post(proxy.url("/v1/chat/completions"))
+                    .header("authorization", format!("Bearer {key}"))
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(
+                        json!({"model": "gpt-4o", "stream": true}).to_string(),
+                    )))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let mut body = response.into_body();
+        let first = body.frame().await.unwrap().unwrap();
+        assert!(first.data_ref().is_some());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let left = std::time::Instant::now();
+        drop(body);
+        let found = records(&proxy, 1).await;
+        assert!(
+            left.elapsed() < Duration::from_secs(1),
+            "recorded after {:?}",
+            left.elapsed()
+        );
+        assert_eq!(found[0]["source"], "estimated");
+        assert_eq!(found[0]["completion_tokens"], 2);
+        assert!(found[0]["prompt_tokens"].as_u64().unwrap() > 0);
+        backend.remove().await;
+    }
 }
 
 #[tokio::test]
@@ -1295,4 +1296,71 @@ async fn the_store_writes_each_record_once_however_often_it_is_sent() {
         store.close().await;
         backend.remove().await;
     }
+}
+
+#[tokio::test]
+async fn a_model_limit_holds_over_all_keys() {
+    let backend = Backend::sqlite();
+    let upstream = openai_like().await;
+    let extra = "  model_limits:\n    gpt-4o:\n      rpm: 3\n    gpt-4.1-*:\n      tpm: 1000\n";
+    // `keys:` is the section the YAML ends its key settings with above.
+    let yaml = gateway_yaml(&upstream.base_url(), &backend.url, "")
+        .replace("  refresh: 200ms\n", &format!("  refresh: 200ms\n{extra}"));
+    let proxy = spawn_proxy_with(llmproxy::config::parse(&yaml, "test").unwrap()).await;
+    for _ in 0..200 {
+        if admin(&proxy, "GET", "/admin/status", None).await.status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let (alice, _) = create_key(&proxy, json!({"name": "alice"})).await;
+    let (bob, _) = create_key(&proxy, json!({"name": "bob", "rpm": 100})).await;
+    let hello = json!({"model": "gpt-4o"});
+    for key in [&alice, &bob, &alice] {
+        assert_eq!(
+            chat(&proxy, Some(key), "authorization", hello.clone())
+                .await
+                .status,
+            200
+        );
+    }
+    let refused = chat(&proxy, Some(&bob), "authorization", hello.clone()).await;
+    assert_eq!(
+        openai_error(&refused),
+        (429, "requests".into(), "rate_limit_exceeded".into())
+    );
+    let text = String::from_utf8_lossy(&refused.body).into_owned();
+    assert!(
+        text.contains("model gpt-4o") && text.contains("3 requests per minute"),
+        "{text}"
+    );
+    assert_eq!(refused.header("x-ratelimit-limit-requests"), Some("3"));
+    // Another model is not held back.
+    let other = chat(
+        &proxy,
+        Some(&bob),
+        "authorization",
+        json!({"model": "gpt-4.1-mini"}),
+    )
+    .await;
+    assert_eq!(other.status, 200);
+    // A pattern's TPM: estimated, then settled to the real usage (13 tokens).
+    let big = json!({"model": "gpt-4.1-nano", "max_tokens": 900});
+    assert_eq!(
+        chat(&proxy, Some(&alice), "authorization", big.clone())
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        chat(&proxy, Some(&bob), "authorization", big.clone())
+            .await
+            .status,
+        200
+    );
+    let huge = json!({"model": "gpt-4.1-large", "max_tokens": 995});
+    let refused = chat(&proxy, Some(&alice), "authorization", huge).await;
+    assert_eq!(openai_error(&refused).1, "tokens");
+    assert_eq!(refused.header("x-ratelimit-limit-tokens"), Some("1000"));
+    backend.remove().await;
 }

@@ -28,6 +28,23 @@ pub struct KeysFile {
     /// the longest a revocation made elsewhere takes to apply here.
     #[serde(default, with = "humantime_serde")]
     pub refresh: Option<Duration>,
+    /// Limits every key shares for a public model (a `*` suffix matches a
+    /// prefix): a provider's quota, kept from any one client.
+    #[serde(default)]
+    pub model_limits: Ordered<ModelLimit>,
+}
+
+/// `keys.model_limits.MODEL`: requests and tokens per minute for a model,
+/// over all keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelLimit {
+    /// Requests per minute.
+    #[serde(default)]
+    pub rpm: Option<u64>,
+    /// Tokens per minute.
+    #[serde(default)]
+    pub tpm: Option<u64>,
 }
 
 /// `redis`: rate limits shared by every instance.
@@ -96,22 +113,26 @@ pub struct Accounting {
     pub prices: Vec<(String, Price)>,
     /// Shared limits, when `redis` is configured.
     pub redis: Option<Redis>,
+    /// Per-model limits over all keys, in file order.
+    pub model_limits: Vec<(String, ModelLimit)>,
 }
 
 impl Accounting {
     /// The price of `model`: an exact entry first, else the first matching pattern.
     pub fn price(&self, model: &str) -> Option<Price> {
-        self.prices
-            .iter()
-            .find(|(name, _)| name == model)
-            .or_else(|| {
-                self.prices.iter().find(|(name, _)| {
-                    name.strip_suffix('*')
-                        .is_some_and(|prefix| model.starts_with(prefix))
-                })
-            })
-            .map(|(_, price)| *price)
+        matching(&self.prices, model).map(|(_, price)| *price)
     }
+}
+
+/// The entry for `model`: an exact name first, else the first `*` pattern
+/// that matches.
+pub fn matching<'a, T>(entries: &'a [(String, T)], model: &str) -> Option<&'a (String, T)> {
+    entries.iter().find(|(name, _)| name == model).or_else(|| {
+        entries.iter().find(|(name, _)| {
+            name.strip_suffix('*')
+                .is_some_and(|prefix| model.starts_with(prefix))
+        })
+    })
 }
 
 /// Validates `store`, `keys` and `prices` together.
@@ -126,6 +147,17 @@ pub fn resolve_accounting(
     let redis = redis
         .map(|file| resolve_redis(file, origin, env))
         .transpose()?;
+    for (model, limit) in &keys.model_limits.0 {
+        for (field, value) in [("rpm", limit.rpm), ("tpm", limit.tpm)] {
+            if value == Some(0) {
+                return Err(invalid(
+                    origin,
+                    &format!("keys.model_limits.{model}.{field}"),
+                    "must be at least 1 (leave it out for no limit)",
+                ));
+            }
+        }
+    }
     if redis.is_some() && !keys.required {
         return Err(invalid(
             origin,
@@ -152,6 +184,13 @@ pub fn resolve_accounting(
         Some(url) => interpolate(&url, env).map_err(|m| invalid(origin, "store.url", m))?,
         None if keys.required => "sqlite://llmproxy.db".to_owned(),
         None => {
+            if !keys.model_limits.0.is_empty() {
+                return Err(invalid(
+                    origin,
+                    "keys.model_limits",
+                    "model limits are applied with virtual keys: set `keys.required: true` (or `store.url`)",
+                ));
+            }
             if !prices.0.is_empty() {
                 return Err(invalid(
                     origin,
@@ -183,6 +222,7 @@ pub fn resolve_accounting(
         flush_interval,
         prices: prices.0,
         redis,
+        model_limits: keys.model_limits.0,
     }))
 }
 

@@ -28,7 +28,9 @@ mod upstreams;
 
 pub use crate::upstream::BaseUrl;
 use accounting::resolve_accounting;
-pub use accounting::{Accounting, KeysFile, OnUnavailable, Price, Redis, RedisFile, StoreFile};
+pub use accounting::{
+    Accounting, KeysFile, ModelLimit, OnUnavailable, Price, Redis, RedisFile, StoreFile, matching,
+};
 pub use env::{Env, Lookup, NoEnv, Secrets, interpolate};
 use env::{Recording, check_variables};
 pub use flags::from_flags;
@@ -580,6 +582,18 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.contains("keys.required"), "{err}");
+        let err = load_str(
+            &format!("{base}  model_limits:\n    gpt-4o:\n      rpm: 0\n"),
+            &no_env,
+        )
+        .unwrap_err();
+        assert!(err.contains("keys.model_limits.gpt-4o.rpm"), "{err}");
+        let err = load_str(
+            "upstream:\n  base_url: http://127.0.0.1:9/v1\nkeys:\n  model_limits:\n    m:\n      rpm: 5\n",
+            &no_env,
+        )
+        .unwrap_err();
+        assert!(err.contains("keys.model_limits"), "{err}");
     }
 
     #[test]

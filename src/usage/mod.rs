@@ -283,6 +283,18 @@ async fn write_loop(
     }
 }
 
+/// Tokens a request reserved in one TPM bucket, settled when it ends.
+pub struct Reservation {
+    /// The bucket's owner (a key or a model).
+    pub state: Arc<crate::limits::KeyState>,
+    /// Its tokens per minute.
+    pub limit: u64,
+    /// Reserved from a shared (Redis) lease.
+    pub shared: bool,
+    /// How many.
+    pub reserved: u64,
+}
+
 /// What the pipeline knows about a metered request when its answer starts.
 pub struct Metered {
     /// Where the record goes.
@@ -299,10 +311,8 @@ pub struct Metered {
     pub upstream: String,
     /// Estimated prompt tokens (the request's size).
     pub prompt_estimate: u64,
-    /// Tokens reserved in the key's TPM bucket.
-    pub reserved_tokens: u64,
-    /// Whether they were reserved from a shared (Redis) lease.
-    pub tokens_shared: bool,
+    /// Tokens reserved in TPM buckets (the key's, the model's).
+    pub reservations: [Option<Reservation>; 2],
     /// The key's concurrency slot, freed with the answer.
     pub slot: Option<Slot>,
     /// When the request arrived.
@@ -402,22 +412,22 @@ impl Meter {
             .as_ref()
             .map_or(0, |price| cost_nano_usd(&tokens, price));
         let now = unix_ms();
-        if let Some(key) = &request.key {
-            if let Some(limit) = key.record.tpm {
-                let used = tokens
-                    .prompt_tokens
-                    .saturating_add(tokens.completion_tokens);
-                key.state.settle(
-                    crate::limits::Dimension::Tokens,
-                    request.tokens_shared,
-                    request.reserved_tokens,
-                    used,
-                    limit,
-                );
-            }
-            if cost > 0 {
-                key.state.charge(&key.record, now, cost);
-            }
+        let used = tokens
+            .prompt_tokens
+            .saturating_add(tokens.completion_tokens);
+        for reservation in request.reservations.iter().flatten() {
+            reservation.state.settle(
+                crate::limits::Dimension::Tokens,
+                reservation.shared,
+                reservation.reserved,
+                used,
+                reservation.limit,
+            );
+        }
+        if let Some(key) = &request.key
+            && cost > 0
+        {
+            key.state.charge(&key.record, now, cost);
         }
         let elapsed = |t: Instant| {
             u64::try_from(t.duration_since(request.start).as_millis()).unwrap_or(u64::MAX)
