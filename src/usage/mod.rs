@@ -78,6 +78,12 @@ pub struct Answer {
     pub usage: Option<Tokens>,
 }
 
+/// Built once: building a searcher costs more than searching a chunk.
+static USAGE_KEY_REV: std::sync::LazyLock<memchr::memmem::FinderRev<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::FinderRev::new(b"\"usage\""));
+static MODEL_KEY: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"model\""));
+
 impl Answer {
     /// The model and usage of a JSON answer or chunk, found without
     /// parsing the rest of it (the content can be most of the bytes): the
@@ -93,7 +99,8 @@ impl Answer {
 
     /// The last `"usage"` key's object, when it is one (not `null`).
     pub fn usage_in(json: &[u8]) -> Option<Tokens> {
-        memchr::memmem::rfind(json, b"\"usage\"")
+        USAGE_KEY_REV
+            .rfind(json)
             .and_then(|at| value_after_key(json, at + 7))
             .filter(|&start| json[start] == b'{')
             .and_then(|start| object_end(json, start).map(|end| &json[start..=end]))
@@ -102,7 +109,8 @@ impl Answer {
 
     /// The first `"model"` key's string.
     pub fn model_in(json: &[u8]) -> Option<String> {
-        memchr::memmem::find(json, b"\"model\"")
+        MODEL_KEY
+            .find(json)
             .and_then(|at| value_after_key(json, at + 7))
             .filter(|&start| json[start] == b'"')
             .and_then(|start| {

@@ -25,14 +25,14 @@ pub struct Scanner {
     model: Option<String>,
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
+/// Built once: building a searcher costs more than searching a line.
+static USAGE: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"usage\""));
 
 impl Scanner {
     /// Feeds the next bytes of the stream.
     pub fn feed(&mut self, mut data: &[u8]) {
-        while let Some(end) = data.iter().position(|&b| b == b'\n') {
+        while let Some(end) = memchr::memchr(b'\n', data) {
             let (line, rest) = data.split_at(end);
             data = &rest[1..];
             if self.skipping {
@@ -71,7 +71,7 @@ impl Scanner {
         if self.model.is_none() {
             self.model = Answer::model_in(payload);
         }
-        if contains(payload, b"\"usage\"")
+        if USAGE.find(payload).is_some()
             && let Some(usage) = Answer::usage_in(payload)
         {
             self.usage = Some(usage);

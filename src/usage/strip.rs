@@ -19,29 +19,45 @@
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use std::sync::LazyLock;
+
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
+use memchr::memmem::Finder;
 
-/// The field forms removed, each with its separating comma.
-const NULL_FIELDS: [&[u8]; 4] = [
-    b",\"usage\":null",
-    b",\"usage\": null",
-    b"\"usage\":null,",
-    b"\"usage\": null,",
-];
+/// A byte-string search built once: building a searcher costs more than
+/// searching a chunk.
+struct Needle(LazyLock<Finder<'static>>);
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
+impl Needle {
+    const fn new(make: fn() -> Finder<'static>) -> Self {
+        Self(LazyLock::new(make))
+    }
+
+    fn find(&self, haystack: &[u8]) -> Option<usize> {
+        self.0.find(haystack)
+    }
 }
+
+static USAGE: Needle = Needle::new(|| Finder::new(b"\"usage\""));
+static USAGE_OBJECT: Needle = Needle::new(|| Finder::new(b"\"usage\":{"));
+static USAGE_OBJECT_SPACED: Needle = Needle::new(|| Finder::new(b"\"usage\": {"));
 
 /// Where the last complete event in `data` ends (after its blank line).
 fn last_boundary(data: &[u8]) -> Option<usize> {
-    let lf = data.windows(2).rposition(|w| w == b"\n\n").map(|at| at + 2);
-    let crlf = data
-        .windows(3)
-        .rposition(|w| w == b"\n\r\n")
-        .map(|at| at + 3);
-    lf.max(crlf)
+    // A read usually ends on an event's end.
+    if data.ends_with(b"\n\n") || data.ends_with(b"\n\r\n") {
+        return Some(data.len());
+    }
+    for at in memchr::memrchr_iter(b'\n', data) {
+        if at > 0 && data[at - 1] == b'\n' {
+            return Some(at + 1);
+        }
+        if at > 1 && data[at - 1] == b'\r' && data[at - 2] == b'\n' {
+            return Some(at + 1);
+        }
+    }
+    None
 }
 
 /// What is done to the usage in a stream.
@@ -55,9 +71,10 @@ pub enum Edit {
 
 /// Where the usage object in `event` starts and ends (inclusive).
 fn usage_object(event: &[u8]) -> Option<(usize, usize)> {
-    let start = find(event, b"\"usage\":{")
+    let start = USAGE_OBJECT
+        .find(event)
         .map(|at| at + 8)
-        .or_else(|| find(event, b"\"usage\": {").map(|at| at + 9))?;
+        .or_else(|| USAGE_OBJECT_SPACED.find(event).map(|at| at + 9))?;
     super::object_end(event, start).map(|end| (start, end))
 }
 
@@ -88,34 +105,67 @@ fn rewrite_event(event: &[u8], edit: Edit) -> Option<Vec<u8>> {
     if let Edit::AddCost(price) = edit {
         return Some(add_cost(event, &price));
     }
-    if find(event, b"\"usage\":{").is_some() || find(event, b"\"usage\": {").is_some() {
-        return None;
-    }
-    let mut out = event.to_vec();
-    for field in NULL_FIELDS {
-        while let Some(at) = find(&out, field) {
-            out.drain(at..at + field.len());
+    // One pass over the `"usage"` keys: an object drops the event, a
+    // `null` goes with the comma that separates it.
+    let mut cuts: Vec<(usize, usize)> = Vec::new();
+    for at in USAGE.0.find_iter(event) {
+        let mut value = at + 7;
+        if event.get(value) != Some(&b':') {
+            continue;
+        }
+        value += 1;
+        if event.get(value) == Some(&b' ') {
+            value += 1;
+        }
+        match event.get(value) {
+            Some(b'{') => return None,
+            Some(b'n') if event[value..].starts_with(b"null") => {
+                let end = value + 4;
+                let before = event[..at].iter().rposition(|&b| b != b' ');
+                let after = event[end..]
+                    .iter()
+                    .position(|&b| b != b' ')
+                    .map(|n| end + n);
+                if let Some(comma) = before.filter(|&i| event[i] == b',') {
+                    cuts.push((comma, end));
+                } else if let Some(comma) = after.filter(|&i| event[i] == b',') {
+                    cuts.push((at, comma + 1));
+                }
+            }
+            _ => {}
         }
     }
+    let mut out = Vec::with_capacity(event.len());
+    let mut from = 0;
+    for (start, end) in cuts {
+        out.extend_from_slice(&event[from..start]);
+        from = end;
+    }
+    out.extend_from_slice(&event[from..]);
     Some(out)
+}
+
+/// Where the first event in `data` ends (after its blank line), or its length.
+fn next_boundary(data: &[u8]) -> usize {
+    for at in memchr::memchr_iter(b'\n', data) {
+        match data.get(at + 1) {
+            Some(b'\n') => return at + 2,
+            Some(b'\r') if data.get(at + 2) == Some(&b'\n') => return at + 3,
+            _ => {}
+        }
+    }
+    data.len()
 }
 
 /// Complete events, rewritten; the same buffer when nothing changes.
 fn rewrite(events: Bytes, edit: Edit) -> Bytes {
-    if find(&events, b"\"usage\"").is_none() {
+    if USAGE.find(&events).is_none() {
         return events;
     }
     let mut out = Vec::with_capacity(events.len());
     let mut rest = &events[..];
     while !rest.is_empty() {
-        let end = rest
-            .windows(2)
-            .position(|w| w == b"\n\n")
-            .map_or(rest.len(), |at| at + 2);
-        let end = match rest.windows(3).position(|w| w == b"\n\r\n") {
-            Some(at) if at + 3 < end => at + 3,
-            _ => end,
-        };
+        let end = next_boundary(rest);
         let (event, tail) = rest.split_at(end);
         if let Some(kept) = rewrite_event(event, edit) {
             out.extend_from_slice(&kept);
@@ -251,6 +301,21 @@ mod tests {
         assert_eq!(
             String::from_utf8(out).unwrap(),
             WITHOUT.replace("\n\n", "\r\n\r\n")
+        );
+    }
+
+    #[test]
+    fn spaced_and_leading_usage_fields_go_too() {
+        let event =
+            b"data: {\"usage\": null, \"id\":\"c\", \"usage\" : 1,\"x\":2, \"usage\": null}\n\n";
+        // `"usage" : 1` is not a form OpenAI writes: left alone.
+        assert_eq!(
+            String::from_utf8(rewrite_event(event, Edit::Strip).unwrap()).unwrap(),
+            "data: { \"id\":\"c\", \"usage\" : 1,\"x\":2}\n\n"
+        );
+        assert_eq!(
+            rewrite_event(b"data: {\"usage\": {\"a\":1}}\n\n", Edit::Strip),
+            None
         );
     }
 
