@@ -110,6 +110,9 @@ pub enum ProxyError {
     /// The store (SQLite/PostgreSQL) failed while serving an admin call.
     #[error("the store failed: {0}")]
     Store(String),
+    /// The upstream's provider cannot serve this endpoint or request.
+    #[error("{0}")]
+    NotServed(String),
     /// The key's limits are shared through Redis, Redis is unreachable and
     /// `redis.on_unavailable` is `closed`.
     #[error(
@@ -166,7 +169,7 @@ impl ProxyError {
         match self {
             Self::AtUpstream { error, .. } => error.status(),
             Self::NotFound { .. } | Self::ModelNotFound(_) => StatusCode::NOT_FOUND,
-            Self::BadRequest(_) | Self::BadPath(_) => StatusCode::BAD_REQUEST,
+            Self::BadRequest(_) | Self::BadPath(_) | Self::NotServed(_) => StatusCode::BAD_REQUEST,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::RequestBodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -244,6 +247,7 @@ impl ProxyError {
             Self::KeyNotFound(_) => "key_not_found",
             Self::Store(_) => "store_unavailable",
             Self::LimitsUnavailable => "limits_unavailable",
+            Self::NotServed(_) => "not_supported_by_provider",
             Self::BodyTooLarge { .. } => "request_too_large",
             Self::UpstreamUnreachable(_) => "upstream_unreachable",
             Self::ConnectTimeout(_) => "upstream_connect_timeout",
@@ -265,6 +269,7 @@ impl ProxyError {
             | Self::BodyTooLarge { .. }
             | Self::InvalidApiKey(_)
             | Self::ModelNotAllowed(_)
+            | Self::NotServed(_)
             | Self::KeyNotFound(_) => "invalid_request_error",
             Self::Unauthorized(_) => "authentication_error",
             Self::RateLimited(limit) => limit.kind,

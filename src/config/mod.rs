@@ -44,7 +44,9 @@ pub use models::{
 pub use units::{ByteSize, HeaderList, Ordered};
 use units::{duration, max};
 use upstreams::resolve_upstream;
-pub use upstreams::{Timeouts, TimeoutsFile, Upstream, UpstreamFile};
+pub use upstreams::{
+    AnthropicSettings, Provider, ProviderName, Timeouts, TimeoutsFile, Upstream, UpstreamFile,
+};
 
 /// A configuration problem, always naming where it is (file or flag) and which field.
 ///

@@ -241,7 +241,7 @@ pub struct Retry {
 }
 
 /// The statuses retried by default: rate limits and server trouble.
-pub const DEFAULT_RETRY_STATUSES: [u16; 5] = [429, 500, 502, 503, 504];
+pub const DEFAULT_RETRY_STATUSES: [u16; 6] = [429, 500, 502, 503, 504, 529];
 
 /// A set of HTTP statuses (100–599), a bit each: `Copy`, no allocation.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

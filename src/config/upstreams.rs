@@ -22,6 +22,48 @@ pub struct UpstreamFile {
     /// upstreams negotiate HTTP/2 by ALPN whatever this says.
     #[serde(default)]
     pub http2: bool,
+    /// The API it speaks: `openai` (the default; passed through byte-exact)
+    /// or `anthropic` (the Messages API, translated to and from Chat
+    /// Completions).
+    #[serde(default)]
+    pub provider: ProviderName,
+    /// `anthropic-version` sent to an `anthropic` upstream (`2023-06-01`
+    /// unless set).
+    #[serde(default)]
+    pub anthropic_version: Option<String>,
+    /// `max_tokens` for an `anthropic` upstream when the client sets none
+    /// (Anthropic requires one; 4096 unless set).
+    #[serde(default)]
+    pub default_max_tokens: Option<u64>,
+}
+
+/// `provider`: the wire format an upstream speaks.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderName {
+    /// The OpenAI API.
+    #[default]
+    Openai,
+    /// Anthropic's Messages API.
+    Anthropic,
+}
+
+/// The validated provider of an upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Provider {
+    /// The OpenAI API: passed through.
+    OpenAi,
+    /// Anthropic's Messages API: translated.
+    Anthropic(AnthropicSettings),
+}
+
+/// Settings of an `anthropic` upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnthropicSettings {
+    /// `anthropic-version` sent upstream.
+    pub version: HeaderValue,
+    /// `max_tokens` when the client sets none.
+    pub default_max_tokens: u64,
 }
 
 /// Upstream timeouts. LLM answers can take minutes, so the defaults are long.
@@ -72,6 +114,8 @@ pub struct Upstream {
     pub max_concurrent: Option<usize>,
     /// HTTP/2 with prior knowledge (`http://` only).
     pub http2: bool,
+    /// The API it speaks.
+    pub provider: Provider,
 }
 
 impl Upstream {
@@ -222,7 +266,49 @@ pub(super) fn resolve_upstream(
     }
     let host = HeaderValue::from_str(base_url.authority())
         .map_err(|_| invalid(origin, &url_field, "the host is not a valid Host header"))?;
+    let anthropic_only = |set: bool, what: &str| {
+        if set && upstream.provider != ProviderName::Anthropic {
+            Err(invalid(
+                origin,
+                &format!("{field}.{what}"),
+                "applies to `provider: anthropic` upstreams only",
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    anthropic_only(upstream.anthropic_version.is_some(), "anthropic_version")?;
+    anthropic_only(upstream.default_max_tokens.is_some(), "default_max_tokens")?;
+    let provider = match upstream.provider {
+        ProviderName::Openai => Provider::OpenAi,
+        ProviderName::Anthropic => {
+            let version = upstream
+                .anthropic_version
+                .as_deref()
+                .unwrap_or("2023-06-01");
+            let version = HeaderValue::from_str(version).map_err(|_| {
+                invalid(
+                    origin,
+                    &format!("{field}.anthropic_version"),
+                    "is not a valid header value (e.g. 2023-06-01)",
+                )
+            })?;
+            let default_max_tokens = upstream.default_max_tokens.unwrap_or(4096);
+            if default_max_tokens == 0 {
+                return Err(invalid(
+                    origin,
+                    &format!("{field}.default_max_tokens"),
+                    "must be at least 1",
+                ));
+            }
+            Provider::Anthropic(AnthropicSettings {
+                version,
+                default_max_tokens,
+            })
+        }
+    };
     Ok(Upstream {
+        provider,
         max_concurrent: upstream.max_concurrent,
         http2: upstream.http2,
         name: name.to_owned(),

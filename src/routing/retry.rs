@@ -61,11 +61,14 @@ fn retryable(policy: &Retry, outcome: &Outcome) -> bool {
 }
 
 /// Whether an outcome says the deployment is in trouble (its breaker counts
-/// it): server errors, rate limits, and no answer at all. Independent of
+/// it): server errors, rate limits, Anthropic's 529 overloaded, and no answer at all. Independent of
 /// what the retry policy chooses to retry.
 fn deployment_failed(outcome: &Outcome) -> bool {
     match outcome {
-        Ok(response) => matches!(response.status().as_u16(), 429 | 500 | 502 | 503 | 504),
+        Ok(response) => matches!(
+            response.status().as_u16(),
+            429 | 500 | 502 | 503 | 504 | 529
+        ),
         Err(err) => err.is_retryable(),
     }
 }

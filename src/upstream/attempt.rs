@@ -22,7 +22,7 @@ use crate::error::ProxyError;
 use crate::headers;
 use crate::stream::{Deadline, Hold, IdleTimeout, Observed};
 use crate::telemetry::UpstreamInfo;
-use crate::upstream::{RequestBody, Target, classify};
+use crate::upstream::{RequestBody, Target, classify, providers};
 
 /// What one attempt ends with: the upstream's answer (any status), or why
 /// there is none.
@@ -45,6 +45,17 @@ pub async fn send<H: Send + Sync + 'static>(
     held: H,
 ) -> Outcome {
     let upstream = &target.upstream;
+    // A provider other than OpenAI gets its own request, and its answer is
+    // translated back below; pass-through never enters `providers`.
+    let (body, translating) = match &upstream.provider {
+        crate::config::Provider::OpenAi => (body, None),
+        provider => {
+            let (body, pending) =
+                providers::prepare(provider, &upstream.name, &mut parts, body, max_body_size)
+                    .await?;
+            (body, Some(pending))
+        }
+    };
     let path = upstream
         .base_url
         .join(&parts.uri)
@@ -101,9 +112,13 @@ pub async fn send<H: Send + Sync + 'static>(
         headers_after,
     });
     let body = IdleTimeout::new(body, timeouts.idle).with_total(sent_at, timeouts.total);
-    Ok(Response::from_parts(
+    let response = Response::from_parts(
         parts,
         // Held until the body ends: an HTTP/2 stream's slot, the caller's permits.
         Body::new(Observed::new(body, Hold((lease, held)))),
-    ))
+    );
+    Ok(match translating {
+        None => response,
+        Some(pending) => providers::answer(pending, response).await,
+    })
 }

@@ -7,6 +7,7 @@ mod base_url;
 mod client;
 pub mod h1;
 pub mod pool;
+pub mod providers;
 
 use std::sync::Arc;
 

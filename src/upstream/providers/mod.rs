@@ -1,0 +1,223 @@
+//! The wire formats upstreams speak. `openai` is passed through byte-exact
+//! and never enters this module; every other provider translates the
+//! OpenAI request it is given into its own API ([`prepare`]) and its
+//! answer back ([`answer`]), incrementally for streams ([`Translating`]).
+//!
+//! Providers are an enum, not a trait object: there are few, each is a
+//! module of plain functions, and a `match` keeps the pass-through path
+//! free of any indirection.
+
+pub mod anthropic;
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::HeaderValue;
+use http::header::{
+    ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE,
+};
+use http_body::Frame;
+use http_body_util::BodyExt;
+
+use crate::config::Provider;
+use crate::error::ProxyError;
+use crate::upstream::RequestBody;
+use crate::upstream::attempt::buffered;
+
+/// Largest answer read whole for translation (a non-streamed one).
+const MAX_ANSWER: usize = 32 << 20;
+
+/// What the answer's translation needs to know about its request.
+#[derive(Debug, Clone, Copy)]
+pub struct Pending {
+    stream: bool,
+    include_usage: bool,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Translates the request for `provider` (not `openai`): its path, headers
+/// and body. Only Chat Completions can be translated; any other endpoint
+/// is a 400 naming the provider.
+pub async fn prepare(
+    provider: &Provider,
+    upstream: &str,
+    parts: &mut http::request::Parts,
+    body: RequestBody,
+    max_body_size: u64,
+) -> Result<(RequestBody, Pending), ProxyError> {
+    let Provider::Anthropic(settings) = provider else {
+        return Ok((
+            body,
+            Pending {
+                stream: false,
+                include_usage: false,
+            },
+        ));
+    };
+    let path = parts.uri.path();
+    if parts.method != http::Method::POST || path.trim_end_matches('/') != "/v1/chat/completions" {
+        return Err(ProxyError::NotServed(format!(
+            "upstream {upstream} speaks Anthropic's Messages API: llmproxy translates POST /v1/chat/completions for it, not {} {path}",
+            parts.method
+        )));
+    }
+    let limited =
+        http_body_util::Limited::new(body, usize::try_from(max_body_size).unwrap_or(usize::MAX));
+    let bytes = limited
+        .collect()
+        .await
+        .map_err(|e| ProxyError::BadRequest(format!("the request body could not be read: {e}")))?
+        .to_bytes();
+    let translated = anthropic::request(settings, &bytes).map_err(ProxyError::NotServed)?;
+    parts.uri = http::Uri::from_static("/v1/messages");
+    let headers = &mut parts.headers;
+    // The client's credentials are for llmproxy or for another provider:
+    // the upstream gets only its `default_headers`.
+    for name in [AUTHORIZATION.as_str(), "x-api-key", "api-key"] {
+        headers.remove(name);
+    }
+    // Translated bytes must be plain: no compressed answer to re-encode.
+    headers.remove(ACCEPT_ENCODING);
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(CONTENT_LENGTH, HeaderValue::from(translated.body.len()));
+    headers.insert("anthropic-version", settings.version.clone());
+    Ok((
+        buffered(translated.body),
+        Pending {
+            stream: translated.stream,
+            include_usage: translated.include_usage,
+        },
+    ))
+}
+
+/// The upstream's answer in the OpenAI format: a stream translated as it
+/// passes; a whole answer (or an error) read, translated, sent.
+pub async fn answer(pending: Pending, response: Response) -> Response {
+    let (mut parts, body) = response.into_parts();
+    parts.headers.remove(CONTENT_LENGTH);
+    parts.headers.remove(CONTENT_ENCODING);
+    let success = parts.status.is_success();
+    if success && pending.stream {
+        parts
+            .headers
+            .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        let translator = anthropic::StreamTranslator::new(pending.include_usage, unix_now());
+        return Response::from_parts(parts, Body::new(Translating::new(body, translator)));
+    }
+    let whole = match http_body_util::Limited::new(body, MAX_ANSWER)
+        .collect()
+        .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(err) => {
+            return ProxyError::UpstreamProtocol(format!(
+                "the answer's body failed before it ended: {err}"
+            ))
+            .into_response();
+        }
+    };
+    let translated = if success {
+        anthropic::response(&whole, unix_now())
+    } else {
+        anthropic::error(&whole)
+    };
+    match translated {
+        Some(bytes) => {
+            parts
+                .headers
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            Response::from_parts(parts, Body::from(bytes))
+        }
+        // An error that is not Anthropic's shape reaches the client as it was.
+        None if !success => Response::from_parts(parts, Body::from(whole)),
+        None => ProxyError::UpstreamProtocol(
+            "the Anthropic upstream's answer is not a Messages response".into(),
+        )
+        .into_response(),
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An Anthropic event stream, translated into OpenAI chunks as it
+    /// passes. A failure (in-band `error` event, a stream that ends before
+    /// `message_stop`) ends the body with an error, so the client's
+    /// response aborts and never looks complete.
+    pub struct Translating {
+        #[pin]
+        inner: Body,
+        translator: anthropic::StreamTranslator,
+        out: Vec<u8>,
+        done: bool,
+    }
+}
+
+impl Translating {
+    fn new(inner: Body, translator: anthropic::StreamTranslator) -> Self {
+        Self {
+            inner,
+            translator,
+            out: Vec::new(),
+            done: false,
+        }
+    }
+}
+
+fn failed(message: String) -> axum::Error {
+    axum::Error::new(std::io::Error::other(message))
+}
+
+impl http_body::Body for Translating {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let mut this = self.project();
+        if *this.done {
+            return Poll::Ready(None);
+        }
+        loop {
+            match std::task::ready!(this.inner.as_mut().poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    if let Err(err) = this.translator.feed(&data, this.out) {
+                        *this.done = true;
+                        return Poll::Ready(Some(Err(failed(err))));
+                    }
+                    if !this.out.is_empty() {
+                        let chunk = Bytes::from(std::mem::take(this.out));
+                        return Poll::Ready(Some(Ok(Frame::data(chunk))));
+                    }
+                }
+                Some(Err(err)) => {
+                    *this.done = true;
+                    return Poll::Ready(Some(Err(err)));
+                }
+                None => {
+                    *this.done = true;
+                    return Poll::Ready(Some(match this.translator.finish(this.out) {
+                        Ok(()) if this.out.is_empty() => return Poll::Ready(None),
+                        Ok(()) => {
+                            let chunk = Bytes::from(std::mem::take(this.out));
+                            // The last bytes now; the end on the next poll.
+                            Ok(Frame::data(chunk))
+                        }
+                        Err(err) => Err(failed(err)),
+                    }));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! Upstreams that speak another API than OpenAI's, over real sockets: an
+//! OpenAI client talking to an Anthropic-dialect upstream through
+//! llmproxy, the upstream checking what it received.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::disallowed_methods,
+    reason = "a test fails loudly and spawns freely"
+)]
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use serde_json::{Value, json};
+
+const MESSAGE: &str = include_str!("fixtures/anthropic/message_tool_use.json");
+const STREAM: &str = include_str!("fixtures/anthropic/stream_tool_use.sse");
+const STREAM_ERROR: &str = include_str!("fixtures/anthropic/stream_error.sse");
+const OVERLOADED: &str = include_str!("fixtures/anthropic/error_overloaded.json");
+
+/// An Anthropic-dialect upstream: the fixture answers by what the request
+/// asks (`stream`, or a model named `overloaded` / `broken`).
+async fn anthropic_upstream() -> Upstream {
+    spawn_upstream(|request| {
+        let body: Value = serde_json::from_slice(&request.body).unwrap_or(Value::Null);
+        let sse = |text: &'static str| {
+            // Sent in pieces that split lines (and a UTF-8 character).
+            let bytes = text.as_bytes();
+            let chunks = bytes
+                .chunks(37)
+                .map(|c| (Duration::ZERO, Bytes::copy_from_slice(c)))
+                .collect();
+            Reply::sse(chunks)
+        };
+        match (body["model"].as_str(), body["stream"] == true) {
+            (Some("overloaded"), _) => Reply::json(529, OVERLOADED),
+            (Some("broken"), _) => sse(STREAM_ERROR),
+            (_, true) => sse(STREAM),
+            (_, false) => Reply::json(200, MESSAGE),
+        }
+    })
+    .await
+}
+
+async fn gateway(upstream: &Upstream) -> Proxy {
+    let yaml = format!(
+        "upstream:\n  base_url: {}\n  provider: anthropic\n  default_max_tokens: 1024\n  default_headers:\n    x-api-key: sk-ant-upstream-secret\n",
+        upstream.base_url()
+    );
+    spawn_proxy_with(llmproxy::config::parse(&yaml, "test").unwrap()).await
+}
+
+fn chat(proxy: &Proxy, body: Value) -> Request<Full<Bytes>> {
+    Request::post(proxy.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .header("authorization", "Bearer sk-openai-client-key")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_openai_request_reaches_an_anthropic_upstream_translated_and_comes_back() {
+    let upstream = anthropic_upstream().await;
+    let proxy = gateway(&upstream).await;
+    let got = send(chat(
+        &proxy,
+        json!({"model": "claude-sonnet-4-5", "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Weather?"},
+        ]}),
+    ))
+    .await;
+    assert_eq!(got.status, 200, "{}", String::from_utf8_lossy(&got.body));
+    let answer = got.json();
+    assert_eq!(answer["object"], "chat.completion");
+    assert_eq!(answer["choices"][0]["finish_reason"], "tool_calls");
+    assert_eq!(
+        answer["choices"][0]["message"]["tool_calls"][0]["function"]["name"],
+        "get_weather"
+    );
+    assert_eq!(answer["usage"]["prompt_tokens"], 3119);
+    assert!(got.header("content-length").is_some());
+
+    let seen = &upstream.requests()[0];
+    assert_eq!(seen.uri.path(), "/v1/messages");
+    assert_eq!(seen.headers["x-api-key"], "sk-ant-upstream-secret");
+    assert_eq!(seen.headers["anthropic-version"], "2023-06-01");
+    assert!(
+        !seen.headers.contains_key("authorization"),
+        "the client's OpenAI key must not reach Anthropic"
+    );
+    let sent: Value = serde_json::from_slice(&seen.body).unwrap();
+    assert_eq!(
+        sent["system"],
+        json!([{"type": "text", "text": "Be brief."}])
+    );
+    assert_eq!(sent["max_tokens"], 1024, "the configured default");
+    assert_eq!(
+        sent["messages"],
+        json!([{"role": "user", "content": [{"type": "text", "text": "Weather?"}]}])
+    );
+}
+
+#[tokio::test]
+async fn a_stream_is_translated_chunk_by_chunk_and_ends_with_done() {
+    let upstream = anthropic_upstream().await;
+    let proxy = gateway(&upstream).await;
+    let response = client()
+        .request(chat(
+            &proxy,
+            json!({"model": "claude-sonnet-4-5", "stream": true, "stream_options": {"include_usage": true},
+                   "messages": [{"role": "user", "content": "Weather?"}]}),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    assert!(response.headers().get("content-length").is_none());
+    let text = String::from_utf8(
+        response
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert!(text.contains("\"content\":\"Okay, let's check the weather — ☀️ for\""));
+    assert!(text.contains("\"finish_reason\":\"tool_calls\""));
+    assert!(text.contains("\"completion_tokens\":89"));
+}
+
+#[tokio::test]
+async fn provider_errors_and_failures_reach_the_client_honestly() {
+    let upstream = anthropic_upstream().await;
+    let proxy = gateway(&upstream).await;
+    // 529 overloaded: status kept, body in the OpenAI shape.
+    let got = send(chat(&proxy, json!({"model": "overloaded", "messages": []}))).await;
+    assert_eq!(got.status.as_u16(), 529);
+    assert_eq!(got.json()["error"]["type"], "overloaded_error");
+    assert_eq!(got.json()["error"]["message"], "Overloaded");
+    // An in-band error mid-stream: the response aborts, no [DONE].
+    let response = client()
+        .request(chat(
+            &proxy,
+            json!({"model": "broken", "stream": true, "messages": []}),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.into_body().collect().await.is_err(),
+        "the stream must not look complete"
+    );
+    // An endpoint Anthropic cannot serve: 400 naming the provider.
+    let got = send(
+        Request::post(proxy.url("/v1/embeddings"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(
+                b"{\"model\":\"m\",\"input\":\"x\"}",
+            )))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got.status, 400);
+    assert_eq!(got.json()["error"]["code"], "not_supported_by_provider");
+    assert!(String::from_utf8_lossy(&got.body).contains("Anthropic"));
+    // A request that cannot be translated: 400 naming the field.
+    let got = send(chat(&proxy, json!({"model": "m", "n": 3, "messages": []}))).await;
+    assert_eq!(got.status, 400);
+    assert!(String::from_utf8_lossy(&got.body).contains("`n`"));
+    assert_eq!(
+        upstream.requests().len(),
+        2,
+        "refused requests are never sent"
+    );
+}
