@@ -182,3 +182,86 @@ async fn provider_errors_and_failures_reach_the_client_honestly() {
         "refused requests are never sent"
     );
 }
+
+#[tokio::test]
+async fn translated_traffic_is_accounted_from_the_providers_own_usage() {
+    let upstream = anthropic_upstream().await;
+    let db = std::env::temp_dir().join(format!("llmproxy-providers-{}.db", std::process::id()));
+    let yaml = format!(
+        "upstream:\n  base_url: {}\n  provider: anthropic\n  default_headers:\n    x-api-key: sk-ant-upstream-secret\n\
+         admin:\n  token: admin-token-for-tests-0123\nstore:\n  url: sqlite://{}\n  flush_interval: 100ms\n\
+         keys:\n  required: true\nprices:\n  claude-*:\n    input: 3\n    output: 15\n",
+        upstream.base_url(),
+        db.display()
+    );
+    let proxy = spawn_proxy_with(llmproxy::config::parse(&yaml, "test").unwrap()).await;
+    let admin = |method: &str, path: &str, body: Value| {
+        Request::builder()
+            .method(method)
+            .uri(proxy.url(path))
+            .header("authorization", "Bearer admin-token-for-tests-0123")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap()
+    };
+    let mut created = None;
+    for _ in 0..200 {
+        let got = send(admin("POST", "/admin/keys", json!({"name": "c"}))).await;
+        if got.status == 201 {
+            created = Some(got.json()["key"].as_str().unwrap().to_owned());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let key = created.expect("the gateway did not start");
+    let with_key = |body: Value| {
+        Request::post(proxy.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {key}"))
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap()
+    };
+    let got = send(with_key(
+        json!({"model": "claude-sonnet-4-5", "messages": []}),
+    ))
+    .await;
+    assert_eq!(got.status, 200);
+    // 3119 prompt tokens (cache included) × 3 + 503 × 15 USD per million.
+    assert_eq!(got.header("x-llmproxy-cost-usd"), Some("0.016902000"));
+    // A stream that did not ask for usage: none in the client's copy, but recorded.
+    let streamed = client()
+        .request(with_key(
+            json!({"model": "claude-sonnet-4-5", "stream": true, "messages": []}),
+        ))
+        .await
+        .unwrap();
+    let text = String::from_utf8(
+        streamed
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(!text.contains("\"usage\""), "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"));
+    let mut records = Vec::new();
+    for _ in 0..100 {
+        let got = send(admin("GET", "/admin/usage/records?limit=10", Value::Null)).await;
+        records = got.json()["data"].as_array().unwrap().clone();
+        if records.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(records.len(), 2, "{records:?}");
+    let stream_record = records.iter().find(|r| r["prompt_tokens"] == 582).unwrap();
+    assert_eq!(stream_record["completion_tokens"], 89);
+    assert_eq!(stream_record["cached_tokens"], 100);
+    assert_eq!(stream_record["source"], "reported");
+    drop(proxy);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+    }
+}
