@@ -10,6 +10,12 @@
 //! each streamed chunk, so a benchmark can measure per-chunk delay.
 //! `POST /v1/uploads` drains the body and answers its size, for body throughput.
 //!
+//! It also speaks Anthropic's Messages API on `POST /v1/messages` (for
+//! `provider: anthropic` upstreams): the same words, streamed as Anthropic's
+//! event sequence when asked, a `tool_use` of the first tool when the request
+//! has `tools`, usage with cache tokens, and failures in Anthropic's error
+//! shape (`x-mock-status: 529` is its `overloaded_error`).
+//!
 //! Failures, to try retries, fallbacks, timeouts and breakers offline:
 //! `--fail-status N` answers every request with that error; per request,
 //! `x-mock-status: N` does the same, `x-mock-head-delay-ms` waits before the
@@ -82,6 +88,7 @@ pub fn router(config: MockConfig) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/uploads", post(uploads))
+        .route("/v1/messages", post(messages))
         .fallback(|| async {
             (
                 StatusCode::NOT_FOUND,
@@ -278,6 +285,102 @@ async fn chat_completions(
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::new(body))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// `POST /v1/messages`: Anthropic's dialect.
+async fn messages(State(mock): State<Arc<Mock>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(failure) = injected(&mock, &headers).await {
+        let status = failure.status();
+        let kind = match status.as_u16() {
+            529 => "overloaded_error",
+            429 => "rate_limit_error",
+            400 => "invalid_request_error",
+            _ => "api_error",
+        };
+        return (
+            status,
+            axum::Json(json!({"type": "error", "error": {"type": kind, "message": format!("mock upstream: injected {status}")}})),
+        )
+            .into_response();
+    }
+    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
+        return bad_request("mock upstream: the body is not JSON");
+    };
+    let model = request["model"].as_str().unwrap_or("mock-model").to_owned();
+    let chunks =
+        header_number(&headers, "x-mock-chunks").map_or(mock.config.chunks, |n| n as usize);
+    let delay =
+        header_number(&headers, "x-mock-delay-ms").map_or(mock.config.delay, Duration::from_millis);
+    let id = format!("msg_mock{}", mock.counter.fetch_add(1, Ordering::Relaxed));
+    let tool = request["tools"][0]["name"].as_str().map(str::to_owned);
+    let usage = json!({"input_tokens": 8, "output_tokens": chunks, "cache_read_input_tokens": 2, "cache_creation_input_tokens": 0});
+    let stop_reason = if tool.is_some() {
+        "tool_use"
+    } else {
+        "end_turn"
+    };
+    if request["stream"] != true {
+        let mut content = vec![
+            json!({"type": "text", "text": (0..chunks).map(|i| word(i, chunks)).collect::<String>()}),
+        ];
+        if let Some(name) = &tool {
+            content.push(json!({"type": "tool_use", "id": "toolu_mock", "name": name, "input": {"city": "Paris"}}));
+        }
+        return axum::Json(json!({
+            "id": id, "type": "message", "role": "assistant", "model": model, "content": content,
+            "stop_reason": stop_reason, "stop_sequence": null, "usage": usage,
+        }))
+        .into_response();
+    }
+    let (mut tx, body) = http_body_util::channel::Channel::<Bytes, std::io::Error>::new(1);
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "the mock upstream is a tool outside the gateway's task tracker; its streams end with their connection"
+    )]
+    tokio::spawn(async move {
+        let event =
+            |kind: &str, data: Value| Bytes::from(format!("event: {kind}\ndata: {data}\n\n"));
+        let mut events = vec![
+            event(
+                "message_start",
+                json!({"type": "message_start", "message": {"id": id, "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": null, "usage": {"input_tokens": 8, "output_tokens": 1, "cache_read_input_tokens": 2, "cache_creation_input_tokens": 0}}}),
+            ),
+            event(
+                "content_block_start",
+                json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+            ),
+        ];
+        for i in 0..chunks {
+            events.push(event("content_block_delta", json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": word(i, chunks)}})));
+        }
+        events.push(event(
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": 0}),
+        ));
+        if let Some(name) = &tool {
+            events.push(event("content_block_start", json!({"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "toolu_mock", "name": name, "input": {}}})));
+            events.push(event("content_block_delta", json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "{\"city\": "}})));
+            events.push(event("content_block_delta", json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "\"Paris\"}"}})));
+            events.push(event(
+                "content_block_stop",
+                json!({"type": "content_block_stop", "index": 1}),
+            ));
+        }
+        events.push(event("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": null}, "usage": {"output_tokens": chunks}})));
+        events.push(event("message_stop", json!({"type": "message_stop"})));
+        for event in events {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            if tx.send_data(event).await.is_err() {
+                return;
+            }
+        }
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
         .body(Body::new(body))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }

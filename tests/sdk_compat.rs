@@ -173,3 +173,45 @@ async fn official_node_sdk_maps_virtual_key_errors_to_its_exceptions() {
     run_client(command, &proxy).await;
     let _ = std::fs::remove_file(db);
 }
+
+/// A proxy whose upstream is the mock's Anthropic dialect (`provider: anthropic`).
+async fn proxy_to_anthropic_mock() -> Proxy {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mock = llmproxy::mock::MockConfig {
+        chunks: 6,
+        delay: Duration::from_millis(1),
+        ..Default::default()
+    };
+    tokio::spawn(llmproxy::mock::serve(listener, mock));
+    let yaml = format!(
+        "upstream:\n  base_url: http://{addr}/v1\n  provider: anthropic\n  default_headers:\n    x-api-key: sk-ant-mock\n"
+    );
+    spawn_proxy_with(llmproxy::config::parse(&yaml, "test").unwrap()).await
+}
+
+#[tokio::test]
+async fn official_python_sdk_reaches_an_anthropic_upstream() {
+    let python: PathBuf = root().join(".sdk/venv/bin/python");
+    if !installed("the Python openai SDK", &python) {
+        return;
+    }
+    let proxy = proxy_to_anthropic_mock().await;
+    let mut command = Command::new(python);
+    command.arg(root().join("tests/sdk/anthropic_upstream_python.py"));
+    run_client(command, &proxy).await;
+}
+
+#[tokio::test]
+async fn official_node_sdk_reaches_an_anthropic_upstream() {
+    if !installed(
+        "the Node openai SDK",
+        &root().join("tests/sdk/node_modules/openai"),
+    ) {
+        return;
+    }
+    let proxy = proxy_to_anthropic_mock().await;
+    let mut command = Command::new("node");
+    command.arg(root().join("tests/sdk/anthropic_upstream_node.mjs"));
+    run_client(command, &proxy).await;
+}
