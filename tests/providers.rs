@@ -265,3 +265,30 @@ async fn translated_traffic_is_accounted_from_the_providers_own_usage() {
         let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
     }
 }
+
+#[tokio::test]
+async fn a_model_falls_back_from_an_openai_deployment_to_an_anthropic_one() {
+    let openai = spawn_upstream(|_| {
+        Reply::json(
+            503,
+            r#"{"error":{"message":"down","type":"server_error","param":null,"code":null}}"#,
+        )
+    })
+    .await;
+    let anthropic = anthropic_upstream().await;
+    let yaml = format!(
+        "upstreams:\n  openai:\n    base_url: {}\n  claude:\n    base_url: {}\n    provider: anthropic\n    default_headers:\n      x-api-key: sk-ant\n\
+         models:\n  smart:\n    retry:\n      attempts: 1\n    fallbacks: [claude-smart]\n    deployments:\n      - upstream: openai\n        model: gpt-4o\n\
+         \x20 claude-smart:\n    deployments:\n      - upstream: claude\n        model: claude-sonnet-4-5\n",
+        openai.base_url(),
+        anthropic.base_url()
+    );
+    let proxy = spawn_proxy_with(llmproxy::config::parse(&yaml, "test").unwrap()).await;
+    let got = send(chat(&proxy, json!({"model": "smart", "messages": [{"role": "user", "content": "hi"}]}))).await;
+    assert_eq!(got.status, 200, "{}", String::from_utf8_lossy(&got.body));
+    assert_eq!(got.header("x-llmproxy-upstream"), Some("claude"));
+    assert_eq!(got.json()["object"], "chat.completion");
+    assert_eq!(openai.requests().len(), 1);
+    let sent: Value = serde_json::from_slice(&anthropic.requests()[0].body).unwrap();
+    assert_eq!(sent["model"], "claude-sonnet-4-5", "the deployment's model name");
+}
