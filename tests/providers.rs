@@ -284,11 +284,93 @@ async fn a_model_falls_back_from_an_openai_deployment_to_an_anthropic_one() {
         anthropic.base_url()
     );
     let proxy = spawn_proxy_with(llmproxy::config::parse(&yaml, "test").unwrap()).await;
-    let got = send(chat(&proxy, json!({"model": "smart", "messages": [{"role": "user", "content": "hi"}]}))).await;
+    let got = send(chat(
+        &proxy,
+        json!({"model": "smart", "messages": [{"role": "user", "content": "hi"}]}),
+    ))
+    .await;
     assert_eq!(got.status, 200, "{}", String::from_utf8_lossy(&got.body));
     assert_eq!(got.header("x-llmproxy-upstream"), Some("claude"));
     assert_eq!(got.json()["object"], "chat.completion");
     assert_eq!(openai.requests().len(), 1);
     let sent: Value = serde_json::from_slice(&anthropic.requests()[0].body).unwrap();
-    assert_eq!(sent["model"], "claude-sonnet-4-5", "the deployment's model name");
+    assert_eq!(
+        sent["model"], "claude-sonnet-4-5",
+        "the deployment's model name"
+    );
+}
+
+const GEMINI_RESPONSE: &str = include_str!("fixtures/gemini/response_function_call.json");
+const GEMINI_STREAM: &str = include_str!("fixtures/gemini/stream.sse");
+const GEMINI_QUOTA: &str = include_str!("fixtures/gemini/error_quota.json");
+
+#[tokio::test]
+async fn an_openai_request_reaches_a_gemini_upstream_translated_and_comes_back() {
+    let upstream = spawn_upstream(|request| {
+        let path = request.uri.path().to_owned();
+        if path.contains("quota") {
+            Reply::json(429, GEMINI_QUOTA)
+        } else if path.ends_with(":streamGenerateContent") {
+            Reply::sse(
+                GEMINI_STREAM
+                    .as_bytes()
+                    .chunks(29)
+                    .map(|c| (Duration::ZERO, Bytes::copy_from_slice(c)))
+                    .collect(),
+            )
+        } else {
+            Reply::json(200, GEMINI_RESPONSE)
+        }
+    })
+    .await;
+    let base = upstream.base_url().replace("/v1", "/v1beta");
+    let yaml = format!(
+        "upstream:\n  base_url: {base}\n  provider: gemini\n  default_headers:\n    x-goog-api-key: goog-secret\n"
+    );
+    let proxy = spawn_proxy_with(llmproxy::config::parse(&yaml, "test").unwrap()).await;
+    let got = send(chat(
+        &proxy,
+        json!({"model": "gemini-2.5-flash", "messages": [{"role": "user", "content": "hi"}]}),
+    ))
+    .await;
+    assert_eq!(got.status, 200, "{}", String::from_utf8_lossy(&got.body));
+    assert_eq!(
+        got.json()["choices"][0]["message"]["tool_calls"][0]["function"]["name"],
+        "get_weather"
+    );
+    assert_eq!(got.json()["usage"]["completion_tokens"], 70);
+    let seen = &upstream.requests()[0];
+    assert_eq!(
+        seen.uri.path(),
+        "/v1beta/models/gemini-2.5-flash:generateContent"
+    );
+    assert_eq!(seen.headers["x-goog-api-key"], "goog-secret");
+    assert!(!seen.headers.contains_key("authorization"));
+
+    let response = client()
+        .request(chat(
+            &proxy,
+            json!({"model": "gemini-2.5-flash", "stream": true, "messages": []}),
+        ))
+        .await
+        .unwrap();
+    let text = String::from_utf8(
+        response
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        text.contains("The sky — ☀️ is") && text.ends_with("data: [DONE]\n\n"),
+        "{text}"
+    );
+    assert_eq!(upstream.requests()[1].uri.query(), Some("alt=sse"));
+
+    let got = send(chat(&proxy, json!({"model": "quota", "messages": []}))).await;
+    assert_eq!(got.status, 429);
+    assert_eq!(got.json()["error"]["type"], "RESOURCE_EXHAUSTED");
 }

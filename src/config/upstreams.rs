@@ -22,9 +22,9 @@ pub struct UpstreamFile {
     /// upstreams negotiate HTTP/2 by ALPN whatever this says.
     #[serde(default)]
     pub http2: bool,
-    /// The API it speaks: `openai` (the default; passed through byte-exact)
-    /// or `anthropic` (the Messages API, translated to and from Chat
-    /// Completions).
+    /// The API it speaks: `openai` (the default; passed through byte-exact),
+    /// `anthropic` (the Messages API) or `gemini` (`generateContent`), both
+    /// translated to and from Chat Completions.
     #[serde(default)]
     pub provider: ProviderName,
     /// `anthropic-version` sent to an `anthropic` upstream (`2023-06-01`
@@ -46,6 +46,8 @@ pub enum ProviderName {
     Openai,
     /// Anthropic's Messages API.
     Anthropic,
+    /// Google's Gemini API (`generateContent`).
+    Gemini,
 }
 
 /// The validated provider of an upstream.
@@ -55,6 +57,8 @@ pub enum Provider {
     OpenAi,
     /// Anthropic's Messages API: translated.
     Anthropic(AnthropicSettings),
+    /// Google's Gemini API: translated.
+    Gemini,
 }
 
 /// Settings of an `anthropic` upstream.
@@ -281,6 +285,7 @@ pub(super) fn resolve_upstream(
     anthropic_only(upstream.default_max_tokens.is_some(), "default_max_tokens")?;
     let provider = match upstream.provider {
         ProviderName::Openai => Provider::OpenAi,
+        ProviderName::Gemini => Provider::Gemini,
         ProviderName::Anthropic => {
             let version = upstream
                 .anthropic_version

@@ -519,7 +519,7 @@ impl StreamTranslator {
     }
 }
 
-fn write_event(value: &Value, out: &mut Vec<u8>) {
+pub(super) fn write_event(value: &Value, out: &mut Vec<u8>) {
     out.extend_from_slice(b"data: ");
     // Writing a `Value` into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *out, value);

@@ -8,6 +8,7 @@
 //! free of any indirection.
 
 pub mod anthropic;
+pub mod gemini;
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -31,8 +32,10 @@ use crate::upstream::attempt::buffered;
 const MAX_ANSWER: usize = 32 << 20;
 
 /// What the answer's translation needs to know about its request.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Pending {
+    gemini: bool,
+    model: String,
     stream: bool,
     include_usage: bool,
 }
@@ -53,19 +56,23 @@ pub async fn prepare(
     body: RequestBody,
     max_body_size: u64,
 ) -> Result<(RequestBody, Pending), ProxyError> {
-    let Provider::Anthropic(settings) = provider else {
-        return Ok((
-            body,
-            Pending {
+    let dialect = match provider {
+        Provider::OpenAi => {
+            let pending = Pending {
+                gemini: false,
+                model: String::new(),
                 stream: false,
                 include_usage: false,
-            },
-        ));
+            };
+            return Ok((body, pending));
+        }
+        Provider::Anthropic(_) => "Anthropic's Messages API",
+        Provider::Gemini => "Google's Gemini API",
     };
     let path = parts.uri.path();
     if parts.method != http::Method::POST || path.trim_end_matches('/') != "/v1/chat/completions" {
         return Err(ProxyError::NotServed(format!(
-            "upstream {upstream} speaks Anthropic's Messages API: llmproxy translates POST /v1/chat/completions for it, not {} {path}",
+            "upstream {upstream} speaks {dialect}: llmproxy translates POST /v1/chat/completions for it, not {} {path}",
             parts.method
         )));
     }
@@ -76,26 +83,54 @@ pub async fn prepare(
         .await
         .map_err(|e| ProxyError::BadRequest(format!("the request body could not be read: {e}")))?
         .to_bytes();
-    let translated = anthropic::request(settings, &bytes).map_err(ProxyError::NotServed)?;
-    parts.uri = http::Uri::from_static("/v1/messages");
+    let model = crate::ingress::openai::facts(&bytes)
+        .model
+        .unwrap_or_default();
+    let (translated, pending) = match provider {
+        Provider::Anthropic(settings) => {
+            let translated = anthropic::request(settings, &bytes).map_err(ProxyError::NotServed)?;
+            parts.uri = http::Uri::from_static("/v1/messages");
+            parts
+                .headers
+                .insert("anthropic-version", settings.version.clone());
+            let pending = Pending {
+                gemini: false,
+                model,
+                stream: translated.stream,
+                include_usage: translated.include_usage,
+            };
+            (translated.body, pending)
+        }
+        _ => {
+            let translated = gemini::request(&bytes).map_err(ProxyError::NotServed)?;
+            parts.uri = http::Uri::try_from(translated.path.as_str()).map_err(|e| {
+                ProxyError::NotServed(format!("the Gemini path cannot be made: {e}"))
+            })?;
+            let pending = Pending {
+                gemini: true,
+                model,
+                stream: translated.stream,
+                include_usage: translated.include_usage,
+            };
+            (translated.body, pending)
+        }
+    };
     let headers = &mut parts.headers;
     // The client's credentials are for llmproxy or for another provider:
     // the upstream gets only its `default_headers`.
-    for name in [AUTHORIZATION.as_str(), "x-api-key", "api-key"] {
+    for name in [
+        AUTHORIZATION.as_str(),
+        "x-api-key",
+        "api-key",
+        "x-goog-api-key",
+    ] {
         headers.remove(name);
     }
     // Translated bytes must be plain: no compressed answer to re-encode.
     headers.remove(ACCEPT_ENCODING);
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    headers.insert(CONTENT_LENGTH, HeaderValue::from(translated.body.len()));
-    headers.insert("anthropic-version", settings.version.clone());
-    Ok((
-        buffered(translated.body),
-        Pending {
-            stream: translated.stream,
-            include_usage: translated.include_usage,
-        },
-    ))
+    headers.insert(CONTENT_LENGTH, HeaderValue::from(translated.len()));
+    Ok((buffered(translated), pending))
 }
 
 /// The upstream's answer in the OpenAI format: a stream translated as it
@@ -109,7 +144,18 @@ pub async fn answer(pending: Pending, response: Response) -> Response {
         parts
             .headers
             .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-        let translator = anthropic::StreamTranslator::new(pending.include_usage, unix_now());
+        let translator = if pending.gemini {
+            Translator::Gemini(gemini::StreamTranslator::new(
+                pending.include_usage,
+                &pending.model,
+                unix_now(),
+            ))
+        } else {
+            Translator::Anthropic(anthropic::StreamTranslator::new(
+                pending.include_usage,
+                unix_now(),
+            ))
+        };
         return Response::from_parts(parts, Body::new(Translating::new(body, translator)));
     }
     let whole = match http_body_util::Limited::new(body, MAX_ANSWER)
@@ -124,10 +170,11 @@ pub async fn answer(pending: Pending, response: Response) -> Response {
             .into_response();
         }
     };
-    let translated = if success {
-        anthropic::response(&whole, unix_now())
-    } else {
-        anthropic::error(&whole)
+    let translated = match (pending.gemini, success) {
+        (false, true) => anthropic::response(&whole, unix_now()),
+        (false, false) => anthropic::error(&whole),
+        (true, true) => gemini::response(&whole, &pending.model, unix_now()),
+        (true, false) => gemini::error(&whole),
     };
     match translated {
         Some(bytes) => {
@@ -138,29 +185,57 @@ pub async fn answer(pending: Pending, response: Response) -> Response {
         }
         // An error that is not Anthropic's shape reaches the client as it was.
         None if !success => Response::from_parts(parts, Body::from(whole)),
-        None => ProxyError::UpstreamProtocol(
-            "the Anthropic upstream's answer is not a Messages response".into(),
-        )
+        None => ProxyError::UpstreamProtocol(format!(
+            "the {} upstream's answer is not one it can give",
+            if pending.gemini {
+                "Gemini"
+            } else {
+                "Anthropic"
+            }
+        ))
         .into_response(),
     }
 }
 
+/// One stream's translator, by provider.
+#[derive(Debug)]
+enum Translator {
+    Anthropic(anthropic::StreamTranslator),
+    Gemini(gemini::StreamTranslator),
+}
+
+impl Translator {
+    fn feed(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+        match self {
+            Self::Anthropic(t) => t.feed(data, out),
+            Self::Gemini(t) => t.feed(data, out),
+        }
+    }
+
+    fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
+        match self {
+            Self::Anthropic(t) => t.finish(out),
+            Self::Gemini(t) => t.finish(out),
+        }
+    }
+}
+
 pin_project_lite::pin_project! {
-    /// An Anthropic event stream, translated into OpenAI chunks as it
+    /// A provider's event stream, translated into OpenAI chunks as it
     /// passes. A failure (in-band `error` event, a stream that ends before
-    /// `message_stop`) ends the body with an error, so the client's
+    /// its last event) ends the body with an error, so the client's
     /// response aborts and never looks complete.
     pub struct Translating {
         #[pin]
         inner: Body,
-        translator: anthropic::StreamTranslator,
+        translator: Translator,
         out: Vec<u8>,
         done: bool,
     }
 }
 
 impl Translating {
-    fn new(inner: Body, translator: anthropic::StreamTranslator) -> Self {
+    fn new(inner: Body, translator: Translator) -> Self {
         Self {
             inner,
             translator,
