@@ -374,3 +374,42 @@ async fn an_openai_request_reaches_a_gemini_upstream_translated_and_comes_back()
     assert_eq!(got.status, 429);
     assert_eq!(got.json()["error"]["type"], "RESOURCE_EXHAUSTED");
 }
+
+#[tokio::test]
+async fn azure_deployments_get_their_path_and_version_and_the_bytes_pass_unchanged() {
+    let upstream = spawn_upstream(|_| {
+        Reply::json(200, r#"{"id":"x","object":"chat.completion","choices":[]}"#)
+    })
+    .await;
+    let base = upstream.base_url().trim_end_matches("/v1").to_owned();
+    let yaml = format!(
+        "upstream:\n  base_url: {base}\n  provider: azure\n  api_version: 2024-06-01\n  default_headers:\n    api-key: azure-secret\n"
+    );
+    let config = llmproxy::config::parse(&yaml, "test").unwrap();
+    let proxy = spawn_proxy_with(config).await;
+    let body = r#"{"model":"gpt4o-prod",  "messages":[{"role":"user","content":"hi"}]}"#;
+    let got = send(
+        Request::post(proxy.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .header("authorization", "Bearer sk-client")
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    assert_eq!(
+        &got.body[..],
+        br#"{"id":"x","object":"chat.completion","choices":[]}"#
+    );
+    let seen = &upstream.requests()[0];
+    assert_eq!(
+        seen.uri.to_string(),
+        "/openai/deployments/gpt4o-prod/chat/completions?api-version=2024-06-01"
+    );
+    assert_eq!(&seen.body[..], body.as_bytes(), "byte-exact");
+    assert_eq!(seen.headers["api-key"], "azure-secret");
+    assert!(!seen.headers.contains_key("authorization"));
+    let got = send(chat(&proxy, json!({"model": "a/b", "messages": []}))).await;
+    assert_eq!(got.status, 400);
+    assert_eq!(got.json()["error"]["code"], "not_supported_by_provider");
+}

@@ -35,6 +35,7 @@ pub fn from_flags(
             provider: Default::default(),
             anthropic_version: None,
             default_max_tokens: None,
+            api_version: None,
         },
         upstreams: Ordered::default(),
         models: Ordered::default(),

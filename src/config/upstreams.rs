@@ -35,6 +35,9 @@ pub struct UpstreamFile {
     /// (Anthropic requires one; 4096 unless set).
     #[serde(default)]
     pub default_max_tokens: Option<u64>,
+    /// `api-version` for an `azure` upstream (`2024-10-21` unless set).
+    #[serde(default)]
+    pub api_version: Option<String>,
 }
 
 /// `provider`: the wire format an upstream speaks.
@@ -48,6 +51,9 @@ pub enum ProviderName {
     Anthropic,
     /// Google's Gemini API (`generateContent`).
     Gemini,
+    /// Azure OpenAI's classic deployments
+    /// (`/openai/deployments/{deployment}/…?api-version=…`).
+    Azure,
 }
 
 /// The validated provider of an upstream.
@@ -59,6 +65,11 @@ pub enum Provider {
     Anthropic(AnthropicSettings),
     /// Google's Gemini API: translated.
     Gemini,
+    /// Azure OpenAI deployments: the path rewritten, the bytes passed through.
+    Azure {
+        /// `api-version` on every request.
+        api_version: String,
+    },
 }
 
 /// Settings of an `anthropic` upstream.
@@ -182,7 +193,7 @@ pub(super) fn resolve_upstream(
         interpolate(&upstream.base_url, env).and_then(|url| BaseUrl::parse(&url))
     }
     .map_err(|m| invalid(origin, &url_field, m))?;
-    if !base_url.has_version_segment() {
+    if !base_url.has_version_segment() && upstream.provider != ProviderName::Azure {
         warnings.push(format!(
             "{url_field}: has no version segment such as /v1, so /v1/chat/completions is sent to \
              its path + /chat/completions; OpenAI-compatible servers usually want a base URL ending in /v1"
@@ -283,9 +294,34 @@ pub(super) fn resolve_upstream(
     };
     anthropic_only(upstream.anthropic_version.is_some(), "anthropic_version")?;
     anthropic_only(upstream.default_max_tokens.is_some(), "default_max_tokens")?;
+    if upstream.api_version.is_some() && upstream.provider != ProviderName::Azure {
+        return Err(invalid(
+            origin,
+            &format!("{field}.api_version"),
+            "applies to `provider: azure` upstreams only",
+        ));
+    }
     let provider = match upstream.provider {
         ProviderName::Openai => Provider::OpenAi,
         ProviderName::Gemini => Provider::Gemini,
+        ProviderName::Azure => {
+            let api_version = upstream
+                .api_version
+                .clone()
+                .unwrap_or_else(|| "2024-10-21".to_owned());
+            if api_version.is_empty()
+                || !api_version
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+            {
+                return Err(invalid(
+                    origin,
+                    &format!("{field}.api_version"),
+                    "must be an Azure API version such as 2024-10-21",
+                ));
+            }
+            Provider::Azure { api_version }
+        }
         ProviderName::Anthropic => {
             let version = upstream
                 .anthropic_version

@@ -50,10 +50,7 @@ pub async fn send<H: Send + Sync + 'static>(
     let (body, translating) = match &upstream.provider {
         crate::config::Provider::OpenAi => (body, None),
         provider => {
-            let (body, pending) =
-                providers::prepare(provider, &upstream.name, &mut parts, body, max_body_size)
-                    .await?;
-            (body, Some(pending))
+            providers::prepare(provider, &upstream.name, &mut parts, body, max_body_size).await?
         }
     };
     let path = upstream

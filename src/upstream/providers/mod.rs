@@ -55,16 +55,12 @@ pub async fn prepare(
     parts: &mut http::request::Parts,
     body: RequestBody,
     max_body_size: u64,
-) -> Result<(RequestBody, Pending), ProxyError> {
+) -> Result<(RequestBody, Option<Pending>), ProxyError> {
     let dialect = match provider {
-        Provider::OpenAi => {
-            let pending = Pending {
-                gemini: false,
-                model: String::new(),
-                stream: false,
-                include_usage: false,
-            };
-            return Ok((body, pending));
+        Provider::OpenAi => return Ok((body, None)),
+        Provider::Azure { api_version } => {
+            let body = azure(api_version, parts, body, max_body_size).await?;
+            return Ok((body, None));
         }
         Provider::Anthropic(_) => "Anthropic's Messages API",
         Provider::Gemini => "Google's Gemini API",
@@ -130,7 +126,50 @@ pub async fn prepare(
     headers.remove(ACCEPT_ENCODING);
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     headers.insert(CONTENT_LENGTH, HeaderValue::from(translated.len()));
-    Ok((buffered(translated), pending))
+    Ok((buffered(translated), Some(pending)))
+}
+
+/// An Azure OpenAI classic deployment: `/v1/X` becomes
+/// `/openai/deployments/{model}/X?api-version=…`, the deployment being the
+/// request's (routed) model; the body and the answer pass unchanged.
+async fn azure(
+    api_version: &str,
+    parts: &mut http::request::Parts,
+    body: RequestBody,
+    max_body_size: u64,
+) -> Result<RequestBody, ProxyError> {
+    let limited =
+        http_body_util::Limited::new(body, usize::try_from(max_body_size).unwrap_or(usize::MAX));
+    let bytes = limited
+        .collect()
+        .await
+        .map_err(|e| ProxyError::BadRequest(format!("the request body could not be read: {e}")))?
+        .to_bytes();
+    let model = crate::ingress::openai::facts(&bytes)
+        .model
+        .unwrap_or_default();
+    if model.is_empty()
+        || !model
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+    {
+        return Err(ProxyError::NotServed(format!(
+            "an Azure deployment is named by the request's `model`, and {model:?} is not a deployment name (letters, digits, `-`, `.`, `_`)"
+        )));
+    }
+    let rest = parts
+        .uri
+        .path()
+        .strip_prefix("/v1")
+        .unwrap_or(parts.uri.path());
+    let query = parts.uri.query().map_or(String::new(), |q| format!("&{q}"));
+    let path = format!("/v1/openai/deployments/{model}{rest}?api-version={api_version}{query}");
+    parts.uri = http::Uri::try_from(path)
+        .map_err(|e| ProxyError::NotServed(format!("the Azure path cannot be made: {e}")))?;
+    for name in [AUTHORIZATION.as_str(), "x-api-key", "api-key"] {
+        parts.headers.remove(name);
+    }
+    Ok(buffered(bytes))
 }
 
 /// The upstream's answer in the OpenAI format: a stream translated as it
