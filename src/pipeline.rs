@@ -227,7 +227,9 @@ async fn admit_key(
         let size = bytes.len() as u64;
         // Usage must come from the upstream: a stream that did not ask for
         // it asks upstream, and the client's copy is stripped of it.
+        // Only Chat and legacy Completions know `stream_options`.
         if facts.stream
+            && parts.uri.path().ends_with("/completions")
             && let Some(asked) = openai::with_usage_requested(&bytes)
         {
             bytes = asked;

@@ -413,3 +413,137 @@ async fn azure_deployments_get_their_path_and_version_and_the_bytes_pass_unchang
     assert_eq!(got.status, 400);
     assert_eq!(got.json()["error"]["code"], "not_supported_by_provider");
 }
+
+#[tokio::test]
+async fn the_messages_api_passes_through_to_an_anthropic_upstream_unchanged() {
+    let upstream = anthropic_upstream().await;
+    let proxy = gateway(&upstream).await;
+    let body = r#"{"model":"claude-sonnet-4-5","max_tokens":64,"messages":[{"role":"user","content":[{"type":"thinking","thinking":"x","signature":"EqQBCgIYAhIM"},{"type":"text","text":"hi"}]}]}"#;
+    let got = send(
+        Request::post(proxy.url("/v1/messages"))
+            .header("content-type", "application/json")
+            .header("anthropic-version", "2023-06-01")
+            .header("anthropic-beta", "interleaved-thinking-2025-05-14")
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    assert_eq!(
+        &got.body[..],
+        MESSAGE.as_bytes(),
+        "the answer as Anthropic sent it"
+    );
+    let seen = &upstream.requests()[0];
+    assert_eq!(seen.uri.path(), "/v1/messages");
+    assert_eq!(
+        &seen.body[..],
+        body.as_bytes(),
+        "byte-exact, signed thinking intact"
+    );
+    assert_eq!(
+        seen.headers["anthropic-beta"],
+        "interleaved-thinking-2025-05-14"
+    );
+    assert_eq!(seen.headers["anthropic-version"], "2023-06-01");
+    assert_eq!(seen.headers["x-api-key"], "sk-ant-upstream-secret");
+    // Without the client's version, the configured one.
+    let got = send(
+        Request::post(proxy.url("/v1/messages/count_tokens"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(
+                br#"{"model":"claude-sonnet-4-5","messages":[]}"#,
+            )))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    assert_eq!(
+        upstream.requests()[1].headers["anthropic-version"],
+        "2023-06-01"
+    );
+    assert_eq!(
+        upstream.requests()[1].uri.path(),
+        "/v1/messages/count_tokens"
+    );
+}
+
+#[tokio::test]
+async fn messages_passed_through_are_billed_from_anthropics_usage() {
+    let upstream = anthropic_upstream().await;
+    let db = std::env::temp_dir().join(format!("llmproxy-messages-{}.db", std::process::id()));
+    let yaml = format!(
+        "upstream:\n  base_url: {}\n  provider: anthropic\n  default_headers:\n    x-api-key: sk-ant-upstream-secret\n\
+         admin:\n  token: admin-token-for-tests-0123\nstore:\n  url: sqlite://{}\n  flush_interval: 100ms\n\
+         keys:\n  required: true\n",
+        upstream.base_url(),
+        db.display()
+    );
+    let proxy = spawn_proxy_with(llmproxy::config::parse(&yaml, "test").unwrap()).await;
+    let admin = |method: &str, path: &str, body: &'static str| {
+        Request::builder()
+            .method(method)
+            .uri(proxy.url(path))
+            .header("authorization", "Bearer admin-token-for-tests-0123")
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap()
+    };
+    let mut key = None;
+    for _ in 0..200 {
+        let got = send(admin("POST", "/admin/keys", r#"{"name":"claude-code"}"#)).await;
+        if got.status == 201 {
+            key = Some(got.json()["key"].as_str().unwrap().to_owned());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let key = key.unwrap();
+    // Claude Code sends its key as x-api-key; the body must reach Anthropic untouched.
+    let streamed = r#"{"model":"claude-sonnet-4-5","max_tokens":64,"stream":true,"messages":[]}"#;
+    let response = client()
+        .request(
+            Request::post(proxy.url("/v1/messages"))
+                .header("content-type", "application/json")
+                .header("x-api-key", &key)
+                .body(Full::new(Bytes::from_static(streamed.as_bytes())))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let text = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(
+        &text[..],
+        STREAM.as_bytes(),
+        "the stream as Anthropic sent it"
+    );
+    let seen = &upstream.requests()[0];
+    assert_eq!(
+        &seen.body[..],
+        streamed.as_bytes(),
+        "no stream_options added to a Messages request"
+    );
+    assert_eq!(
+        seen.headers["x-api-key"], "sk-ant-upstream-secret",
+        "never the virtual key"
+    );
+    let mut records = Vec::new();
+    for _ in 0..100 {
+        records = send(admin("GET", "/admin/usage/records?limit=5", ""))
+            .await
+            .json()["data"]
+            .as_array()
+            .unwrap()
+            .clone();
+        if !records.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(records[0]["prompt_tokens"], 582, "{records:?}");
+    assert_eq!(records[0]["completion_tokens"], 89);
+    assert_eq!(records[0]["cached_tokens"], 100);
+    drop(proxy);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+    }
+}

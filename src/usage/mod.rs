@@ -42,29 +42,67 @@ const CHANNEL: usize = 65_536;
 /// Records per store transaction at most.
 const BATCH: usize = 2_000;
 
-/// Token counts.
+/// Token counts, read from OpenAI's usage (`prompt_tokens`,
+/// `completion_tokens`, `prompt_tokens_details.cached_tokens`) or
+/// Anthropic's (`input_tokens`, which excludes the cache, plus
+/// `cache_read_input_tokens` and `cache_creation_input_tokens`;
+/// `output_tokens`), so Messages traffic passed through is billed right too.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(from = "RawUsage")]
 pub struct Tokens {
-    /// Input tokens.
-    #[serde(default)]
+    /// Input tokens, the cached ones included.
     pub prompt_tokens: u64,
     /// Output tokens.
-    #[serde(default)]
     pub completion_tokens: u64,
     /// Input tokens served from the provider's cache.
-    #[serde(default, rename = "prompt_tokens_details", deserialize_with = "cached")]
     pub cached_tokens: u64,
 }
 
-fn cached<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    #[derive(Deserialize)]
-    struct Details {
-        #[serde(default)]
-        cached_tokens: Option<u64>,
+#[derive(Deserialize)]
+struct RawUsage {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    prompt_tokens_details: Option<Details>,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    cache_read_input_tokens: Option<u64>,
+    cache_creation_input_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct Details {
+    cached_tokens: Option<u64>,
+}
+
+impl From<RawUsage> for Tokens {
+    fn from(raw: RawUsage) -> Self {
+        let read = raw.cache_read_input_tokens.unwrap_or(0);
+        let anthropic_input = raw.input_tokens.map(|input| {
+            input
+                .saturating_add(read)
+                .saturating_add(raw.cache_creation_input_tokens.unwrap_or(0))
+        });
+        Self {
+            prompt_tokens: raw.prompt_tokens.or(anthropic_input).unwrap_or(0),
+            completion_tokens: raw.completion_tokens.or(raw.output_tokens).unwrap_or(0),
+            cached_tokens: raw
+                .prompt_tokens_details
+                .and_then(|d| d.cached_tokens)
+                .unwrap_or(read),
+        }
     }
-    Ok(Option::<Details>::deserialize(d)?
-        .and_then(|details| details.cached_tokens)
-        .unwrap_or(0))
+}
+
+impl Tokens {
+    /// Field by field the larger: usage counts only grow during a stream
+    /// (Anthropic reports input at the start, output at the end).
+    pub fn merge(self, later: Self) -> Self {
+        Self {
+            prompt_tokens: self.prompt_tokens.max(later.prompt_tokens),
+            completion_tokens: self.completion_tokens.max(later.completion_tokens),
+            cached_tokens: self.cached_tokens.max(later.cached_tokens),
+        }
+    }
 }
 
 /// What an answer (or one streamed chunk) says about itself.
@@ -578,6 +616,33 @@ impl Observer for Meter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn anthropic_usage_is_read_with_the_cache_in_the_prompt() {
+        let tokens: Tokens = serde_json::from_str(
+            r#"{"input_tokens":472,"output_tokens":89,"cache_read_input_tokens":100,"cache_creation_input_tokens":10}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            tokens,
+            Tokens {
+                prompt_tokens: 582,
+                completion_tokens: 89,
+                cached_tokens: 100
+            }
+        );
+        let start = Tokens {
+            prompt_tokens: 582,
+            completion_tokens: 2,
+            cached_tokens: 100,
+        };
+        let end = Tokens {
+            prompt_tokens: 0,
+            completion_tokens: 89,
+            cached_tokens: 0,
+        };
+        assert_eq!(start.merge(end), tokens);
+    }
 
     #[test]
     fn usd_headers_have_nine_decimals() {

@@ -74,7 +74,7 @@ impl Scanner {
         if USAGE.find(payload).is_some()
             && let Some(usage) = Answer::usage_in(payload)
         {
-            self.usage = Some(usage);
+            self.usage = Some(self.usage.map_or(usage, |earlier| earlier.merge(usage)));
             return;
         }
         self.content += 1;

@@ -62,7 +62,20 @@ pub async fn prepare(
             let body = azure(api_version, parts, body, max_body_size).await?;
             return Ok((body, None));
         }
-        Provider::Anthropic(_) => "Anthropic's Messages API",
+        Provider::Anthropic(settings) => {
+            // The Messages API itself (Claude Code, the Anthropic SDKs):
+            // passed through as sent, the client's `anthropic-version` and
+            // `anthropic-beta` included.
+            if is_messages(parts.uri.path()) {
+                if !parts.headers.contains_key("anthropic-version") {
+                    parts
+                        .headers
+                        .insert("anthropic-version", settings.version.clone());
+                }
+                return Ok((body, None));
+            }
+            "Anthropic's Messages API"
+        }
         Provider::Gemini => "Google's Gemini API",
     };
     let path = parts.uri.path();
@@ -127,6 +140,14 @@ pub async fn prepare(
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     headers.insert(CONTENT_LENGTH, HeaderValue::from(translated.len()));
     Ok((buffered(translated), Some(pending)))
+}
+
+/// Whether `path` is Anthropic's own Messages API.
+fn is_messages(path: &str) -> bool {
+    matches!(
+        path.trim_end_matches('/'),
+        "/v1/messages" | "/v1/messages/count_tokens"
+    )
 }
 
 /// An Azure OpenAI classic deployment: `/v1/X` becomes
