@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs the official OpenAI SDKs used as real clients by tests/sdk_compat.rs:
-# Python `openai` into .sdk/venv, Node `openai` into tests/sdk/node_modules.
+# Installs the official SDKs used as real clients by tests/sdk_compat.rs:
+# Python `openai` and `anthropic` into .sdk/venv, Node `openai` into tests/sdk/node_modules.
 # Versions are pinned in tests/sdk/requirements.txt and tests/sdk/package-lock.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -89,6 +89,12 @@ pub fn router(config: MockConfig) -> Router {
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/uploads", post(uploads))
         .route("/v1/messages", post(messages))
+        .route(
+            "/v1/messages/count_tokens",
+            post(|body: Bytes| async move {
+                axum::Json(json!({"input_tokens": body.len().div_ceil(4)}))
+            }),
+        )
         .fallback(|| async {
             (
                 StatusCode::NOT_FOUND,

@@ -547,3 +547,103 @@ async fn messages_passed_through_are_billed_from_anthropics_usage() {
         let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
     }
 }
+
+/// The built-in mock as an OpenAI-compatible upstream, and a proxy in front.
+async fn proxy_to_openai_mock() -> Proxy {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mock = llmproxy::mock::MockConfig {
+        chunks: 5,
+        delay: Duration::from_millis(1),
+        ..Default::default()
+    };
+    tokio::spawn(llmproxy::mock::serve(listener, mock));
+    spawn_proxy_with(config_for(&format!("http://{addr}/v1"))).await
+}
+
+fn messages(
+    proxy: &Proxy,
+    body: &'static str,
+    header: Option<(&str, &str)>,
+) -> Request<Full<Bytes>> {
+    let mut request = Request::post(proxy.url("/v1/messages"))
+        .header("content-type", "application/json")
+        .header("anthropic-version", "2023-06-01");
+    if let Some((name, value)) = header {
+        request = request.header(name, value);
+    }
+    request
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_messages_front_door_speaks_anthropic_to_an_openai_upstream() {
+    let proxy = proxy_to_openai_mock().await;
+    let body = r#"{"model":"gpt-4o","max_tokens":32,"messages":[{"role":"user","content":"hi"}]}"#;
+    let got = send(messages(&proxy, body, None)).await;
+    assert_eq!(got.status, 200, "{}", String::from_utf8_lossy(&got.body));
+    let answer = got.json();
+    assert_eq!(answer["type"], "message");
+    assert_eq!(answer["stop_reason"], "end_turn");
+    assert_eq!(answer["usage"]["input_tokens"], 8);
+    assert_eq!(answer["usage"]["output_tokens"], 5);
+
+    let streamed = r#"{"model":"gpt-4o","max_tokens":32,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let response = client()
+        .request(messages(&proxy, streamed, None))
+        .await
+        .unwrap();
+    let text = String::from_utf8(
+        response
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    let kinds: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(kinds.first(), Some(&"message_start"));
+    assert_eq!(kinds[1], "content_block_start");
+    assert_eq!(
+        &kinds[kinds.len() - 3..],
+        ["content_block_stop", "message_delta", "message_stop"]
+    );
+    assert!(text.contains("\"output_tokens\":5"), "{text}");
+
+    // An upstream error: Anthropic's error shape, the status kept.
+    let got = send(messages(&proxy, body, Some(("x-mock-status", "429")))).await;
+    assert_eq!(got.status, 429);
+    assert_eq!(got.json()["type"], "error");
+    assert_eq!(got.json()["error"]["type"], "rate_limit_error");
+
+    // A stream cut upstream: an `error` event, then the abort.
+    let response = client()
+        .request(messages(&proxy, streamed, Some(("x-mock-cut-after", "2"))))
+        .await
+        .unwrap();
+    let mut body = response.into_body();
+    let mut seen = Vec::new();
+    let mut failed = false;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => seen.extend_from_slice(frame.data_ref().map_or(&[][..], |d| &d[..])),
+            Err(_) => {
+                failed = true;
+                break;
+            }
+        }
+    }
+    let seen = String::from_utf8(seen).unwrap();
+    assert!(failed, "the stream must not look complete: {seen}");
+    assert!(!seen.contains("message_stop"), "{seen}");
+    assert!(
+        seen.ends_with("\n\n") && seen.contains("event: error\n"),
+        "an error event last: {seen}"
+    );
+}

@@ -215,3 +215,49 @@ async fn official_node_sdk_reaches_an_anthropic_upstream() {
     command.arg(root().join("tests/sdk/anthropic_upstream_node.mjs"));
     run_client(command, &proxy).await;
 }
+
+async fn run_anthropic_client(upstream: &str, proxy: &Proxy) {
+    let python: PathBuf = root().join(".sdk/venv/bin/python");
+    let mut command = Command::new(python);
+    command
+        .arg(root().join("tests/sdk/anthropic_python.py"))
+        .env("UPSTREAM", upstream)
+        .env("ANTHROPIC_BASE_URL", proxy.url(""))
+        .env_remove("ANTHROPIC_API_KEY");
+    run_client(command, proxy).await;
+}
+
+fn anthropic_sdk_installed() -> bool {
+    installed_anywhere()
+        || installed(
+            "the Python anthropic SDK",
+            &root().join(".sdk/venv/lib/python3.11/site-packages/anthropic"),
+        )
+}
+
+/// The venv's Python version may differ from 3.11: look for the package.
+fn installed_anywhere() -> bool {
+    std::fs::read_dir(root().join(".sdk/venv/lib"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|dir| dir.path().join("site-packages/anthropic").exists())
+}
+
+#[tokio::test]
+async fn official_anthropic_sdk_reaches_an_openai_upstream_through_messages() {
+    if !anthropic_sdk_installed() {
+        return;
+    }
+    let proxy = proxy_to_mock().await;
+    run_anthropic_client("openai", &proxy).await;
+}
+
+#[tokio::test]
+async fn official_anthropic_sdk_passes_through_to_an_anthropic_upstream() {
+    if !anthropic_sdk_installed() {
+        return;
+    }
+    let proxy = proxy_to_anthropic_mock().await;
+    run_anthropic_client("anthropic", &proxy).await;
+}

@@ -48,7 +48,10 @@ pub async fn send<H: Send + Sync + 'static>(
     // A provider other than OpenAI gets its own request, and its answer is
     // translated back below; pass-through never enters `providers`.
     let (body, translating) = match &upstream.provider {
-        crate::config::Provider::OpenAi => (body, None),
+        // One comparison on the pass-through path: the Messages front door.
+        crate::config::Provider::OpenAi if !parts.uri.path().starts_with("/v1/messages") => {
+            (body, None)
+        }
         provider => {
             providers::prepare(provider, &upstream.name, &mut parts, body, max_body_size).await?
         }

@@ -31,10 +31,21 @@ use crate::upstream::attempt::buffered;
 /// Largest answer read whole for translation (a non-streamed one).
 const MAX_ANSWER: usize = 32 << 20;
 
+/// Which translation an answer needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Anthropic's answer into OpenAI's.
+    Anthropic,
+    /// Gemini's answer into OpenAI's.
+    Gemini,
+    /// An OpenAI answer into Anthropic's, for a Messages client.
+    Messages,
+}
+
 /// What the answer's translation needs to know about its request.
 #[derive(Debug, Clone)]
 pub struct Pending {
-    gemini: bool,
+    kind: Kind,
     model: String,
     stream: bool,
     include_usage: bool,
@@ -57,6 +68,9 @@ pub async fn prepare(
     max_body_size: u64,
 ) -> Result<(RequestBody, Option<Pending>), ProxyError> {
     let dialect = match provider {
+        Provider::OpenAi if is_messages(parts.uri.path()) => {
+            return messages_to_chat(parts, body, max_body_size).await;
+        }
         Provider::OpenAi => return Ok((body, None)),
         Provider::Azure { api_version } => {
             let body = azure(api_version, parts, body, max_body_size).await?;
@@ -103,7 +117,7 @@ pub async fn prepare(
                 .headers
                 .insert("anthropic-version", settings.version.clone());
             let pending = Pending {
-                gemini: false,
+                kind: Kind::Anthropic,
                 model,
                 stream: translated.stream,
                 include_usage: translated.include_usage,
@@ -116,7 +130,7 @@ pub async fn prepare(
                 ProxyError::NotServed(format!("the Gemini path cannot be made: {e}"))
             })?;
             let pending = Pending {
-                gemini: true,
+                kind: Kind::Gemini,
                 model,
                 stream: translated.stream,
                 include_usage: translated.include_usage,
@@ -140,6 +154,50 @@ pub async fn prepare(
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     headers.insert(CONTENT_LENGTH, HeaderValue::from(translated.len()));
     Ok((buffered(translated), Some(pending)))
+}
+
+/// A Messages request for an OpenAI-compatible upstream: sent as Chat
+/// Completions, its answer turned back into Anthropic's.
+async fn messages_to_chat(
+    parts: &mut http::request::Parts,
+    body: RequestBody,
+    max_body_size: u64,
+) -> Result<(RequestBody, Option<Pending>), ProxyError> {
+    if parts.uri.path().trim_end_matches('/') != "/v1/messages" {
+        return Err(ProxyError::NotServed(
+            "/v1/messages/count_tokens is answered by Anthropic upstreams only".into(),
+        ));
+    }
+    let limited =
+        http_body_util::Limited::new(body, usize::try_from(max_body_size).unwrap_or(usize::MAX));
+    let bytes = limited
+        .collect()
+        .await
+        .map_err(|e| ProxyError::BadRequest(format!("the request body could not be read: {e}")))?
+        .to_bytes();
+    let stream = crate::ingress::openai::facts(&bytes).stream;
+    let chat = crate::ingress::anthropic::request(&bytes).map_err(ProxyError::NotServed)?;
+    parts.uri = http::Uri::from_static("/v1/chat/completions");
+    for name in [
+        "anthropic-version",
+        "anthropic-beta",
+        ACCEPT_ENCODING.as_str(),
+    ] {
+        parts.headers.remove(name);
+    }
+    parts
+        .headers
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    parts
+        .headers
+        .insert(CONTENT_LENGTH, HeaderValue::from(chat.len()));
+    let pending = Pending {
+        kind: Kind::Messages,
+        model: String::new(),
+        stream,
+        include_usage: true,
+    };
+    Ok((buffered(chat), Some(pending)))
 }
 
 /// Whether `path` is Anthropic's own Messages API.
@@ -204,17 +262,19 @@ pub async fn answer(pending: Pending, response: Response) -> Response {
         parts
             .headers
             .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-        let translator = if pending.gemini {
-            Translator::Gemini(gemini::StreamTranslator::new(
+        let translator = match pending.kind {
+            Kind::Gemini => Translator::Gemini(gemini::StreamTranslator::new(
                 pending.include_usage,
                 &pending.model,
                 unix_now(),
-            ))
-        } else {
-            Translator::Anthropic(anthropic::StreamTranslator::new(
+            )),
+            Kind::Anthropic => Translator::Anthropic(anthropic::StreamTranslator::new(
                 pending.include_usage,
                 unix_now(),
-            ))
+            )),
+            Kind::Messages => {
+                Translator::Messages(crate::ingress::anthropic::StreamTranslator::default())
+            }
         };
         return Response::from_parts(parts, Body::new(Translating::new(body, translator)));
     }
@@ -230,11 +290,16 @@ pub async fn answer(pending: Pending, response: Response) -> Response {
             .into_response();
         }
     };
-    let translated = match (pending.gemini, success) {
-        (false, true) => anthropic::response(&whole, unix_now()),
-        (false, false) => anthropic::error(&whole),
-        (true, true) => gemini::response(&whole, &pending.model, unix_now()),
-        (true, false) => gemini::error(&whole),
+    let translated = match (pending.kind, success) {
+        (Kind::Anthropic, true) => anthropic::response(&whole, unix_now()),
+        (Kind::Anthropic, false) => anthropic::error(&whole),
+        (Kind::Gemini, true) => gemini::response(&whole, &pending.model, unix_now()),
+        (Kind::Gemini, false) => gemini::error(&whole),
+        (Kind::Messages, true) => crate::ingress::anthropic::response(&whole),
+        (Kind::Messages, false) => Some(crate::ingress::anthropic::error(
+            parts.status.as_u16(),
+            &whole,
+        )),
     };
     match translated {
         Some(bytes) => {
@@ -247,10 +312,10 @@ pub async fn answer(pending: Pending, response: Response) -> Response {
         None if !success => Response::from_parts(parts, Body::from(whole)),
         None => ProxyError::UpstreamProtocol(format!(
             "the {} upstream's answer is not one it can give",
-            if pending.gemini {
-                "Gemini"
-            } else {
-                "Anthropic"
+            match pending.kind {
+                Kind::Gemini => "Gemini",
+                Kind::Anthropic => "Anthropic",
+                Kind::Messages => "OpenAI-compatible",
             }
         ))
         .into_response(),
@@ -262,6 +327,7 @@ pub async fn answer(pending: Pending, response: Response) -> Response {
 enum Translator {
     Anthropic(anthropic::StreamTranslator),
     Gemini(gemini::StreamTranslator),
+    Messages(crate::ingress::anthropic::StreamTranslator),
 }
 
 impl Translator {
@@ -269,6 +335,15 @@ impl Translator {
         match self {
             Self::Anthropic(t) => t.feed(data, out),
             Self::Gemini(t) => t.feed(data, out),
+            Self::Messages(t) => t.feed(data, out),
+        }
+    }
+
+    /// The upstream's body failed: a Messages client is told by an
+    /// `error` event before the abort; OpenAI clients only see the abort.
+    fn interrupted(&mut self, cause: &str, out: &mut Vec<u8>) {
+        if let Self::Messages(t) = self {
+            t.interrupted(cause, out);
         }
     }
 
@@ -276,6 +351,7 @@ impl Translator {
         match self {
             Self::Anthropic(t) => t.finish(out),
             Self::Gemini(t) => t.finish(out),
+            Self::Messages(t) => t.finish(out),
         }
     }
 }
@@ -291,6 +367,10 @@ pin_project_lite::pin_project! {
         translator: Translator,
         out: Vec<u8>,
         done: bool,
+        // A failure held back until the bytes written before it are out
+        // (a Messages client's `error` event).
+        failure: Option<String>,
+        yielded: bool,
     }
 }
 
@@ -301,6 +381,8 @@ impl Translating {
             translator,
             out: Vec::new(),
             done: false,
+            failure: None,
+            yielded: false,
         }
     }
 }
@@ -318,6 +400,19 @@ impl http_body::Body for Translating {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
         let mut this = self.project();
+        if this.failure.is_some() {
+            // Yield once first: the server writes out the bytes before the
+            // error (the `error` event) only when the body is pending; an
+            // error right after them would drop them with the connection.
+            if !*this.yielded {
+                *this.yielded = true;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            if let Some(failure) = this.failure.take() {
+                return Poll::Ready(Some(Err(failed(failure))));
+            }
+        }
         if *this.done {
             return Poll::Ready(None);
         }
@@ -329,7 +424,12 @@ impl http_body::Body for Translating {
                     };
                     if let Err(err) = this.translator.feed(&data, this.out) {
                         *this.done = true;
-                        return Poll::Ready(Some(Err(failed(err))));
+                        if this.out.is_empty() {
+                            return Poll::Ready(Some(Err(failed(err))));
+                        }
+                        *this.failure = Some(err);
+                        let chunk = Bytes::from(std::mem::take(this.out));
+                        return Poll::Ready(Some(Ok(Frame::data(chunk))));
                     }
                     if !this.out.is_empty() {
                         let chunk = Bytes::from(std::mem::take(this.out));
@@ -338,7 +438,13 @@ impl http_body::Body for Translating {
                 }
                 Some(Err(err)) => {
                     *this.done = true;
-                    return Poll::Ready(Some(Err(err)));
+                    this.translator.interrupted(&err.to_string(), this.out);
+                    if this.out.is_empty() {
+                        return Poll::Ready(Some(Err(err)));
+                    }
+                    *this.failure = Some(err.to_string());
+                    let chunk = Bytes::from(std::mem::take(this.out));
+                    return Poll::Ready(Some(Ok(Frame::data(chunk))));
                 }
                 None => {
                     *this.done = true;
@@ -349,7 +455,11 @@ impl http_body::Body for Translating {
                             // The last bytes now; the end on the next poll.
                             Ok(Frame::data(chunk))
                         }
-                        Err(err) => Err(failed(err)),
+                        Err(err) if this.out.is_empty() => Err(failed(err)),
+                        Err(err) => {
+                            *this.failure = Some(err);
+                            Ok(Frame::data(Bytes::from(std::mem::take(this.out))))
+                        }
                     }));
                 }
             }

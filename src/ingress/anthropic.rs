@@ -1,0 +1,431 @@
+//! Anthropic's Messages API as a front door to OpenAI-compatible upstreams:
+//! a Messages request becomes a Chat Completions request, and the answer
+//! (whole or streamed) becomes Anthropic's, the stream as Anthropic's exact
+//! event sequence (`message_start` … `message_stop`).
+//!
+//! Kept: `system`, text, image and `tool_result` / `tool_use` blocks,
+//! `max_tokens`, `stop_sequences`, `temperature`, `top_p`, `stream`,
+//! `metadata.user_id` (→ `user`), `tools`, `tool_choice`. Dropped: `thinking`
+//! blocks and the `thinking` option (Chat has no place for a signed
+//! thought), `top_k`, cache-control markers.
+
+use bytes::Bytes;
+use serde_json::{Map, Value, json};
+
+fn text_blocks(content: &Value) -> String {
+    match content {
+        Value::String(text) => text.clone(),
+        Value::Array(blocks) => blocks
+            .iter()
+            .filter(|b| b["type"] == "text")
+            .filter_map(|b| b["text"].as_str())
+            .collect::<Vec<_>>()
+            .join("\n"),
+        _ => String::new(),
+    }
+}
+
+fn image_part(source: &Value) -> Value {
+    let url = if source["type"] == "base64" {
+        format!(
+            "data:{};base64,{}",
+            source["media_type"].as_str().unwrap_or("image/png"),
+            source["data"].as_str().unwrap_or_default()
+        )
+    } else {
+        source["url"].as_str().unwrap_or_default().to_owned()
+    };
+    json!({"type": "image_url", "image_url": {"url": url}})
+}
+
+/// The Chat Completions request for a Messages request `body`.
+pub fn request(body: &[u8]) -> Result<Bytes, String> {
+    let input: Map<String, Value> = serde_json::from_slice(body)
+        .map_err(|e| format!("the request body is not a JSON object: {e}"))?;
+    let mut messages = Vec::new();
+    let system = input.get("system").map(text_blocks).unwrap_or_default();
+    if !system.is_empty() {
+        messages.push(json!({"role": "system", "content": system}));
+    }
+    let empty = Vec::new();
+    for (i, message) in input
+        .get("messages")
+        .and_then(Value::as_array)
+        .unwrap_or(&empty)
+        .iter()
+        .enumerate()
+    {
+        let role = message["role"].as_str().unwrap_or_default();
+        let blocks: Vec<Value> = match &message["content"] {
+            Value::String(text) => vec![json!({"type": "text", "text": text})],
+            Value::Array(blocks) => blocks.clone(),
+            _ => return Err(format!("messages[{i}].content must be a string or blocks")),
+        };
+        match role {
+            "user" => {
+                let mut parts = Vec::new();
+                for block in &blocks {
+                    match block["type"].as_str() {
+                        Some("text") => parts.push(json!({"type": "text", "text": block["text"]})),
+                        Some("image") => parts.push(image_part(&block["source"])),
+                        Some("tool_result") => messages.push(json!({
+                            "role": "tool",
+                            "tool_call_id": block["tool_use_id"],
+                            "content": text_blocks(&block["content"]),
+                        })),
+                        _ => {}
+                    }
+                }
+                if !parts.is_empty() {
+                    messages.push(json!({"role": "user", "content": parts}));
+                }
+            }
+            "assistant" => {
+                let text = text_blocks(&Value::Array(blocks.clone()));
+                let calls: Vec<Value> = blocks
+                    .iter()
+                    .filter(|b| b["type"] == "tool_use")
+                    .map(|b| {
+                        json!({"id": b["id"], "type": "function",
+                               "function": {"name": b["name"], "arguments": b["input"].to_string()}})
+                    })
+                    .collect();
+                let mut out = json!({"role": "assistant", "content": if text.is_empty() { Value::Null } else { text.into() }});
+                if !calls.is_empty() {
+                    out["tool_calls"] = Value::Array(calls);
+                }
+                messages.push(out);
+            }
+            other => {
+                return Err(format!(
+                    "messages[{i}].role {other:?} is not user or assistant"
+                ));
+            }
+        }
+    }
+    let mut chat = Map::new();
+    chat.insert(
+        "model".into(),
+        input.get("model").cloned().unwrap_or(Value::Null),
+    );
+    chat.insert("messages".into(), Value::Array(messages));
+    if let Some(max) = input.get("max_tokens") {
+        chat.insert("max_tokens".into(), max.clone());
+    }
+    if let Some(stops) = input.get("stop_sequences").filter(|s| s.is_array()) {
+        chat.insert("stop".into(), stops.clone());
+    }
+    for field in ["temperature", "top_p"] {
+        if let Some(value) = input.get(field).filter(|v| !v.is_null()) {
+            chat.insert(field.into(), value.clone());
+        }
+    }
+    if input.get("stream") == Some(&Value::Bool(true)) {
+        chat.insert("stream".into(), true.into());
+        // The final message_delta needs the output tokens.
+        chat.insert("stream_options".into(), json!({"include_usage": true}));
+    }
+    if let Some(user) = input.get("metadata").and_then(|m| m["user_id"].as_str()) {
+        chat.insert("user".into(), user.into());
+    }
+    if let Some(tools) = input.get("tools").and_then(Value::as_array) {
+        let tools = tools
+            .iter()
+            .map(|tool| {
+                json!({"type": "function", "function": {
+                    "name": tool["name"],
+                    "description": tool["description"].as_str().unwrap_or_default(),
+                    "parameters": tool["input_schema"],
+                }})
+            })
+            .collect();
+        chat.insert("tools".into(), Value::Array(tools));
+    }
+    if let Some(choice) = input.get("tool_choice") {
+        let mapped = match choice["type"].as_str() {
+            Some("auto") => json!("auto"),
+            Some("any") => json!("required"),
+            Some("none") => json!("none"),
+            Some("tool") => json!({"type": "function", "function": {"name": choice["name"]}}),
+            other => {
+                return Err(format!(
+                    "tool_choice.type {other:?} is not auto, any, tool or none"
+                ));
+            }
+        };
+        chat.insert("tool_choice".into(), mapped);
+        if choice["disable_parallel_tool_use"] == true {
+            chat.insert("parallel_tool_calls".into(), false.into());
+        }
+    }
+    serde_json::to_vec(&chat)
+        .map(Bytes::from)
+        .map_err(|e| format!("the translated request could not be written: {e}"))
+}
+
+/// Anthropic's `stop_reason` for OpenAI's `finish_reason`.
+pub fn stop_reason(finish: &str) -> &'static str {
+    match finish {
+        "length" => "max_tokens",
+        "tool_calls" | "function_call" => "tool_use",
+        "content_filter" => "refusal",
+        _ => "end_turn",
+    }
+}
+
+/// Anthropic usage for OpenAI usage (`input_tokens` without the cache reads).
+pub fn usage(openai: &Value) -> Value {
+    let prompt = openai["prompt_tokens"].as_u64().unwrap_or(0);
+    let cached = openai["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap_or(0);
+    json!({
+        "input_tokens": prompt.saturating_sub(cached),
+        "output_tokens": openai["completion_tokens"].as_u64().unwrap_or(0),
+        "cache_read_input_tokens": cached,
+        "cache_creation_input_tokens": 0,
+    })
+}
+
+/// The Messages answer for a `chat.completion`, or `None` when it is not one.
+pub fn response(body: &[u8]) -> Option<Bytes> {
+    let chat: Value = serde_json::from_slice(body).ok()?;
+    let choice = chat["choices"].get(0)?;
+    let message = &choice["message"];
+    let mut content = Vec::new();
+    if let Some(text) = message["content"].as_str().filter(|t| !t.is_empty()) {
+        content.push(json!({"type": "text", "text": text}));
+    }
+    for call in message["tool_calls"]
+        .as_array()
+        .map_or(&[][..], Vec::as_slice)
+    {
+        let input: Value = call["function"]["arguments"]
+            .as_str()
+            .and_then(|a| serde_json::from_str(a).ok())
+            .unwrap_or_else(|| json!({}));
+        content.push(json!({"type": "tool_use", "id": call["id"], "name": call["function"]["name"], "input": input}));
+    }
+    let answer = json!({
+        "id": chat["id"],
+        "type": "message",
+        "role": "assistant",
+        "model": chat["model"],
+        "content": content,
+        "stop_reason": stop_reason(choice["finish_reason"].as_str().unwrap_or("stop")),
+        "stop_sequence": null,
+        "usage": usage(&chat["usage"]),
+    });
+    serde_json::to_vec(&answer).ok().map(Bytes::from)
+}
+
+/// Anthropic's error body for an upstream error body (OpenAI-shaped or not)
+/// with `status`.
+pub fn error(status: u16, body: &[u8]) -> Bytes {
+    let parsed: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let message = parsed["error"]["message"]
+        .as_str()
+        .map_or_else(|| String::from_utf8_lossy(body).into_owned(), str::to_owned);
+    let kind = match status {
+        400 | 413 | 422 => "invalid_request_error",
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        429 => "rate_limit_error",
+        503 | 529 => "overloaded_error",
+        _ => "api_error",
+    };
+    let out = json!({"type": "error", "error": {"type": kind, "message": message}});
+    Bytes::from(serde_json::to_vec(&out).unwrap_or_default())
+}
+
+/// OpenAI chunks translated into Anthropic's event sequence as they pass.
+#[derive(Debug, Default)]
+pub struct StreamTranslator {
+    partial: Vec<u8>,
+    started: bool,
+    /// The open content block: its Anthropic index and, for a tool call,
+    /// the OpenAI tool index it carries.
+    open: Option<(u64, Option<u64>)>,
+    next_block: u64,
+    finish: Option<String>,
+    usage: Value,
+    done: bool,
+}
+
+fn event(kind: &str, data: &Value, out: &mut Vec<u8>) {
+    out.extend_from_slice(b"event: ");
+    out.extend_from_slice(kind.as_bytes());
+    out.extend_from_slice(b"\ndata: ");
+    let _ = serde_json::to_writer(&mut *out, data);
+    out.extend_from_slice(b"\n\n");
+}
+
+impl StreamTranslator {
+    fn close_block(&mut self, out: &mut Vec<u8>) {
+        if let Some((index, _)) = self.open.take() {
+            event(
+                "content_block_stop",
+                &json!({"type": "content_block_stop", "index": index}),
+                out,
+            );
+        }
+    }
+
+    fn open_block(&mut self, block: Value, tool: Option<u64>, out: &mut Vec<u8>) -> u64 {
+        self.close_block(out);
+        let index = self.next_block;
+        self.next_block += 1;
+        event(
+            "content_block_start",
+            &json!({"type": "content_block_start", "index": index, "content_block": block}),
+            out,
+        );
+        self.open = Some((index, tool));
+        index
+    }
+
+    /// Translates what `data` completes into `out`; on a failure, an
+    /// `error` event is the last thing written.
+    pub fn feed(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+        self.lines(data, out).inspect_err(|err| {
+            event(
+                "error",
+                &json!({"type": "error", "error": {"type": "api_error", "message": err}}),
+                out,
+            );
+        })
+    }
+
+    fn lines(&mut self, mut data: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+        while let Some(end) = memchr::memchr(b'\n', data) {
+            let (line, rest) = data.split_at(end + 1);
+            data = rest;
+            if self.partial.is_empty() {
+                self.line(line, out)?;
+            } else {
+                let mut whole = std::mem::take(&mut self.partial);
+                whole.extend_from_slice(line);
+                self.line(&whole, out)?;
+            }
+        }
+        self.partial.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn line(&mut self, line: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+        let Some(payload) = line.trim_ascii_end().strip_prefix(b"data:") else {
+            return Ok(());
+        };
+        let payload = payload.trim_ascii();
+        if payload == b"[DONE]" {
+            self.close_block(out);
+            let reason = stop_reason(self.finish.as_deref().unwrap_or("stop"));
+            // The whole usage (Anthropic's recent API versions send input
+            // counts here too): the input is only known at the end of an
+            // OpenAI stream.
+            event(
+                "message_delta",
+                &json!({"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": null}, "usage": usage(&self.usage)}),
+                out,
+            );
+            event("message_stop", &json!({"type": "message_stop"}), out);
+            self.done = true;
+            return Ok(());
+        }
+        let chunk: Value = serde_json::from_slice(payload)
+            .map_err(|e| format!("the upstream sent a chunk that is not JSON: {e}"))?;
+        if let Some(error) = chunk.get("error") {
+            return Err(format!(
+                "the upstream failed mid-stream: {}",
+                error["message"].as_str().unwrap_or("no message")
+            ));
+        }
+        if !self.started {
+            self.started = true;
+            event(
+                "message_start",
+                &json!({"type": "message_start", "message": {
+                    "id": chunk["id"], "type": "message", "role": "assistant", "model": chunk["model"],
+                    "content": [], "stop_reason": null, "stop_sequence": null,
+                    "usage": {"input_tokens": 0, "output_tokens": 0},
+                }}),
+                out,
+            );
+        }
+        if chunk["usage"].is_object() {
+            self.usage = chunk["usage"].clone();
+        }
+        // An OpenAI-compatible first chunk may have empty `choices`.
+        let Some(choice) = chunk["choices"].get(0) else {
+            return Ok(());
+        };
+        let delta = &choice["delta"];
+        if let Some(text) = delta["content"].as_str().filter(|t| !t.is_empty()) {
+            let index = match self.open {
+                Some((index, None)) => index,
+                _ => self.open_block(json!({"type": "text", "text": ""}), None, out),
+            };
+            event(
+                "content_block_delta",
+                &json!({"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": text}}),
+                out,
+            );
+        }
+        for call in delta["tool_calls"]
+            .as_array()
+            .map_or(&[][..], Vec::as_slice)
+        {
+            let tool = call["index"].as_u64().unwrap_or(0);
+            let index = match self.open {
+                Some((index, Some(open))) if open == tool => index,
+                _ => self.open_block(
+                    json!({"type": "tool_use", "id": call["id"], "name": call["function"]["name"], "input": {}}),
+                    Some(tool),
+                    out,
+                ),
+            };
+            if let Some(arguments) = call["function"]["arguments"]
+                .as_str()
+                .filter(|a| !a.is_empty())
+            {
+                event(
+                    "content_block_delta",
+                    &json!({"type": "content_block_delta", "index": index, "delta": {"type": "input_json_delta", "partial_json": arguments}}),
+                    out,
+                );
+            }
+        }
+        if let Some(finish) = choice["finish_reason"].as_str() {
+            self.finish = Some(finish.to_owned());
+        }
+        Ok(())
+    }
+
+    /// The upstream's body failed mid-stream: the client's last event.
+    pub fn interrupted(&mut self, cause: &str, out: &mut Vec<u8>) {
+        event(
+            "error",
+            &json!({"type": "error", "error": {"type": "api_error", "message": format!("the upstream failed mid-stream: {cause}")}}),
+            out,
+        );
+    }
+
+    /// The stream has ended: without `[DONE]` it failed, and the client
+    /// gets Anthropic's `error` event before the abort.
+    pub fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
+        if !self.partial.is_empty() {
+            let rest = std::mem::take(&mut self.partial);
+            self.line(&rest, out)?;
+        }
+        if self.done {
+            return Ok(());
+        }
+        event(
+            "error",
+            &json!({"type": "error", "error": {"type": "api_error", "message": "the upstream's stream ended before it finished"}}),
+            out,
+        );
+        Err("the upstream's stream ended before [DONE]".into())
+    }
+}
