@@ -429,3 +429,159 @@ impl StreamTranslator {
         Err("the upstream's stream ended before [DONE]".into())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_messages_request_becomes_a_chat_request() {
+        let body = json!({
+            "model": "gpt-4o",
+            "max_tokens": 100,
+            "system": [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
+            "messages": [
+                {"role": "user", "content": [
+                    {"type": "text", "text": "Look"},
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/jpeg", "data": "QUJD"}},
+                ]},
+                {"role": "assistant", "content": [
+                    {"type": "thinking", "thinking": "hm", "signature": "sig"},
+                    {"type": "text", "text": "Calling."},
+                    {"type": "tool_use", "id": "toolu_1", "name": "look", "input": {"at": "desk"}},
+                ]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "a lamp"}]},
+                    {"type": "text", "text": "And?"},
+                ]},
+            ],
+            "stop_sequences": ["END"], "temperature": 0.3, "top_p": 0.9, "top_k": 5, "stream": true,
+            "metadata": {"user_id": "u-1"},
+            "tools": [{"name": "look", "description": "Looks", "input_schema": {"type": "object"}}],
+            "tool_choice": {"type": "any", "disable_parallel_tool_use": true},
+        });
+        let chat: Value =
+            serde_json::from_slice(&request(body.to_string().as_bytes()).unwrap()).unwrap();
+        assert_eq!(
+            chat,
+            json!({
+                "model": "gpt-4o",
+                "max_tokens": 100,
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": [
+                        {"type": "text", "text": "Look"},
+                        {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,QUJD"}},
+                    ]},
+                    {"role": "assistant", "content": "Calling.", "tool_calls": [
+                        {"id": "toolu_1", "type": "function", "function": {"name": "look", "arguments": "{\"at\":\"desk\"}"}},
+                    ]},
+                    {"role": "tool", "tool_call_id": "toolu_1", "content": "a lamp"},
+                    {"role": "user", "content": [{"type": "text", "text": "And?"}]},
+                ],
+                "stop": ["END"], "temperature": 0.3, "top_p": 0.9,
+                "stream": true, "stream_options": {"include_usage": true},
+                "user": "u-1",
+                "tools": [{"type": "function", "function": {"name": "look", "description": "Looks", "parameters": {"type": "object"}}}],
+                "tool_choice": "required",
+                "parallel_tool_calls": false,
+            })
+        );
+        assert!(
+            request(br#"{"messages":[{"role":"system","content":"x"}]}"#)
+                .unwrap_err()
+                .contains("messages[0].role")
+        );
+    }
+
+    #[test]
+    fn a_chat_answer_becomes_a_message() {
+        let chat = json!({"id": "c1", "model": "gpt-4o", "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {"role": "assistant", "content": "Sure.", "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}]}}], "usage": {"prompt_tokens": 100, "completion_tokens": 7, "prompt_tokens_details": {"cached_tokens": 40}}});
+        let message: Value =
+            serde_json::from_slice(&response(chat.to_string().as_bytes()).unwrap()).unwrap();
+        assert_eq!(
+            message["content"],
+            json!([{"type": "text", "text": "Sure."}, {"type": "tool_use", "id": "call_1", "name": "f", "input": {"a": 1}}])
+        );
+        assert_eq!(message["stop_reason"], "tool_use");
+        assert_eq!(
+            message["usage"],
+            json!({"input_tokens": 60, "output_tokens": 7, "cache_read_input_tokens": 40, "cache_creation_input_tokens": 0})
+        );
+        let error: Value =
+            serde_json::from_slice(&error(429, br#"{"error":{"message":"slow"}}"#)).unwrap();
+        assert_eq!(
+            error,
+            json!({"type": "error", "error": {"type": "rate_limit_error", "message": "slow"}})
+        );
+    }
+
+    const STREAM: &str = concat!(
+        "data: {\"id\":\"c\",\"model\":\"gpt-4o\",\"choices\":[]}\n\n",
+        "data: {\"id\":\"c\",\"model\":\"gpt-4o\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"Hé\"}}]}\n\n",
+        "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"llo\"}}]}\n\n",
+        "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"id\":\"call_a\",\"function\":{\"name\":\"f\",\"arguments\":\"\"}}]}}]}\n\n",
+        "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"{\\\"a\\\":1}\"}}]}}]}\n\n",
+        "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":1,\"id\":\"call_b\",\"function\":{\"name\":\"g\",\"arguments\":\"{}\"}}]}}]}\n\n",
+        "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"tool_calls\"}]}\n\n",
+        "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":4}}\n\n",
+        "data: [DONE]\n\n",
+    );
+
+    fn run(text: &str, split: usize) -> (String, Result<(), String>) {
+        let mut translator = StreamTranslator::default();
+        let mut out = Vec::new();
+        let bytes = text.as_bytes();
+        for piece in [&bytes[..split], &bytes[split..]] {
+            if let Err(err) = translator.feed(piece, &mut out) {
+                return (String::from_utf8(out).unwrap(), Err(err));
+            }
+        }
+        let end = translator.finish(&mut out);
+        (String::from_utf8(out).unwrap(), end)
+    }
+
+    #[test]
+    fn a_chat_stream_becomes_anthropics_event_sequence_at_every_split() {
+        let (whole, end) = run(STREAM, 0);
+        end.unwrap();
+        let kinds: Vec<&str> = whole
+            .lines()
+            .filter_map(|l| l.strip_prefix("event: "))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "message_start",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_delta",
+                "content_block_stop",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "message_delta",
+                "message_stop",
+            ]
+        );
+        assert!(whole.contains("\"content_block\":{\"id\":\"call_a\",\"input\":{},\"name\":\"f\",\"type\":\"tool_use\"},\"index\":1"));
+        assert!(whole.contains("\"content_block\":{\"id\":\"call_b\",\"input\":{},\"name\":\"g\",\"type\":\"tool_use\"},\"index\":2"));
+        assert!(whole.contains("\"stop_reason\":\"tool_use\""));
+        assert!(whole.contains("\"output_tokens\":4"));
+        for split in 1..STREAM.len() {
+            assert_eq!(run(STREAM, split).0, whole, "split at {split}");
+        }
+        let cut = STREAM.find("data: [DONE]").unwrap();
+        let (out, end) = run(&STREAM[..cut], 0);
+        assert!(end.is_err());
+        let last = out.trim_end().rsplit("\n\n").next().unwrap();
+        assert!(
+            last.starts_with("event: error\n") && last.contains("ended before it finished"),
+            "{out}"
+        );
+        assert!(!out.contains("message_stop"));
+    }
+}
