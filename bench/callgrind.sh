@@ -2,12 +2,14 @@
 # Instructions per request on the proxy path, counted by callgrind: a figure
 # that repeats run to run whatever else the machine is doing (bench/HISTORY.md
 # compares commits with it).
-#   bench/callgrind.sh [single|routed|nginx|keys] [requests]   (default: single 2000)
+#   bench/callgrind.sh [single|routed|nginx|keys|anthropic] [requests]   (default: single 2000)
 #   nginx: the same requests through nginx (one process, proxy_pass with
 #   keepalive, buffered access log), for the user-space side of the comparison
 #   keys: single with virtual keys, limits and usage on (SQLite store; a key
 #   with RPM, TPM, concurrency limits and a budget; a price for the model);
 #   the writer thread's work is counted too
+#   anthropic: single, but the upstream is `provider: anthropic` (the mock's
+#   /v1/messages): every request and answer translated
 #   STREAM=1 bench/callgrind.sh ...   streamed requests (20 chunks) instead
 #   BIN=/path/to/llmproxy bench/callgrind.sh ...    (another build, e.g. a baseline)
 # Builds the release binary, starts the mock upstream and llmproxy under
@@ -49,6 +51,9 @@ log:
 YAML
 else
   printf 'upstream:\n  base_url: http://127.0.0.1:%s/v1\nlog:\n  level: %s\n' "$mock_port" "${LOG_LEVEL:-warn}" > "$tmp/config.yaml"
+fi
+if [ "$mode" = anthropic ]; then
+  printf 'upstream:\n  base_url: http://127.0.0.1:%s/v1\n  provider: anthropic\nlog:\n  level: %s\n' "$mock_port" "${LOG_LEVEL:-warn}" > "$tmp/config.yaml"
 fi
 if [ "$mode" = keys ]; then
   cat >> "$tmp/config.yaml" <<YAML

@@ -360,6 +360,8 @@ pub struct StreamTranslator {
     next_tool: u64,
     usage: Value,
     stopped: bool,
+    /// See [`Self::set_prefix`].
+    prefix: Vec<u8>,
 }
 
 impl StreamTranslator {
@@ -373,15 +375,96 @@ impl StreamTranslator {
         }
     }
 
-    fn chunk(&self, delta: Value, finish: Option<&str>, out: &mut Vec<u8>) {
-        let chunk = json!({
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-        });
-        write_event(&chunk, out);
+    /// The start of every chunk, written once `message_start` names the
+    /// message: each chunk is then this, its delta and a fixed tail.
+    fn set_prefix(&mut self) {
+        let mut prefix = b"data: {\"id\":".to_vec();
+        let _ = serde_json::to_writer(&mut prefix, &self.id);
+        prefix.extend_from_slice(b",\"object\":\"chat.completion.chunk\",\"created\":");
+        prefix.extend_from_slice(self.created.to_string().as_bytes());
+        prefix.extend_from_slice(b",\"model\":");
+        let _ = serde_json::to_writer(&mut prefix, &self.model);
+        prefix.extend_from_slice(b",\"choices\":[{\"index\":0,\"delta\":");
+        self.prefix = prefix;
+    }
+
+    fn chunk(&mut self, delta: Value, finish: Option<&str>, out: &mut Vec<u8>) {
+        if self.prefix.is_empty() {
+            self.set_prefix();
+        }
+        out.extend_from_slice(&self.prefix);
+        let _ = serde_json::to_writer(&mut *out, &delta);
+        self.tail(finish, out);
+    }
+
+    fn tail(&self, finish: Option<&str>, out: &mut Vec<u8>) {
+        match finish {
+            Some(reason) => {
+                out.extend_from_slice(b",\"finish_reason\":\"");
+                out.extend_from_slice(reason.as_bytes());
+                out.extend_from_slice(b"\"}]}\n\n");
+            }
+            None => out.extend_from_slice(b",\"finish_reason\":null}]}\n\n"),
+        }
+    }
+
+    /// The hot path: a text or tool-argument delta, parsed into borrowed
+    /// strings and written without building a JSON tree. `false` when the
+    /// event is another kind.
+    fn fast_delta(&mut self, payload: &[u8], out: &mut Vec<u8>) -> bool {
+        #[derive(serde::Deserialize)]
+        struct Event<'a> {
+            #[serde(rename = "type", borrow)]
+            kind: std::borrow::Cow<'a, str>,
+            index: Option<u64>,
+            #[serde(borrow)]
+            delta: Option<Delta<'a>>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Delta<'a> {
+            #[serde(rename = "type", borrow)]
+            kind: std::borrow::Cow<'a, str>,
+            #[serde(borrow, default)]
+            text: Option<std::borrow::Cow<'a, str>>,
+            #[serde(borrow, default)]
+            partial_json: Option<std::borrow::Cow<'a, str>>,
+        }
+        if self.prefix.is_empty() {
+            return false;
+        }
+        let Ok(event) = serde_json::from_slice::<Event<'_>>(payload) else {
+            return false;
+        };
+        let Some(delta) = event.delta.filter(|_| event.kind == "content_block_delta") else {
+            return false;
+        };
+        match (&*delta.kind, delta.text, delta.partial_json) {
+            ("text_delta", Some(text), _) => {
+                out.extend_from_slice(&self.prefix);
+                out.extend_from_slice(b"{\"content\":");
+                let _ = serde_json::to_writer(&mut *out, &*text);
+                out.push(b'}');
+                self.tail(None, out);
+                true
+            }
+            ("input_json_delta", _, Some(partial)) => {
+                let block = event.index.unwrap_or(0);
+                let index = self
+                    .tool_index
+                    .iter()
+                    .find(|(b, _)| *b == block)
+                    .map_or(0, |(_, i)| *i);
+                out.extend_from_slice(&self.prefix);
+                out.extend_from_slice(b"{\"tool_calls\":[{\"index\":");
+                out.extend_from_slice(index.to_string().as_bytes());
+                out.extend_from_slice(b",\"function\":{\"arguments\":");
+                let _ = serde_json::to_writer(&mut *out, &*partial);
+                out.extend_from_slice(b"}}]}");
+                self.tail(None, out);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Translates what `data` completes into `out`; an in-band `error`
@@ -409,7 +492,11 @@ impl StreamTranslator {
             // `event:` lines repeat the data's `type`; blank lines end events.
             return Ok(());
         };
-        let event: Value = serde_json::from_slice(payload.trim_ascii())
+        let payload = payload.trim_ascii();
+        if self.fast_delta(payload, out) {
+            return Ok(());
+        }
+        let event: Value = serde_json::from_slice(payload)
             .map_err(|e| format!("the upstream sent an event that is not JSON: {e}"))?;
         match event["type"].as_str() {
             Some("message_start") => {
@@ -417,6 +504,7 @@ impl StreamTranslator {
                 self.id = message["id"].clone();
                 self.model = message["model"].clone();
                 self.usage = message["usage"].clone();
+                self.set_prefix();
                 self.chunk(json!({"role": "assistant", "content": ""}), None, out);
             }
             Some("content_block_start") => {
