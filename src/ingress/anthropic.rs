@@ -242,7 +242,7 @@ pub fn error(status: u16, body: &[u8]) -> Bytes {
 /// OpenAI chunks translated into Anthropic's event sequence as they pass.
 #[derive(Debug, Default)]
 pub struct StreamTranslator {
-    partial: Vec<u8>,
+    lines: crate::stream::lines::Lines,
     started: bool,
     /// The open content block: its Anthropic index and, for a tool call,
     /// the OpenAI tool index it carries.
@@ -297,20 +297,12 @@ impl StreamTranslator {
         })
     }
 
-    fn lines(&mut self, mut data: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
-        while let Some(end) = memchr::memchr(b'\n', data) {
-            let (line, rest) = data.split_at(end + 1);
-            data = rest;
-            if self.partial.is_empty() {
-                self.line(line, out)?;
-            } else {
-                let mut whole = std::mem::take(&mut self.partial);
-                whole.extend_from_slice(line);
-                self.line(&whole, out)?;
-            }
-        }
-        self.partial.extend_from_slice(data);
-        Ok(())
+    fn lines(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+        // Taken out for the call: `line` needs the rest of `self`.
+        let mut lines = std::mem::take(&mut self.lines);
+        let result = lines.feed(data, |line| self.line(line, out));
+        self.lines = lines;
+        result
     }
 
     fn line(&mut self, line: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
@@ -414,8 +406,7 @@ impl StreamTranslator {
     /// The stream has ended: without `[DONE]` it failed, and the client
     /// gets Anthropic's `error` event before the abort.
     pub fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
-        if !self.partial.is_empty() {
-            let rest = std::mem::take(&mut self.partial);
+        if let Some(rest) = self.lines.rest() {
             self.line(&rest, out)?;
         }
         if self.done {

@@ -17,6 +17,7 @@
 //! Server-sent-event parsing, when a feature needs to read a stream (usage
 //! accounting), belongs here too, as an observer.
 
+pub mod lines;
 mod observe;
 mod replay;
 mod timeouts;

@@ -353,8 +353,7 @@ pub struct StreamTranslator {
     created: u64,
     id: Value,
     model: Value,
-    /// A line not yet complete.
-    partial: Vec<u8>,
+    lines: crate::stream::lines::Lines,
     /// Anthropic content-block index → OpenAI tool-call index.
     tool_index: Vec<(u64, u64)>,
     next_tool: u64,
@@ -470,20 +469,12 @@ impl StreamTranslator {
     /// Translates what `data` completes into `out`; an in-band `error`
     /// event (or a line that is not JSON) is an error: the stream must not
     /// look complete.
-    pub fn feed(&mut self, mut data: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
-        while let Some(end) = memchr::memchr(b'\n', data) {
-            let (line, rest) = data.split_at(end + 1);
-            data = rest;
-            if self.partial.is_empty() {
-                self.line(line, out)?;
-            } else {
-                let mut whole = std::mem::take(&mut self.partial);
-                whole.extend_from_slice(line);
-                self.line(&whole, out)?;
-            }
-        }
-        self.partial.extend_from_slice(data);
-        Ok(())
+    pub fn feed(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+        // Taken out for the call: `line` needs the rest of `self`.
+        let mut lines = std::mem::take(&mut self.lines);
+        let result = lines.feed(data, |line| self.line(line, out));
+        self.lines = lines;
+        result
     }
 
     fn line(&mut self, line: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
@@ -595,8 +586,7 @@ impl StreamTranslator {
 
     /// The stream has ended: an error unless `message_stop` came.
     pub fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
-        if !self.partial.is_empty() {
-            let rest = std::mem::take(&mut self.partial);
+        if let Some(rest) = self.lines.rest() {
             self.line(&rest, out)?;
         }
         if self.stopped {

@@ -90,7 +90,9 @@ fn push_turn(contents: &mut Vec<Value>, role: &str, mut parts: Vec<Value>) {
     contents.push(json!({"role": role, "parts": parts}));
 }
 
-fn valid_model(model: &str) -> bool {
+/// Whether `model` can stand in a URL path as is (Gemini's model path,
+/// Azure's deployment path).
+pub fn valid_model(model: &str) -> bool {
     !model.is_empty()
         && model
             .bytes()
@@ -373,7 +375,7 @@ pub struct StreamTranslator {
     created: u64,
     model: String,
     id: String,
-    partial: Vec<u8>,
+    lines: crate::stream::lines::Lines,
     started: bool,
     calls: u64,
     usage: Value,
@@ -402,20 +404,12 @@ impl StreamTranslator {
     }
 
     /// Translates what `data` completes into `out`; an `error` event is an error.
-    pub fn feed(&mut self, mut data: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
-        while let Some(end) = memchr::memchr(b'\n', data) {
-            let (line, rest) = data.split_at(end + 1);
-            data = rest;
-            if self.partial.is_empty() {
-                self.line(line, out)?;
-            } else {
-                let mut whole = std::mem::take(&mut self.partial);
-                whole.extend_from_slice(line);
-                self.line(&whole, out)?;
-            }
-        }
-        self.partial.extend_from_slice(data);
-        Ok(())
+    pub fn feed(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+        // Taken out for the call: `line` needs the rest of `self`.
+        let mut lines = std::mem::take(&mut self.lines);
+        let result = lines.feed(data, |line| self.line(line, out));
+        self.lines = lines;
+        result
     }
 
     fn line(&mut self, line: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
@@ -464,8 +458,7 @@ impl StreamTranslator {
 
     /// The stream has ended: an error unless a `finishReason` came.
     pub fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
-        if !self.partial.is_empty() {
-            let rest = std::mem::take(&mut self.partial);
+        if let Some(rest) = self.lines.rest() {
             self.line(&rest, out)?;
         }
         if !self.finished {

@@ -99,13 +99,7 @@ pub async fn prepare(
             parts.method
         )));
     }
-    let limited =
-        http_body_util::Limited::new(body, usize::try_from(max_body_size).unwrap_or(usize::MAX));
-    let bytes = limited
-        .collect()
-        .await
-        .map_err(|e| ProxyError::BadRequest(format!("the request body could not be read: {e}")))?
-        .to_bytes();
+    let bytes = whole_body(body, max_body_size).await?;
     let model = crate::ingress::openai::facts(&bytes)
         .model
         .unwrap_or_default();
@@ -168,13 +162,7 @@ async fn messages_to_chat(
             "/v1/messages/count_tokens is answered by Anthropic upstreams only".into(),
         ));
     }
-    let limited =
-        http_body_util::Limited::new(body, usize::try_from(max_body_size).unwrap_or(usize::MAX));
-    let bytes = limited
-        .collect()
-        .await
-        .map_err(|e| ProxyError::BadRequest(format!("the request body could not be read: {e}")))?
-        .to_bytes();
+    let bytes = whole_body(body, max_body_size).await?;
     let stream = crate::ingress::openai::facts(&bytes).stream;
     let chat = crate::ingress::anthropic::request(&bytes).map_err(ProxyError::NotServed)?;
     parts.uri = http::Uri::from_static("/v1/chat/completions");
@@ -200,6 +188,17 @@ async fn messages_to_chat(
     Ok((buffered(chat), Some(pending)))
 }
 
+/// The request body, whole (a translation needs all of it; routed requests
+/// already hold it), within `limits.max_body_size`.
+async fn whole_body(body: RequestBody, max_body_size: u64) -> Result<Bytes, ProxyError> {
+    let limit = usize::try_from(max_body_size).unwrap_or(usize::MAX);
+    http_body_util::Limited::new(body, limit)
+        .collect()
+        .await
+        .map(http_body_util::Collected::to_bytes)
+        .map_err(|e| ProxyError::BadRequest(format!("the request body could not be read: {e}")))
+}
+
 /// Whether `path` is Anthropic's own Messages API.
 fn is_messages(path: &str) -> bool {
     matches!(
@@ -217,21 +216,11 @@ async fn azure(
     body: RequestBody,
     max_body_size: u64,
 ) -> Result<RequestBody, ProxyError> {
-    let limited =
-        http_body_util::Limited::new(body, usize::try_from(max_body_size).unwrap_or(usize::MAX));
-    let bytes = limited
-        .collect()
-        .await
-        .map_err(|e| ProxyError::BadRequest(format!("the request body could not be read: {e}")))?
-        .to_bytes();
+    let bytes = whole_body(body, max_body_size).await?;
     let model = crate::ingress::openai::facts(&bytes)
         .model
         .unwrap_or_default();
-    if model.is_empty()
-        || !model
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
-    {
+    if !gemini::valid_model(&model) {
         return Err(ProxyError::NotServed(format!(
             "an Azure deployment is named by the request's `model`, and {model:?} is not a deployment name (letters, digits, `-`, `.`, `_`)"
         )));
