@@ -63,6 +63,20 @@ pub async fn forward(
     State(state): State<Arc<AppState>>,
     request: Request,
 ) -> Result<Response, ProxyError> {
+    // Anthropic's front door answers llmproxy's own failures in Anthropic's
+    // error shape (its clients' recovery logic reads it); one comparison
+    // for every other request.
+    if request.uri().path().starts_with("/v1/messages") {
+        let response = stages(state, request)
+            .await
+            .unwrap_or_else(IntoResponse::into_response);
+        return Ok(crate::ingress::anthropic::own_error(response));
+    }
+    stages(state, request).await
+}
+
+/// Stages 1–6.
+async fn stages(state: Arc<AppState>, request: Request) -> Result<Response, ProxyError> {
     let (parts, body) = request.into_parts();
 
     // 1. admit

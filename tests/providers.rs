@@ -647,3 +647,24 @@ async fn the_messages_front_door_speaks_anthropic_to_an_openai_upstream() {
         "an error event last: {seen}"
     );
 }
+
+#[tokio::test]
+async fn the_proxys_own_failures_take_anthropics_shape_on_the_messages_front_door() {
+    // Nothing listens upstream: llmproxy's own 502.
+    let proxy = spawn_proxy_with(config_for("http://127.0.0.1:9/v1")).await;
+    let body = r#"{"model":"gpt-4o","max_tokens":8,"messages":[]}"#;
+    let got = send(messages(&proxy, body, None)).await;
+    assert_eq!(got.status, 502);
+    assert_eq!(got.json()["type"], "error");
+    assert_eq!(got.json()["error"]["type"], "api_error");
+    assert!(
+        got.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("upstream")
+    );
+    // The OpenAI front door keeps OpenAI's shape.
+    let got = send(chat(&proxy, json!({"model": "gpt-4o", "messages": []}))).await;
+    assert_eq!(got.status, 502);
+    assert_eq!(got.json()["error"]["code"], "upstream_unreachable");
+}

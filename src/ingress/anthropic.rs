@@ -239,6 +239,23 @@ pub fn error(status: u16, body: &[u8]) -> Bytes {
     Bytes::from(serde_json::to_vec(&out).unwrap_or_default())
 }
 
+/// `response`, or, when it is one of llmproxy's own failures (an invalid
+/// key, a limit, an unreachable upstream), the same status and headers with
+/// Anthropic's error body. Upstream answers pass as they are.
+pub fn own_error(response: axum::response::Response) -> axum::response::Response {
+    let Some(failure) = response.extensions().get::<crate::error::Failure>() else {
+        return response;
+    };
+    let status = response.status().as_u16();
+    let body = error(
+        status,
+        &serde_json::to_vec(&json!({"error": {"message": &*failure.detail}})).unwrap_or_default(),
+    );
+    let (mut parts, _) = response.into_parts();
+    parts.headers.remove(http::header::CONTENT_LENGTH);
+    axum::response::Response::from_parts(parts, axum::body::Body::from(body))
+}
+
 /// OpenAI chunks translated into Anthropic's event sequence as they pass.
 #[derive(Debug, Default)]
 pub struct StreamTranslator {
