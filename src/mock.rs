@@ -14,7 +14,11 @@
 //! `provider: anthropic` upstreams): the same words, streamed as Anthropic's
 //! event sequence when asked, a `tool_use` of the first tool when the request
 //! has `tools`, usage with cache tokens, and failures in Anthropic's error
-//! shape (`x-mock-status: 529` is its `overloaded_error`).
+//! shape (`x-mock-status: 529` is its `overloaded_error`). And Gemini's, on
+//! `POST /v1beta/models/{model}:generateContent` and
+//! `:streamGenerateContent?alt=sse` (for `provider: gemini`): the same
+//! words, a `functionCall` of the first declared function, `usageMetadata`
+//! with thinking tokens, failures in Google's error shape.
 //!
 //! Failures, to try retries, fallbacks, timeouts and breakers offline:
 //! `--fail-status N` answers every request with that error; per request,
@@ -89,6 +93,7 @@ pub fn router(config: MockConfig) -> Router {
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/uploads", post(uploads))
         .route("/v1/messages", post(messages))
+        .route("/v1beta/models/{*call}", post(gemini))
         .route(
             "/v1/messages/count_tokens",
             post(|body: Bytes| async move {
@@ -381,6 +386,90 @@ async fn messages(State(mock): State<Arc<Mock>>, headers: HeaderMap, body: Bytes
                 tokio::time::sleep(delay).await;
             }
             if tx.send_data(event).await.is_err() {
+                return;
+            }
+        }
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .body(Body::new(body))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// `POST /v1beta/models/{model}:generateContent` and `:streamGenerateContent`.
+async fn gemini(
+    State(mock): State<Arc<Mock>>,
+    axum::extract::Path(call): axum::extract::Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(failure) = injected(&mock, &headers).await {
+        let status = failure.status();
+        let kind = match status.as_u16() {
+            429 => "RESOURCE_EXHAUSTED",
+            400 => "INVALID_ARGUMENT",
+            503 => "UNAVAILABLE",
+            _ => "INTERNAL",
+        };
+        return (
+            status,
+            axum::Json(json!({"error": {"code": status.as_u16(), "message": format!("mock upstream: injected {status}"), "status": kind}})),
+        )
+            .into_response();
+    }
+    let Some((model, method)) = call.split_once(':') else {
+        return bad_request("mock upstream: expected models/{model}:generateContent");
+    };
+    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
+        return bad_request("mock upstream: the body is not JSON");
+    };
+    let chunks =
+        header_number(&headers, "x-mock-chunks").map_or(mock.config.chunks, |n| n as usize);
+    let delay =
+        header_number(&headers, "x-mock-delay-ms").map_or(mock.config.delay, Duration::from_millis);
+    let function = request["tools"][0]["functionDeclarations"][0]["name"]
+        .as_str()
+        .map(str::to_owned);
+    let usage = json!({"promptTokenCount": 8, "candidatesTokenCount": chunks, "thoughtsTokenCount": 3, "totalTokenCount": 11 + chunks});
+    let call_part = function
+        .as_ref()
+        .map(|name| json!({"functionCall": {"name": name, "args": {"city": "Paris"}}}));
+    let model = model.to_owned();
+    if method == "generateContent" {
+        let mut parts =
+            vec![json!({"text": (0..chunks).map(|i| word(i, chunks)).collect::<String>()})];
+        parts.extend(call_part);
+        return axum::Json(json!({
+            "candidates": [{"content": {"role": "model", "parts": parts}, "finishReason": "STOP", "index": 0}],
+            "usageMetadata": usage, "modelVersion": model, "responseId": "mock-gemini",
+        }))
+        .into_response();
+    }
+    let (mut tx, body) = http_body_util::channel::Channel::<Bytes, std::io::Error>::new(1);
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "the mock upstream is a tool outside the gateway's task tracker; its streams end with their connection"
+    )]
+    tokio::spawn(async move {
+        for i in 0..chunks {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            let mut event = json!({"candidates": [{"content": {"role": "model", "parts": [{"text": word(i, chunks)}]}, "index": 0}], "modelVersion": model, "responseId": "mock-gemini"});
+            if i + 1 == chunks {
+                if let Some(part) = &call_part
+                    && let Some(parts) = event["candidates"][0]["content"]["parts"].as_array_mut()
+                {
+                    parts.push(part.clone());
+                }
+                event["candidates"][0]["finishReason"] = json!("STOP");
+                event["usageMetadata"] = usage.clone();
+            }
+            if tx
+                .send_data(Bytes::from(format!("data: {event}\r\n\r\n")))
+                .await
+                .is_err()
+            {
                 return;
             }
         }

@@ -176,6 +176,11 @@ async fn official_node_sdk_maps_virtual_key_errors_to_its_exceptions() {
 
 /// A proxy whose upstream is the mock's Anthropic dialect (`provider: anthropic`).
 async fn proxy_to_anthropic_mock() -> Proxy {
+    proxy_to_dialect("anthropic").await
+}
+
+/// A proxy whose upstream is one of the mock's dialects.
+async fn proxy_to_dialect(provider: &str) -> Proxy {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let mock = llmproxy::mock::MockConfig {
@@ -184,8 +189,9 @@ async fn proxy_to_anthropic_mock() -> Proxy {
         ..Default::default()
     };
     tokio::spawn(llmproxy::mock::serve(listener, mock));
+    let version = if provider == "gemini" { "v1beta" } else { "v1" };
     let yaml = format!(
-        "upstream:\n  base_url: http://{addr}/v1\n  provider: anthropic\n  default_headers:\n    x-api-key: sk-ant-mock\n"
+        "upstream:\n  base_url: http://{addr}/{version}\n  provider: {provider}\n  default_headers:\n    x-api-key: sk-mock\n"
     );
     spawn_proxy_with(llmproxy::config::parse(&yaml, "test").unwrap()).await
 }
@@ -198,7 +204,7 @@ async fn official_python_sdk_reaches_an_anthropic_upstream() {
     }
     let proxy = proxy_to_anthropic_mock().await;
     let mut command = Command::new(python);
-    command.arg(root().join("tests/sdk/anthropic_upstream_python.py"));
+    command.arg(root().join("tests/sdk/translated_python.py"));
     run_client(command, &proxy).await;
 }
 
@@ -212,7 +218,7 @@ async fn official_node_sdk_reaches_an_anthropic_upstream() {
     }
     let proxy = proxy_to_anthropic_mock().await;
     let mut command = Command::new("node");
-    command.arg(root().join("tests/sdk/anthropic_upstream_node.mjs"));
+    command.arg(root().join("tests/sdk/translated_node.mjs"));
     run_client(command, &proxy).await;
 }
 
@@ -260,4 +266,28 @@ async fn official_anthropic_sdk_passes_through_to_an_anthropic_upstream() {
     }
     let proxy = proxy_to_anthropic_mock().await;
     run_anthropic_client("anthropic", &proxy).await;
+}
+
+#[tokio::test]
+async fn official_sdks_reach_a_gemini_upstream() {
+    let python: PathBuf = root().join(".sdk/venv/bin/python");
+    if installed("the Python openai SDK", &python) {
+        let proxy = proxy_to_dialect("gemini").await;
+        let mut command = Command::new(python);
+        command
+            .arg(root().join("tests/sdk/translated_python.py"))
+            .env("PROMPT_TOKENS", "8");
+        run_client(command, &proxy).await;
+    }
+    if installed(
+        "the Node openai SDK",
+        &root().join("tests/sdk/node_modules/openai"),
+    ) {
+        let proxy = proxy_to_dialect("gemini").await;
+        let mut command = Command::new("node");
+        command
+            .arg(root().join("tests/sdk/translated_node.mjs"))
+            .env("PROMPT_TOKENS", "8");
+        run_client(command, &proxy).await;
+    }
 }
