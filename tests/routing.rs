@@ -761,3 +761,37 @@ async fn decimal_weights_keep_their_proportions() {
         ["a", "b", "b", "b", "a", "b", "b", "b"]
     );
 }
+
+#[tokio::test]
+async fn a_session_header_keeps_a_session_on_one_deployment() {
+    let (a, b, c) = (named("a").await, named("b").await, named("c").await);
+    let models = "  m:\n    strategy: round_robin\n    session_header: x-session-id\n    deployments:\n      - upstream: a\n      - upstream: b\n      - upstream: c\n";
+    let proxy = spawn_proxy_with(routed(models, &[("a", &a), ("b", &b), ("c", &c)])).await;
+    let ask = |session: Option<String>| {
+        let mut request = http::Request::post(proxy.url("/v1/chat/completions"))
+            .header("content-type", "application/json");
+        if let Some(session) = session {
+            request = request.header("x-session-id", session);
+        }
+        send(
+            request
+                .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                    br#"{"model":"m","messages":[]}"#,
+                )))
+                .unwrap(),
+        )
+    };
+    let first = ask(Some("session-1".into())).await.json()["served_by"].clone();
+    for _ in 0..10 {
+        assert_eq!(
+            ask(Some("session-1".into())).await.json()["served_by"],
+            first
+        );
+    }
+    // Without the header, the strategy: round robin reaches all three.
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..6 {
+        seen.insert(ask(None).await.json()["served_by"].to_string());
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+}

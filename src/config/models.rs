@@ -29,6 +29,12 @@ pub struct ModelFile {
     /// How a deployment is chosen for each request.
     #[serde(default)]
     pub strategy: Strategy,
+    /// A request header naming the client's session (e.g.
+    /// `x-claude-code-session-id`): requests of one session go to the same
+    /// deployment, so its prompt cache pays off; the strategy decides when
+    /// the header is absent or that deployment is unavailable.
+    #[serde(default)]
+    pub session_header: Option<String>,
     /// When and how a failed attempt is tried again.
     #[serde(default)]
     pub retry: RetryFile,
@@ -192,6 +198,8 @@ pub struct Model {
     pub prefix: Option<String>,
     /// How a deployment is chosen.
     pub strategy: Strategy,
+    /// The header whose value keeps a session on one deployment.
+    pub session_header: Option<http::HeaderName>,
     /// Where it is served (never empty).
     pub deployments: Vec<Deployment>,
     /// Retry policy.
@@ -438,6 +446,19 @@ pub(super) fn resolve_models(
                 "must be at least 1 (1 means no retries)",
             ));
         }
+        let session_header = model
+            .session_header
+            .as_deref()
+            .map(|name| {
+                http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                    invalid(
+                        origin,
+                        &format!("{field}.session_header"),
+                        "is not a header name (letters, digits, `-`)",
+                    )
+                })
+            })
+            .transpose()?;
         let breaker = model.circuit_breaker;
         if breaker.failures == 0 {
             return Err(invalid(
@@ -501,6 +522,7 @@ pub(super) fn resolve_models(
             name,
             prefix,
             strategy: model.strategy,
+            session_header,
             deployments,
             fallbacks,
             context_window_fallbacks,

@@ -36,8 +36,20 @@ impl Route {
     /// (or half-open with its probe already out) or that is at a
     /// concurrency cap, and one not in `tried` (a bit per index) while there
     /// is one, so a retry goes elsewhere.
-    pub fn pick_available(&self, tried: u64, now: u64) -> Result<Admitted<'_>, Unavailable> {
+    pub fn pick_available(
+        &self,
+        tried: u64,
+        now: u64,
+        session: Option<u64>,
+    ) -> Result<Admitted<'_>, Unavailable> {
         let n = self.deployments.len().min(64);
+        // A session's first attempt goes to its own deployment when that one
+        // can take it; otherwise (and for retries) the strategy picks.
+        if let Some(session) = session.filter(|_| tried == 0)
+            && let Some(admitted) = self.session_pick(session, n, now)
+        {
+            return Ok(admitted);
+        }
         let all = if n == 64 { u64::MAX } else { (1u64 << n) - 1 };
         let mut blocked = 0u64;
         let mut full = false;
@@ -81,6 +93,26 @@ impl Route {
                 None => full = true,
             }
         }
+    }
+
+    /// The session's deployment by rendezvous hashing (the highest
+    /// `mix(session, deployment)` wins), so adding or removing a deployment
+    /// moves only the sessions it wins or loses. `None` when it is cooling
+    /// or full.
+    fn session_pick(&self, session: u64, n: usize, now: u64) -> Option<Admitted<'_>> {
+        let index = (0..n)
+            .max_by_key(|&i| splitmix(session ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)))?;
+        let deployment = &self.deployments[index];
+        if deployment.circuit(now) != Circuit::Closed {
+            return None;
+        }
+        let in_flight = deployment.try_start()?;
+        Some(Admitted {
+            index,
+            deployment,
+            in_flight,
+            probe: None,
+        })
     }
 
     /// A strategy pick outside `avoid`: a few draws, then the first in order.
@@ -166,5 +198,20 @@ pub fn random() -> u64 {
         x ^= x >> 27;
         state.set(x);
         x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    })
+}
+
+/// splitmix64's finalizer: a well-mixed, stable hash of a `u64`.
+fn splitmix(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The session key of a header value: FNV-1a, stable across processes, so
+/// every instance sends a session to the same deployment.
+pub fn session_key(value: &[u8]) -> u64 {
+    value.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
     })
 }

@@ -66,6 +66,8 @@ pub struct Route {
     pub name: String,
     prefix: Option<String>,
     strategy: Strategy,
+    /// See `models.NAME.session_header`.
+    pub session_header: Option<http::HeaderName>,
     /// The deployments, in configured order.
     pub deployments: Vec<Arc<DeploymentState>>,
     /// Retry policy.
@@ -103,6 +105,7 @@ impl ModelRouter {
                 name: model.name.clone(),
                 prefix: model.prefix.clone(),
                 strategy: model.strategy,
+                session_header: model.session_header.clone(),
                 total_weight: model.deployments.iter().map(|d| u64::from(d.weight)).sum(),
                 deployments: model
                     .deployments
@@ -201,7 +204,7 @@ mod tests {
     };
 
     fn pick(route: &Route, tried: u64) -> usize {
-        route.pick_available(tried, now_ms()).unwrap().index
+        route.pick_available(tried, now_ms(), None).unwrap().index
     }
 
     #[test]
@@ -227,24 +230,24 @@ mod tests {
         d.record_failure(t + 1);
         assert_eq!(d.circuit(t + 1), Circuit::Open);
         assert_eq!(
-            route.pick_available(0, t + 2).unwrap_err(),
+            route.pick_available(0, t + 2, None).unwrap_err(),
             Unavailable::Cooling
         );
         assert_eq!(route.retry_after_ms(t + 2), 99);
         // Cooldown over: one probe, not two.
-        let probe = route.pick_available(0, t + 200).unwrap();
+        let probe = route.pick_available(0, t + 200, None).unwrap();
         assert!(probe.probe.is_some());
-        assert!(route.pick_available(0, t + 200).is_err());
+        assert!(route.pick_available(0, t + 200, None).is_err());
         // A failed probe reopens; a successful one closes.
         d.record_failure(t + 201);
         drop(probe);
         assert_eq!(d.circuit(t + 202), Circuit::Open);
-        let probe = route.pick_available(0, t + 400).unwrap();
+        let probe = route.pick_available(0, t + 400, None).unwrap();
         d.record_success();
         drop(probe);
         assert_eq!(d.circuit(t + 401), Circuit::Closed);
-        assert!(route.pick_available(0, t + 401).is_ok());
-        assert!(route.pick_available(0, t + 401).is_ok());
+        assert!(route.pick_available(0, t + 401, None).is_ok());
+        assert!(route.pick_available(0, t + 401, None).is_ok());
     }
 
     #[test]
@@ -254,10 +257,10 @@ mod tests {
         let d = &route.deployments[0];
         d.record_failure(1_000);
         d.record_failure(1_001);
-        let probe = route.pick_available(0, 1_200).unwrap();
-        assert!(route.pick_available(0, 1_200).is_err());
+        let probe = route.pick_available(0, 1_200, None).unwrap();
+        assert!(route.pick_available(0, 1_200, None).is_err());
         drop(probe);
-        assert!(route.pick_available(0, 1_200).is_ok());
+        assert!(route.pick_available(0, 1_200, None).is_ok());
     }
 
     #[test]
@@ -266,17 +269,17 @@ mod tests {
         // Upstream 1 takes two at once.
         let router = ModelRouter::new(&[model], &[None, Some(2)]).unwrap();
         let route = router.resolve("m").unwrap();
-        let first = route.pick_available(0, 1).unwrap();
+        let first = route.pick_available(0, 1, None).unwrap();
         assert_eq!(first.index, 0);
-        let second = route.pick_available(0, 1).unwrap();
-        let third = route.pick_available(0, 1).unwrap();
+        let second = route.pick_available(0, 1, None).unwrap();
+        let third = route.pick_available(0, 1, None).unwrap();
         assert_eq!((second.index, third.index), (1, 1));
         assert_eq!(
-            route.pick_available(0, 1).unwrap_err(),
+            route.pick_available(0, 1, None).unwrap_err(),
             Unavailable::AtCapacity
         );
         drop(first);
-        assert_eq!(route.pick_available(0, 1).unwrap().index, 0);
+        assert_eq!(route.pick_available(0, 1, None).unwrap().index, 0);
     }
 
     #[test]
@@ -295,6 +298,7 @@ mod tests {
             name: name.into(),
             prefix: name.strip_suffix('*').map(Into::into),
             strategy,
+            session_header: None,
             deployments: deployments
                 .iter()
                 .enumerate()
@@ -329,6 +333,56 @@ mod tests {
             counts[route.pick().upstream] += 1;
         }
         counts
+    }
+
+    #[test]
+    fn a_session_stays_on_its_deployment_until_it_cannot_take_it() {
+        let router = route(Strategy::RoundRobin, &[1, 1, 1, 1]);
+        let route = router.resolve("m").unwrap();
+        let now = now_ms();
+        let session = |text: &str| Some(balance::session_key(text.as_bytes()));
+        let home = route
+            .pick_available(0, now, session("alice"))
+            .unwrap()
+            .index;
+        for _ in 0..20 {
+            assert_eq!(
+                route
+                    .pick_available(0, now, session("alice"))
+                    .unwrap()
+                    .index,
+                home
+            );
+        }
+        let homes: std::collections::HashSet<usize> = (0..64)
+            .map(|i| {
+                route
+                    .pick_available(0, now, session(&format!("s{i}")))
+                    .unwrap()
+                    .index
+            })
+            .collect();
+        assert!(homes.len() >= 3, "sessions spread: {homes:?}");
+        // A retry goes elsewhere; a cooling home gives way to the strategy.
+        assert_ne!(
+            route
+                .pick_available(1 << home, now, session("alice"))
+                .unwrap()
+                .index,
+            home
+        );
+        for _ in 0..2 {
+            route.deployments[home].record_failure(now);
+        }
+        for _ in 0..8 {
+            assert_ne!(
+                route
+                    .pick_available(0, now, session("alice"))
+                    .unwrap()
+                    .index,
+                home
+            );
+        }
     }
 
     #[test]

@@ -89,9 +89,14 @@ pub async fn attempt_chain(
     // The last attempt's own failure: when the breakers then close every
     // door, it is the real cause, and the answer names it.
     let mut last_error: Option<ProxyError> = None;
+    let session = route
+        .session_header
+        .as_ref()
+        .and_then(|name| request.parts.headers.get(name))
+        .map(|value| super::balance::session_key(value.as_bytes()));
     loop {
         let now = now_ms();
-        let admitted = match route.pick_available(tried, now) {
+        let admitted = match route.pick_available(tried, now, session) {
             Ok(admitted) => admitted,
             // Nowhere to go: exhausted, so fallbacks get a turn.
             Err(reason) => {
