@@ -933,6 +933,8 @@ async fn the_configuration_reference_in_the_readme_is_valid() {
         "cooldown:",
         "fallbacks:",
         "context_window_fallbacks:",
+        "provider:",
+        "session_header:",
     ] {
         assert!(all.contains(key), "the README reference lacks `{key}`");
     }
