@@ -55,6 +55,12 @@ async fn gateway(upstream: &Upstream) -> Proxy {
     spawn_proxy_with(llmproxy::config::parse(&yaml, "test").unwrap()).await
 }
 
+/// A whole answer body as text.
+async fn body_text(response: http::Response<hyper::body::Incoming>) -> String {
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8(bytes.to_vec()).unwrap()
+}
+
 fn chat(proxy: &Proxy, body: Value) -> Request<Full<Bytes>> {
     Request::post(proxy.url("/v1/chat/completions"))
         .header("content-type", "application/json")
@@ -121,16 +127,7 @@ async fn a_stream_is_translated_chunk_by_chunk_and_ends_with_done() {
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-type"], "text/event-stream");
     assert!(response.headers().get("content-length").is_none());
-    let text = String::from_utf8(
-        response
-            .into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
-            .to_vec(),
-    )
-    .unwrap();
+    let text = body_text(response).await;
     assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
     assert!(text.contains("\"content\":\"Okay, let's check the weather — ☀️ for\""));
     assert!(text.contains("\"finish_reason\":\"tool_calls\""));
@@ -234,16 +231,7 @@ async fn translated_traffic_is_accounted_from_the_providers_own_usage() {
         ))
         .await
         .unwrap();
-    let text = String::from_utf8(
-        streamed
-            .into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
-            .to_vec(),
-    )
-    .unwrap();
+    let text = body_text(streamed).await;
     assert!(!text.contains("\"usage\""), "{text}");
     assert!(text.ends_with("data: [DONE]\n\n"));
     let mut records = Vec::new();
@@ -354,16 +342,7 @@ async fn an_openai_request_reaches_a_gemini_upstream_translated_and_comes_back()
         ))
         .await
         .unwrap();
-    let text = String::from_utf8(
-        response
-            .into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
-            .to_vec(),
-    )
-    .unwrap();
+    let text = body_text(response).await;
     assert!(
         text.contains("The sky — ☀️ is") && text.ends_with("data: [DONE]\n\n"),
         "{text}"
@@ -594,16 +573,7 @@ async fn the_messages_front_door_speaks_anthropic_to_an_openai_upstream() {
         .request(messages(&proxy, streamed, None))
         .await
         .unwrap();
-    let text = String::from_utf8(
-        response
-            .into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
-            .to_vec(),
-    )
-    .unwrap();
+    let text = body_text(response).await;
     let kinds: Vec<&str> = text
         .lines()
         .filter_map(|l| l.strip_prefix("event: "))

@@ -146,13 +146,7 @@ pub fn request(settings: &AnthropicSettings, body: &[u8]) -> Result<Translated, 
                     .iter()
                     .enumerate()
                 {
-                    let arguments = call["function"]["arguments"].as_str().unwrap_or("{}");
-                    let input: Value = serde_json::from_str(if arguments.trim().is_empty() {
-                        "{}"
-                    } else {
-                        arguments
-                    })
-                    .map_err(|_| format!("{at}.tool_calls[{j}].function.arguments is not JSON"))?;
+                    let input = super::call_arguments(call, &at, j)?;
                     content.push(json!({
                         "type": "tool_use",
                         "id": call["id"],
@@ -188,14 +182,8 @@ pub fn request(settings: &AnthropicSettings, body: &[u8]) -> Result<Translated, 
         out.insert("system".into(), Value::Array(system));
     }
     out.insert("messages".into(), Value::Array(messages));
-    match chat.get("stop") {
-        Some(Value::String(stop)) => {
-            out.insert("stop_sequences".into(), json!([stop]));
-        }
-        Some(Value::Array(stops)) if !stops.is_empty() => {
-            out.insert("stop_sequences".into(), Value::Array(stops.clone()));
-        }
-        _ => {}
+    if let Some(stops) = super::stop_list(chat.get("stop")) {
+        out.insert("stop_sequences".into(), stops);
     }
     for field in ["temperature", "top_p", "stream"] {
         if let Some(value) = chat.get(field).filter(|v| !v.is_null()) {

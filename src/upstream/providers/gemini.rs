@@ -137,13 +137,7 @@ pub fn request(body: &[u8]) -> Result<Translated, Refusal> {
                     .iter()
                     .enumerate()
                 {
-                    let arguments = call["function"]["arguments"].as_str().unwrap_or("{}");
-                    let args: Value = serde_json::from_str(if arguments.trim().is_empty() {
-                        "{}"
-                    } else {
-                        arguments
-                    })
-                    .map_err(|_| format!("{at}.tool_calls[{j}].function.arguments is not JSON"))?;
+                    let args = super::call_arguments(call, &at, j)?;
                     let name = call["function"]["name"].clone();
                     if let Some(id) = call["id"].as_str() {
                         names.push((id.to_owned(), name.clone()));
@@ -197,14 +191,8 @@ pub fn request(body: &[u8]) -> Result<Translated, Refusal> {
             config.insert(to.into(), value.clone());
         }
     }
-    match chat.get("stop") {
-        Some(Value::String(stop)) => {
-            config.insert("stopSequences".into(), json!([stop]));
-        }
-        Some(Value::Array(stops)) if !stops.is_empty() => {
-            config.insert("stopSequences".into(), Value::Array(stops.clone()));
-        }
-        _ => {}
+    if let Some(stops) = super::stop_list(chat.get("stop")) {
+        config.insert("stopSequences".into(), stops);
     }
     if !config.is_empty() {
         out.insert("generationConfig".into(), Value::Object(config));

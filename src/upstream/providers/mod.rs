@@ -199,6 +199,34 @@ async fn whole_body(body: RequestBody, max_body_size: u64) -> Result<Bytes, Prox
         .map_err(|e| ProxyError::BadRequest(format!("the request body could not be read: {e}")))
 }
 
+/// An assistant tool call's `arguments` as JSON (empty means `{}`); a
+/// refusal naming `messages[i].tool_calls[j]` when they are not JSON.
+fn call_arguments(
+    call: &serde_json::Value,
+    at: &str,
+    j: usize,
+) -> Result<serde_json::Value, String> {
+    let arguments = call["function"]["arguments"].as_str().unwrap_or("{}");
+    let arguments = if arguments.trim().is_empty() {
+        "{}"
+    } else {
+        arguments
+    };
+    serde_json::from_str(arguments)
+        .map_err(|_| format!("{at}.tool_calls[{j}].function.arguments is not JSON"))
+}
+
+/// The chat request's `stop` (a string or a list) as a list, if any.
+fn stop_list(stop: Option<&serde_json::Value>) -> Option<serde_json::Value> {
+    match stop? {
+        serde_json::Value::String(stop) => Some(serde_json::json!([stop])),
+        serde_json::Value::Array(stops) if !stops.is_empty() => {
+            Some(serde_json::Value::Array(stops.clone()))
+        }
+        _ => None,
+    }
+}
+
 /// Whether `path` is Anthropic's own Messages API.
 fn is_messages(path: &str) -> bool {
     matches!(
