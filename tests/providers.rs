@@ -180,40 +180,100 @@ async fn provider_errors_and_failures_reach_the_client_honestly() {
     );
 }
 
-#[tokio::test]
-async fn translated_traffic_is_accounted_from_the_providers_own_usage() {
-    let upstream = anthropic_upstream().await;
-    let db = std::env::temp_dir().join(format!("llmproxy-providers-{}.db", std::process::id()));
-    let yaml = format!(
-        "upstream:\n  base_url: {}\n  provider: anthropic\n  default_headers:\n    x-api-key: sk-ant-upstream-secret\n\
-         admin:\n  token: admin-token-for-tests-0123\nstore:\n  url: sqlite://{}\n  flush_interval: 100ms\n\
-         keys:\n  required: true\nprices:\n  claude-*:\n    input: 3\n    output: 15\n",
-        upstream.base_url(),
-        db.display()
-    );
-    let proxy = spawn_proxy_with(llmproxy::config::parse(&yaml, "test").unwrap()).await;
-    let admin = |method: &str, path: &str, body: Value| {
+/// A gateway with virtual keys and a temporary SQLite store in front of an
+/// Anthropic-dialect `upstream`, and one key; the store goes with it.
+struct Keyed {
+    proxy: Proxy,
+    key: String,
+    db: std::path::PathBuf,
+}
+
+const ADMIN: &str = "admin-token-for-tests-0123";
+
+impl Keyed {
+    async fn new(upstream: &Upstream, extra: &str) -> Self {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let db = std::env::temp_dir().join(format!(
+            "llmproxy-providers-{}-{}.db",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let yaml = format!(
+            "upstream:\n  base_url: {}\n  provider: anthropic\n  default_headers:\n    x-api-key: sk-ant-upstream-secret\n\
+             admin:\n  token: {ADMIN}\nstore:\n  url: sqlite://{}\n  flush_interval: 100ms\n\
+             keys:\n  required: true\n{extra}",
+            upstream.base_url(),
+            db.display()
+        );
+        let proxy = spawn_proxy_with(llmproxy::config::parse(&yaml, "test").unwrap()).await;
+        for _ in 0..200 {
+            let got = send(Self::admin(
+                &proxy,
+                "POST",
+                "/admin/keys",
+                r#"{"name":"k"}"#,
+            ))
+            .await;
+            if got.status == 201 {
+                let key = got.json()["key"].as_str().unwrap().to_owned();
+                return Self { proxy, key, db };
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("the gateway did not start");
+    }
+
+    fn admin(proxy: &Proxy, method: &str, path: &str, body: &'static str) -> Request<Full<Bytes>> {
         Request::builder()
             .method(method)
             .uri(proxy.url(path))
-            .header("authorization", "Bearer admin-token-for-tests-0123")
-            .body(Full::new(Bytes::from(body.to_string())))
+            .header("authorization", format!("Bearer {ADMIN}"))
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
             .unwrap()
-    };
-    let mut created = None;
-    for _ in 0..200 {
-        let got = send(admin("POST", "/admin/keys", json!({"name": "c"}))).await;
-        if got.status == 201 {
-            created = Some(got.json()["key"].as_str().unwrap().to_owned());
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    let key = created.expect("the gateway did not start");
+
+    /// The usage records, once there are `n` (within 2 s).
+    async fn records(&self, n: usize) -> Vec<Value> {
+        let mut records = Vec::new();
+        for _ in 0..100 {
+            let got = send(Self::admin(
+                &self.proxy,
+                "GET",
+                "/admin/usage/records?limit=10",
+                "",
+            ))
+            .await;
+            records = got.json()["data"].as_array().unwrap().clone();
+            if records.len() >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(records.len(), n, "{records:?}");
+        records
+    }
+}
+
+impl Drop for Keyed {
+    fn drop(&mut self) {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", self.db.display()));
+        }
+    }
+}
+
+#[tokio::test]
+async fn translated_traffic_is_accounted_from_the_providers_own_usage() {
+    let upstream = anthropic_upstream().await;
+    let gateway = Keyed::new(
+        &upstream,
+        "prices:\n  claude-*:\n    input: 3\n    output: 15\n",
+    )
+    .await;
     let with_key = |body: Value| {
-        Request::post(proxy.url("/v1/chat/completions"))
+        Request::post(gateway.proxy.url("/v1/chat/completions"))
             .header("content-type", "application/json")
-            .header("authorization", format!("Bearer {key}"))
+            .header("authorization", format!("Bearer {}", gateway.key))
             .body(Full::new(Bytes::from(body.to_string())))
             .unwrap()
     };
@@ -234,24 +294,11 @@ async fn translated_traffic_is_accounted_from_the_providers_own_usage() {
     let text = body_text(streamed).await;
     assert!(!text.contains("\"usage\""), "{text}");
     assert!(text.ends_with("data: [DONE]\n\n"));
-    let mut records = Vec::new();
-    for _ in 0..100 {
-        let got = send(admin("GET", "/admin/usage/records?limit=10", Value::Null)).await;
-        records = got.json()["data"].as_array().unwrap().clone();
-        if records.len() == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(records.len(), 2, "{records:?}");
+    let records = gateway.records(2).await;
     let stream_record = records.iter().find(|r| r["prompt_tokens"] == 582).unwrap();
     assert_eq!(stream_record["completion_tokens"], 89);
     assert_eq!(stream_record["cached_tokens"], 100);
     assert_eq!(stream_record["source"], "reported");
-    drop(proxy);
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
-    }
 }
 
 #[tokio::test]
@@ -450,49 +497,22 @@ async fn the_messages_api_passes_through_to_an_anthropic_upstream_unchanged() {
 #[tokio::test]
 async fn messages_passed_through_are_billed_from_anthropics_usage() {
     let upstream = anthropic_upstream().await;
-    let db = std::env::temp_dir().join(format!("llmproxy-messages-{}.db", std::process::id()));
-    let yaml = format!(
-        "upstream:\n  base_url: {}\n  provider: anthropic\n  default_headers:\n    x-api-key: sk-ant-upstream-secret\n\
-         admin:\n  token: admin-token-for-tests-0123\nstore:\n  url: sqlite://{}\n  flush_interval: 100ms\n\
-         keys:\n  required: true\n",
-        upstream.base_url(),
-        db.display()
-    );
-    let proxy = spawn_proxy_with(llmproxy::config::parse(&yaml, "test").unwrap()).await;
-    let admin = |method: &str, path: &str, body: &'static str| {
-        Request::builder()
-            .method(method)
-            .uri(proxy.url(path))
-            .header("authorization", "Bearer admin-token-for-tests-0123")
-            .body(Full::new(Bytes::from_static(body.as_bytes())))
-            .unwrap()
-    };
-    let mut key = None;
-    for _ in 0..200 {
-        let got = send(admin("POST", "/admin/keys", r#"{"name":"claude-code"}"#)).await;
-        if got.status == 201 {
-            key = Some(got.json()["key"].as_str().unwrap().to_owned());
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    let key = key.unwrap();
+    let gateway = Keyed::new(&upstream, "").await;
     // Claude Code sends its key as x-api-key; the body must reach Anthropic untouched.
     let streamed = r#"{"model":"claude-sonnet-4-5","max_tokens":64,"stream":true,"messages":[]}"#;
     let response = client()
         .request(
-            Request::post(proxy.url("/v1/messages"))
+            Request::post(gateway.proxy.url("/v1/messages"))
                 .header("content-type", "application/json")
-                .header("x-api-key", &key)
+                .header("x-api-key", &gateway.key)
                 .body(Full::new(Bytes::from_static(streamed.as_bytes())))
                 .unwrap(),
         )
         .await
         .unwrap();
-    let text = response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(
-        &text[..],
-        STREAM.as_bytes(),
+        body_text(response).await,
+        STREAM,
         "the stream as Anthropic sent it"
     );
     let seen = &upstream.requests()[0];
@@ -505,26 +525,10 @@ async fn messages_passed_through_are_billed_from_anthropics_usage() {
         seen.headers["x-api-key"], "sk-ant-upstream-secret",
         "never the virtual key"
     );
-    let mut records = Vec::new();
-    for _ in 0..100 {
-        records = send(admin("GET", "/admin/usage/records?limit=5", ""))
-            .await
-            .json()["data"]
-            .as_array()
-            .unwrap()
-            .clone();
-        if !records.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(records[0]["prompt_tokens"], 582, "{records:?}");
+    let records = gateway.records(1).await;
+    assert_eq!(records[0]["prompt_tokens"], 582);
     assert_eq!(records[0]["completion_tokens"], 89);
     assert_eq!(records[0]["cached_tokens"], 100);
-    drop(proxy);
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
-    }
 }
 
 /// The built-in mock as an OpenAI-compatible upstream, and a proxy in front.

@@ -97,22 +97,6 @@ fn image(url: &str) -> Value {
     json!({"type": "image", "source": {"type": "url", "url": url}})
 }
 
-/// Appends `content` as a turn of `role`, merged into the last turn when it
-/// has the same role.
-fn push_turn(messages: &mut Vec<Value>, role: &str, mut content: Vec<Value>) {
-    if content.is_empty() {
-        return;
-    }
-    if let Some(last) = messages.last_mut()
-        && last["role"] == role
-        && let Some(existing) = last["content"].as_array_mut()
-    {
-        existing.append(&mut content);
-        return;
-    }
-    messages.push(json!({"role": role, "content": content}));
-}
-
 /// The Messages request for an OpenAI chat completion request `body`.
 pub fn request(settings: &AnthropicSettings, body: &[u8]) -> Result<Translated, Refusal> {
     let chat: Map<String, Value> = serde_json::from_slice(body)
@@ -137,7 +121,12 @@ pub fn request(settings: &AnthropicSettings, body: &[u8]) -> Result<Translated, 
                     system.push(json!({"type": "text", "text": text}));
                 }
             }
-            Some("user") => push_turn(&mut messages, "user", blocks(&message["content"], &at)?),
+            Some("user") => super::push_turn(
+                &mut messages,
+                "content",
+                "user",
+                blocks(&message["content"], &at)?,
+            ),
             Some("assistant") => {
                 let mut content = blocks(&message["content"], &at)?;
                 for (j, call) in message["tool_calls"]
@@ -154,7 +143,7 @@ pub fn request(settings: &AnthropicSettings, body: &[u8]) -> Result<Translated, 
                         "input": input,
                     }));
                 }
-                push_turn(&mut messages, "assistant", content);
+                super::push_turn(&mut messages, "content", "assistant", content);
             }
             Some("tool") => {
                 let result = json!({
@@ -162,7 +151,7 @@ pub fn request(settings: &AnthropicSettings, body: &[u8]) -> Result<Translated, 
                     "tool_use_id": message["tool_call_id"],
                     "content": text_of(&message["content"]).unwrap_or_default(),
                 });
-                push_turn(&mut messages, "user", vec![result]);
+                super::push_turn(&mut messages, "content", "user", vec![result]);
             }
             other => return Err(format!("{at}.role {other:?} is not a chat role")),
         }

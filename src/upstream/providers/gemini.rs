@@ -76,20 +76,6 @@ fn parts_of(content: &Value, at: &str) -> Result<Vec<Value>, Refusal> {
     }
 }
 
-fn push_turn(contents: &mut Vec<Value>, role: &str, mut parts: Vec<Value>) {
-    if parts.is_empty() {
-        return;
-    }
-    if let Some(last) = contents.last_mut()
-        && last["role"] == role
-        && let Some(existing) = last["parts"].as_array_mut()
-    {
-        existing.append(&mut parts);
-        return;
-    }
-    contents.push(json!({"role": role, "parts": parts}));
-}
-
 /// Whether `model` can stand in a URL path as is (Gemini's model path,
 /// Azure's deployment path).
 pub fn valid_model(model: &str) -> bool {
@@ -128,7 +114,12 @@ pub fn request(body: &[u8]) -> Result<Translated, Refusal> {
         let at = format!("messages[{i}]");
         match message["role"].as_str() {
             Some("system" | "developer") => system.extend(parts_of(&message["content"], &at)?),
-            Some("user") => push_turn(&mut contents, "user", parts_of(&message["content"], &at)?),
+            Some("user") => super::push_turn(
+                &mut contents,
+                "parts",
+                "user",
+                parts_of(&message["content"], &at)?,
+            ),
             Some("assistant") => {
                 let mut parts = parts_of(&message["content"], &at)?;
                 for (j, call) in message["tool_calls"]
@@ -144,7 +135,7 @@ pub fn request(body: &[u8]) -> Result<Translated, Refusal> {
                     }
                     parts.push(json!({"functionCall": {"name": name, "args": args}}));
                 }
-                push_turn(&mut contents, "model", parts);
+                super::push_turn(&mut contents, "parts", "model", parts);
             }
             Some("tool") => {
                 let id = message["tool_call_id"].as_str().unwrap_or_default();
@@ -164,8 +155,9 @@ pub fn request(body: &[u8]) -> Result<Translated, Refusal> {
                     Ok(object @ Value::Object(_)) => object,
                     _ => json!({"content": text}),
                 };
-                push_turn(
+                super::push_turn(
                     &mut contents,
+                    "parts",
                     "user",
                     vec![json!({"functionResponse": {"name": name, "response": response}})],
                 );

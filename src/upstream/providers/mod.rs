@@ -199,6 +199,28 @@ async fn whole_body(body: RequestBody, max_body_size: u64) -> Result<Bytes, Prox
         .map_err(|e| ProxyError::BadRequest(format!("the request body could not be read: {e}")))
 }
 
+/// Appends `items` as a turn of `role` (under `key`: Anthropic's
+/// `content`, Gemini's `parts`), merged into the last turn when it has the
+/// same role: both APIs want the roles to alternate.
+fn push_turn(
+    turns: &mut Vec<serde_json::Value>,
+    key: &str,
+    role: &str,
+    mut items: Vec<serde_json::Value>,
+) {
+    if items.is_empty() {
+        return;
+    }
+    if let Some(last) = turns.last_mut()
+        && last["role"] == role
+        && let Some(existing) = last[key].as_array_mut()
+    {
+        existing.append(&mut items);
+        return;
+    }
+    turns.push(serde_json::json!({"role": role, key: items}));
+}
+
 /// An assistant tool call's `arguments` as JSON (empty means `{}`); a
 /// refusal naming `messages[i].tool_calls[j]` when they are not JSON.
 fn call_arguments(
