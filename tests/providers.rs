@@ -642,3 +642,229 @@ async fn the_proxys_own_failures_take_anthropics_shape_on_the_messages_front_doo
     assert_eq!(got.status, 502);
     assert_eq!(got.json()["error"]["code"], "upstream_unreachable");
 }
+
+fn responses(proxy: &Proxy, body: Value) -> Request<Full<Bytes>> {
+    Request::post(proxy.url("/v1/responses"))
+        .header("content-type", "application/json")
+        .header("authorization", "Bearer sk-openai-client-key")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap()
+}
+
+/// The stream's body up to its end or its failure, and whether it failed.
+async fn until_end(response: http::Response<hyper::body::Incoming>) -> (String, bool) {
+    let mut body = response.into_body();
+    let mut seen = Vec::new();
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => seen.extend_from_slice(frame.data_ref().map_or(&[][..], |d| &d[..])),
+            Err(_) => return (String::from_utf8(seen).unwrap(), true),
+        }
+    }
+    (String::from_utf8(seen).unwrap(), false)
+}
+
+#[tokio::test]
+async fn the_responses_api_reaches_an_anthropic_deployment_translated() {
+    let upstream = anthropic_upstream().await;
+    let proxy = gateway(&upstream).await;
+    let request = json!({
+        "model": "claude-sonnet-4-5", "store": false, "instructions": "Be brief.",
+        "input": [{"role": "user", "content": [{"type": "input_text", "text": "Weather?"}]}],
+        "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}],
+        "max_output_tokens": 300,
+    });
+    let got = send(responses(&proxy, request.clone())).await;
+    assert_eq!(got.status, 200, "{}", String::from_utf8_lossy(&got.body));
+    let answer = got.json();
+    assert_eq!(
+        (answer["object"].as_str(), answer["status"].as_str()),
+        (Some("response"), Some("completed"))
+    );
+    let call = answer["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|item| item["type"] == "function_call")
+        .unwrap();
+    assert_eq!(call["name"], "get_weather");
+    assert!(serde_json::from_str::<Value>(call["arguments"].as_str().unwrap()).is_ok());
+    assert_eq!(answer["usage"]["input_tokens"], 3119);
+    let seen = &upstream.requests()[0];
+    assert_eq!(seen.uri.path(), "/v1/messages");
+    assert!(!seen.headers.contains_key("authorization"));
+    let sent: Value = serde_json::from_slice(&seen.body).unwrap();
+    assert_eq!(
+        sent["system"],
+        json!([{"type": "text", "text": "Be brief."}])
+    );
+    assert_eq!(sent["max_tokens"], 300);
+    assert_eq!(sent["tools"][0]["name"], "get_weather");
+
+    // Streamed: `response.*` events, function call arguments included.
+    let mut streamed = request.clone();
+    streamed["stream"] = true.into();
+    let response = client().request(responses(&proxy, streamed)).await.unwrap();
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let (text, failed) = until_end(response).await;
+    assert!(!failed, "{text}");
+    assert!(text.starts_with("event: response.created\n"), "{text}");
+    assert!(text.contains("event: response.function_call_arguments.delta\n"));
+    let last = text.trim_end().rsplit("\n\n").next().unwrap();
+    assert!(last.starts_with("event: response.completed\n"), "{last}");
+    assert!(last.contains("\"output_tokens\":89"), "{last}");
+
+    // A stream that fails upstream: an `error` event, then the abort.
+    let mut broken = request.clone();
+    broken["stream"] = true.into();
+    broken["model"] = "broken".into();
+    let (text, failed) =
+        until_end(client().request(responses(&proxy, broken)).await.unwrap()).await;
+    assert!(failed, "the stream must not look complete: {text}");
+    assert!(!text.contains("response.completed"));
+    assert!(
+        text.trim_end()
+            .rsplit("\n\n")
+            .next()
+            .unwrap()
+            .starts_with("event: error\n"),
+        "{text}"
+    );
+
+    // Stateful requests need OpenAI: 400 saying why, nothing sent.
+    let before = upstream.requests().len();
+    let mut stateful = request;
+    stateful["previous_response_id"] = "resp_123".into();
+    let got = send(responses(&proxy, stateful)).await;
+    assert_eq!(got.status, 400);
+    assert_eq!(got.json()["error"]["code"], "not_supported_by_provider");
+    assert!(
+        got.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("previous_response_id")
+    );
+    assert_eq!(upstream.requests().len(), before);
+}
+
+#[tokio::test]
+async fn the_messages_and_responses_apis_reach_a_gemini_deployment() {
+    let upstream = spawn_upstream(|request| {
+        let path = request.uri.path().to_owned();
+        if path.contains("quota") {
+            Reply::json(429, GEMINI_QUOTA)
+        } else if path.ends_with(":streamGenerateContent") {
+            Reply::sse(
+                GEMINI_STREAM
+                    .as_bytes()
+                    .chunks(23)
+                    .map(|c| (Duration::ZERO, Bytes::copy_from_slice(c)))
+                    .collect(),
+            )
+        } else {
+            Reply::json(200, GEMINI_RESPONSE)
+        }
+    })
+    .await;
+    let base = upstream.base_url().replace("/v1", "/v1beta");
+    let yaml = format!(
+        "upstream:\n  base_url: {base}\n  provider: gemini\n  default_headers:\n    x-goog-api-key: goog-secret\n"
+    );
+    let proxy = spawn_proxy_with(llmproxy::config::parse(&yaml, "test").unwrap()).await;
+    let body = r#"{"model":"gemini-2.5-flash","max_tokens":64,"system":"Be brief.","messages":[{"role":"user","content":"Weather?"}]}"#;
+    let got = send(messages(&proxy, body, Some(("x-api-key", "sk-ant-client")))).await;
+    assert_eq!(got.status, 200, "{}", String::from_utf8_lossy(&got.body));
+    let answer = got.json();
+    assert_eq!(answer["type"], "message");
+    assert_eq!(answer["stop_reason"], "tool_use");
+    let tools: Vec<&str> = answer["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|block| block["name"].as_str())
+        .collect();
+    assert_eq!(
+        tools,
+        ["get_weather", "get_time"],
+        "parallel calls stay apart"
+    );
+    let seen = &upstream.requests()[0];
+    assert_eq!(
+        seen.uri.path(),
+        "/v1beta/models/gemini-2.5-flash:generateContent"
+    );
+    assert_eq!(seen.headers["x-goog-api-key"], "goog-secret");
+    assert!(
+        !seen.headers.contains_key("x-api-key"),
+        "the client's key stays here"
+    );
+    let sent: Value = serde_json::from_slice(&seen.body).unwrap();
+    assert_eq!(sent["systemInstruction"]["parts"][0]["text"], "Be brief.");
+
+    let streamed = r#"{"model":"gemini-2.5-flash","max_tokens":64,"stream":true,"messages":[{"role":"user","content":"Sky?"}]}"#;
+    let (text, failed) = until_end(
+        client()
+            .request(messages(&proxy, streamed, None))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert!(!failed, "{text}");
+    let kinds: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(kinds.first(), Some(&"message_start"));
+    assert_eq!(&kinds[kinds.len() - 2..], ["message_delta", "message_stop"]);
+    assert!(text.contains("The sky"), "{text}");
+
+    let quota = r#"{"model":"quota","max_tokens":8,"messages":[{"role":"user","content":"x"}]}"#;
+    let got = send(messages(&proxy, quota, None)).await;
+    assert_eq!(got.status, 429);
+    assert_eq!(
+        (
+            got.json()["type"].as_str(),
+            got.json()["error"]["type"].as_str()
+        ),
+        (Some("error"), Some("rate_limit_error"))
+    );
+
+    // The Responses API too, streamed.
+    let request = json!({"model": "gemini-2.5-flash", "input": "Sky?", "stream": true});
+    let (text, failed) =
+        until_end(client().request(responses(&proxy, request)).await.unwrap()).await;
+    assert!(!failed, "{text}");
+    assert!(
+        text.contains("event: response.output_text.delta\n") && text.contains("The sky"),
+        "{text}"
+    );
+    assert!(
+        text.trim_end()
+            .rsplit("\n\n")
+            .next()
+            .unwrap()
+            .starts_with("event: response.completed\n")
+    );
+}
+
+#[tokio::test]
+async fn count_tokens_is_estimated_where_the_upstream_has_none() {
+    let upstream = spawn_upstream(|_| Reply::json(500, "{}")).await;
+    let proxy = spawn_proxy_with(config_for(&upstream.base_url())).await;
+    // Every string counts ("Be brief", "user", "Hiya", "x", 27 letters):
+    // ⌈44 / 4⌉ = 11.
+    let body = r#"{"model":"gpt-4o","system":"Be brief","messages":[{"role":"user","content":"Hiya"}],"tools":[{"name":"x","description":"abcdefghijklmnopqrstuvwxyzA"}]}"#;
+    let request = Request::post(proxy.url("/v1/messages/count_tokens"))
+        .header("content-type", "application/json")
+        .header("anthropic-version", "2023-06-01")
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .unwrap();
+    let got = send(request).await;
+    assert_eq!(got.status, 200, "{}", String::from_utf8_lossy(&got.body));
+    assert_eq!(got.json(), json!({"input_tokens": 11}));
+    assert_eq!(got.header("x-llmproxy-token-count"), Some("estimate"));
+    assert!(
+        upstream.requests().is_empty(),
+        "answered without the upstream"
+    );
+}

@@ -53,7 +53,12 @@ pub async fn send<H: Send + Sync + 'static>(
             (body, None)
         }
         provider => {
-            providers::prepare(provider, &upstream.name, &mut parts, body, max_body_size).await?
+            match providers::prepare(provider, &upstream.name, &mut parts, body, max_body_size)
+                .await?
+            {
+                providers::Prepared::Send(body, pending) => (body, pending),
+                providers::Prepared::Answered(response) => return Ok(response),
+            }
         }
     };
     let path = upstream

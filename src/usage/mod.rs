@@ -63,6 +63,8 @@ struct RawUsage {
     prompt_tokens: Option<u64>,
     completion_tokens: Option<u64>,
     prompt_tokens_details: Option<Details>,
+    /// The Responses API's name for `prompt_tokens_details`.
+    input_tokens_details: Option<Details>,
     input_tokens: Option<u64>,
     output_tokens: Option<u64>,
     cache_read_input_tokens: Option<u64>,
@@ -87,6 +89,7 @@ impl From<RawUsage> for Tokens {
             completion_tokens: raw.completion_tokens.or(raw.output_tokens).unwrap_or(0),
             cached_tokens: raw
                 .prompt_tokens_details
+                .or(raw.input_tokens_details)
                 .and_then(|d| d.cached_tokens)
                 .unwrap_or(read),
         }
@@ -642,6 +645,22 @@ mod tests {
             cached_tokens: 0,
         };
         assert_eq!(start.merge(end), tokens);
+    }
+
+    #[test]
+    fn responses_usage_counts_cached_input_inside_the_input() {
+        let tokens: Tokens = serde_json::from_str(
+            r#"{"input_tokens":300,"input_tokens_details":{"cached_tokens":200},"output_tokens":12,"output_tokens_details":{"reasoning_tokens":4},"total_tokens":312}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            tokens,
+            Tokens {
+                prompt_tokens: 300,
+                completion_tokens: 12,
+                cached_tokens: 200
+            }
+        );
     }
 
     #[test]

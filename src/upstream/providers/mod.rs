@@ -31,24 +31,43 @@ use crate::upstream::attempt::buffered;
 /// Largest answer read whole for translation (a non-streamed one).
 const MAX_ANSWER: usize = 32 << 20;
 
-/// Which translation an answer needs.
+/// The API the client spoke, when its answer must be turned back into it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    /// Anthropic's answer into OpenAI's.
-    Anthropic,
-    /// Gemini's answer into OpenAI's.
-    Gemini,
-    /// An OpenAI answer into Anthropic's, for a Messages client.
+enum Front {
+    /// Chat Completions: the hub every translation goes through.
+    Chat,
+    /// Anthropic's Messages API.
     Messages,
+    /// OpenAI's Responses API, stateless.
+    Responses,
 }
 
-/// What the answer's translation needs to know about its request.
+/// The upstream's dialect, when it is not OpenAI's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dialect {
+    Anthropic,
+    Gemini,
+}
+
+/// What the answer's translation needs to know about its request: the
+/// upstream's dialect is turned into Chat, and Chat into the client's API
+/// (either step may be nothing; never both).
 #[derive(Debug, Clone)]
 pub struct Pending {
-    kind: Kind,
+    front: Front,
+    dialect: Option<Dialect>,
     model: String,
     stream: bool,
+    /// The Chat stream (the hub) ends with a usage chunk.
     include_usage: bool,
+}
+
+/// What [`prepare`] made of a request.
+pub enum Prepared {
+    /// Send this body; translate the answer when there is a [`Pending`].
+    Send(RequestBody, Option<Pending>),
+    /// Answered without the upstream (a token count estimate).
+    Answered(Response),
 }
 
 fn unix_now() -> u64 {
@@ -57,135 +76,176 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Translates the request for `provider` (not `openai`): its path, headers
-/// and body. Only Chat Completions can be translated; any other endpoint
-/// is a 400 naming the provider.
+/// The client's API, by path; `None` for every other endpoint.
+fn front_of(path: &str) -> Option<Front> {
+    match path.trim_end_matches('/') {
+        "/v1/chat/completions" => Some(Front::Chat),
+        "/v1/messages" => Some(Front::Messages),
+        "/v1/responses" => Some(Front::Responses),
+        _ => None,
+    }
+}
+
+/// Translates the request for `provider`: its path, headers and body.
+/// Chat Completions is the hub: a Messages or Responses request becomes a
+/// Chat request first, and that becomes the upstream's own. What cannot be
+/// translated is a 400 naming the provider and the endpoint.
 pub async fn prepare(
     provider: &Provider,
     upstream: &str,
     parts: &mut http::request::Parts,
     body: RequestBody,
     max_body_size: u64,
-) -> Result<(RequestBody, Option<Pending>), ProxyError> {
-    let dialect = match provider {
-        Provider::OpenAi if is_messages(parts.uri.path()) => {
-            return messages_to_chat(parts, body, max_body_size).await;
-        }
-        Provider::OpenAi => return Ok((body, None)),
-        Provider::Azure { api_version } => {
-            let body = azure(api_version, parts, body, max_body_size).await?;
-            return Ok((body, None));
-        }
-        Provider::Anthropic(settings) => {
-            // The Messages API itself (Claude Code, the Anthropic SDKs):
-            // passed through as sent, the client's `anthropic-version` and
-            // `anthropic-beta` included.
-            if is_messages(parts.uri.path()) {
-                if !parts.headers.contains_key("anthropic-version") {
-                    parts
-                        .headers
-                        .insert("anthropic-version", settings.version.clone());
-                }
-                return Ok((body, None));
+) -> Result<Prepared, ProxyError> {
+    let path = parts.uri.path().trim_end_matches('/');
+    let counting = path == "/v1/messages/count_tokens";
+    let front = front_of(path);
+    let (dialect, name) = match provider {
+        // The Messages API itself (Claude Code, the Anthropic SDKs):
+        // passed through as sent, `anthropic-version` and `anthropic-beta`
+        // included, count_tokens answered by Anthropic.
+        Provider::Anthropic(settings) if counting || front == Some(Front::Messages) => {
+            if !parts.headers.contains_key("anthropic-version") {
+                parts
+                    .headers
+                    .insert("anthropic-version", settings.version.clone());
             }
-            "Anthropic's Messages API"
+            return Ok(Prepared::Send(body, None));
         }
-        Provider::Gemini => "Google's Gemini API",
+        Provider::Anthropic(_) => (Some(Dialect::Anthropic), "Anthropic's Messages API"),
+        Provider::Gemini => (Some(Dialect::Gemini), "Google's Gemini API"),
+        Provider::OpenAi | Provider::Azure { .. } => (None, "the OpenAI API"),
     };
-    let path = parts.uri.path();
-    if parts.method != http::Method::POST || path.trim_end_matches('/') != "/v1/chat/completions" {
-        return Err(ProxyError::NotServed(format!(
-            "upstream {upstream} speaks {dialect}: llmproxy translates POST /v1/chat/completions for it, not {} {path}",
-            parts.method
-        )));
+    if counting {
+        let bytes = whole_body(body, max_body_size).await?;
+        return Ok(Prepared::Answered(count_tokens(&bytes)?));
+    }
+    let front = match front {
+        // OpenAI-compatible upstreams translate only the Messages API.
+        Some(front) if dialect.is_some() || front == Front::Messages => front,
+        _ if dialect.is_none() => {
+            let body = match provider {
+                Provider::Azure { api_version } => {
+                    azure(api_version, parts, body, max_body_size).await?
+                }
+                _ => body,
+            };
+            return Ok(Prepared::Send(body, None));
+        }
+        _ => return Err(not_served(upstream, name, parts)),
+    };
+    if parts.method != http::Method::POST {
+        return Err(not_served(upstream, name, parts));
     }
     let bytes = whole_body(body, max_body_size).await?;
-    let model = crate::ingress::openai::facts(&bytes)
-        .model
-        .unwrap_or_default();
-    let (translated, pending) = match provider {
-        Provider::Anthropic(settings) => {
-            let translated = anthropic::request(settings, &bytes).map_err(ProxyError::NotServed)?;
-            parts.uri = http::Uri::from_static("/v1/messages");
-            parts
-                .headers
-                .insert("anthropic-version", settings.version.clone());
-            let pending = Pending {
-                kind: Kind::Anthropic,
-                model,
-                stream: translated.stream,
-                include_usage: translated.include_usage,
-            };
-            (translated.body, pending)
-        }
-        _ => {
-            let translated = gemini::request(&bytes).map_err(ProxyError::NotServed)?;
-            parts.uri = http::Uri::try_from(translated.path.as_str()).map_err(|e| {
-                ProxyError::NotServed(format!("the Gemini path cannot be made: {e}"))
-            })?;
-            let pending = Pending {
-                kind: Kind::Gemini,
-                model,
-                stream: translated.stream,
-                include_usage: translated.include_usage,
-            };
-            (translated.body, pending)
-        }
-    };
+    let chat = match front {
+        Front::Chat => Ok(bytes),
+        Front::Messages => crate::ingress::anthropic::request(&bytes),
+        Front::Responses => crate::ingress::responses::request(&bytes),
+    }
+    .map_err(ProxyError::NotServed)?;
+    let facts = crate::ingress::openai::facts(&chat);
+    let (model, stream) = (facts.model.unwrap_or_default(), facts.stream);
     let headers = &mut parts.headers;
     // The client's credentials are for llmproxy or for another provider:
-    // the upstream gets only its `default_headers`.
+    // a translated upstream gets only its `default_headers`.
     for name in [
-        AUTHORIZATION.as_str(),
         "x-api-key",
-        "api-key",
         "x-goog-api-key",
+        "anthropic-version",
+        "anthropic-beta",
     ] {
         headers.remove(name);
+    }
+    if dialect.is_some() {
+        headers.remove(AUTHORIZATION);
+        headers.remove("api-key");
     }
     // Translated bytes must be plain: no compressed answer to re-encode.
     headers.remove(ACCEPT_ENCODING);
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let (translated, stream, include_usage) = match (provider, dialect) {
+        (Provider::Anthropic(settings), _) => {
+            let translated = anthropic::request(settings, &chat).map_err(ProxyError::NotServed)?;
+            parts.uri = http::Uri::from_static("/v1/messages");
+            headers.insert("anthropic-version", settings.version.clone());
+            (translated.body, translated.stream, translated.include_usage)
+        }
+        (_, Some(Dialect::Gemini)) => {
+            let translated = gemini::request(&chat).map_err(ProxyError::NotServed)?;
+            parts.uri = http::Uri::try_from(translated.path.as_str()).map_err(|e| {
+                ProxyError::NotServed(format!("the Gemini path cannot be made: {e}"))
+            })?;
+            (translated.body, translated.stream, translated.include_usage)
+        }
+        (Provider::Azure { api_version }, _) => {
+            parts.uri = http::Uri::from_static("/v1/chat/completions");
+            headers.insert(CONTENT_LENGTH, HeaderValue::from(chat.len()));
+            let body = azure(api_version, parts, buffered(chat), max_body_size).await?;
+            let pending = Pending {
+                front,
+                dialect,
+                model,
+                stream,
+                include_usage: true,
+            };
+            return Ok(Prepared::Send(body, Some(pending)));
+        }
+        _ => {
+            parts.uri = http::Uri::from_static("/v1/chat/completions");
+            (chat, stream, true)
+        }
+    };
     headers.insert(CONTENT_LENGTH, HeaderValue::from(translated.len()));
-    Ok((buffered(translated), Some(pending)))
+    let pending = Pending {
+        front,
+        dialect,
+        model,
+        stream,
+        include_usage,
+    };
+    Ok(Prepared::Send(buffered(translated), Some(pending)))
 }
 
-/// A Messages request for an OpenAI-compatible upstream: sent as Chat
-/// Completions, its answer turned back into Anthropic's.
-async fn messages_to_chat(
-    parts: &mut http::request::Parts,
-    body: RequestBody,
-    max_body_size: u64,
-) -> Result<(RequestBody, Option<Pending>), ProxyError> {
-    if parts.uri.path().trim_end_matches('/') != "/v1/messages" {
-        return Err(ProxyError::NotServed(
-            "/v1/messages/count_tokens is answered by Anthropic upstreams only".into(),
-        ));
+fn not_served(upstream: &str, dialect: &str, parts: &http::request::Parts) -> ProxyError {
+    ProxyError::NotServed(format!(
+        "upstream {upstream} speaks {dialect}: llmproxy translates POST /v1/chat/completions, /v1/responses and /v1/messages for it, not {} {}",
+        parts.method,
+        parts.uri.path()
+    ))
+}
+
+/// Anthropic's `count_tokens` answered for an upstream that has no such
+/// endpoint: an estimate of ⌈characters / 4⌉ over every string of the
+/// request's `system`, `messages` and `tools` (the tokenizers are not
+/// public; four characters a token is the usual rule for English and code).
+fn count_tokens(body: &[u8]) -> Result<Response, ProxyError> {
+    fn characters(value: &serde_json::Value) -> usize {
+        match value {
+            serde_json::Value::String(text) => text.chars().count(),
+            serde_json::Value::Array(items) => items.iter().map(characters).sum(),
+            serde_json::Value::Object(map) => map.values().map(characters).sum(),
+            _ => 0,
+        }
     }
-    let bytes = whole_body(body, max_body_size).await?;
-    let stream = crate::ingress::openai::facts(&bytes).stream;
-    let chat = crate::ingress::anthropic::request(&bytes).map_err(ProxyError::NotServed)?;
-    parts.uri = http::Uri::from_static("/v1/chat/completions");
-    for name in [
-        "anthropic-version",
-        "anthropic-beta",
-        ACCEPT_ENCODING.as_str(),
-    ] {
-        parts.headers.remove(name);
-    }
-    parts
-        .headers
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    parts
-        .headers
-        .insert(CONTENT_LENGTH, HeaderValue::from(chat.len()));
-    let pending = Pending {
-        kind: Kind::Messages,
-        model: String::new(),
-        stream,
-        include_usage: true,
-    };
-    Ok((buffered(chat), Some(pending)))
+    let request: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body)
+        .map_err(|e| {
+            ProxyError::BadRequest(format!("the request body is not a JSON object: {e}"))
+        })?;
+    let total: usize = ["system", "messages", "tools"]
+        .iter()
+        .filter_map(|key| request.get(*key))
+        .map(characters)
+        .sum();
+    let answer = serde_json::json!({"input_tokens": total.div_ceil(4)});
+    Ok((
+        [(
+            http::header::HeaderName::from_static("x-llmproxy-token-count"),
+            "estimate",
+        )],
+        axum::Json(answer),
+    )
+        .into_response())
 }
 
 /// The request body, whole (a translation needs all of it; routed requests
@@ -249,14 +309,6 @@ fn stop_list(stop: Option<&serde_json::Value>) -> Option<serde_json::Value> {
     }
 }
 
-/// Whether `path` is Anthropic's own Messages API.
-fn is_messages(path: &str) -> bool {
-    matches!(
-        path.trim_end_matches('/'),
-        "/v1/messages" | "/v1/messages/count_tokens"
-    )
-}
-
 /// An Azure OpenAI classic deployment: `/v1/X` becomes
 /// `/openai/deployments/{model}/X?api-version=…`, the deployment being the
 /// request's (routed) model; the body and the answer pass unchanged.
@@ -290,7 +342,7 @@ async fn azure(
     Ok(buffered(bytes))
 }
 
-/// The upstream's answer in the OpenAI format: a stream translated as it
+/// The upstream's answer in the client's API: a stream translated as it
 /// passes; a whole answer (or an error) read, translated, sent.
 pub async fn answer(pending: Pending, response: Response) -> Response {
     let (mut parts, body) = response.into_parts();
@@ -301,20 +353,7 @@ pub async fn answer(pending: Pending, response: Response) -> Response {
         parts
             .headers
             .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-        let translator = match pending.kind {
-            Kind::Gemini => Translator::Gemini(gemini::StreamTranslator::new(
-                pending.include_usage,
-                &pending.model,
-                unix_now(),
-            )),
-            Kind::Anthropic => Translator::Anthropic(anthropic::StreamTranslator::new(
-                pending.include_usage,
-                unix_now(),
-            )),
-            Kind::Messages => {
-                Translator::Messages(crate::ingress::anthropic::StreamTranslator::default())
-            }
-        };
+        let translator = Translator::new(&pending);
         return Response::from_parts(parts, Body::new(Translating::new(body, translator)));
     }
     let whole = match http_body_util::Limited::new(body, MAX_ANSWER)
@@ -329,68 +368,176 @@ pub async fn answer(pending: Pending, response: Response) -> Response {
             .into_response();
         }
     };
-    let translated = match (pending.kind, success) {
-        (Kind::Anthropic, true) => anthropic::response(&whole, unix_now()),
-        (Kind::Anthropic, false) => anthropic::error(&whole),
-        (Kind::Gemini, true) => gemini::response(&whole, &pending.model, unix_now()),
-        (Kind::Gemini, false) => gemini::error(&whole),
-        (Kind::Messages, true) => crate::ingress::anthropic::response(&whole),
-        (Kind::Messages, false) => Some(crate::ingress::anthropic::error(
+    let Some(chat) = (match (pending.dialect, success) {
+        (None, _) => Some(whole.clone()),
+        (Some(Dialect::Anthropic), true) => anthropic::response(&whole, unix_now()),
+        (Some(Dialect::Anthropic), false) => anthropic::error(&whole),
+        (Some(Dialect::Gemini), true) => gemini::response(&whole, &pending.model, unix_now()),
+        (Some(Dialect::Gemini), false) => gemini::error(&whole),
+    }) else {
+        if !success && pending.front != Front::Messages {
+            // An error not in the provider's shape reaches the client as it was.
+            return Response::from_parts(parts, Body::from(whole));
+        }
+        if !success {
+            let body = crate::ingress::anthropic::error(parts.status.as_u16(), &whole);
+            return json_answer(parts, body);
+        }
+        return not_an_answer(pending.dialect);
+    };
+    let translated = match (pending.front, success) {
+        (Front::Chat, _) | (Front::Responses, false) => Some(chat),
+        (Front::Messages, true) => crate::ingress::anthropic::response(&chat),
+        (Front::Messages, false) => Some(crate::ingress::anthropic::error(
             parts.status.as_u16(),
-            &whole,
+            &chat,
         )),
+        (Front::Responses, true) => crate::ingress::responses::response(&chat),
     };
     match translated {
-        Some(bytes) => {
-            parts
-                .headers
-                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            Response::from_parts(parts, Body::from(bytes))
-        }
-        // An error that is not Anthropic's shape reaches the client as it was.
-        None if !success => Response::from_parts(parts, Body::from(whole)),
-        None => ProxyError::UpstreamProtocol(format!(
-            "the {} upstream's answer is not one it can give",
-            match pending.kind {
-                Kind::Gemini => "Gemini",
-                Kind::Anthropic => "Anthropic",
-                Kind::Messages => "OpenAI-compatible",
-            }
-        ))
-        .into_response(),
+        Some(bytes) => json_answer(parts, bytes),
+        None => not_an_answer(None),
     }
 }
 
-/// One stream's translator, by provider.
+fn json_answer(mut parts: http::response::Parts, body: Bytes) -> Response {
+    parts
+        .headers
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Response::from_parts(parts, Body::from(body))
+}
+
+fn not_an_answer(dialect: Option<Dialect>) -> Response {
+    ProxyError::UpstreamProtocol(format!(
+        "the {} upstream's answer is not one it can give",
+        match dialect {
+            Some(Dialect::Gemini) => "Gemini",
+            Some(Dialect::Anthropic) => "Anthropic",
+            None => "OpenAI-compatible",
+        }
+    ))
+    .into_response()
+}
+
+/// The upstream's stream turned into Chat chunks.
 #[derive(Debug)]
-enum Translator {
+enum FromDialect {
     Anthropic(anthropic::StreamTranslator),
     Gemini(gemini::StreamTranslator),
-    Messages(crate::ingress::anthropic::StreamTranslator),
 }
 
-impl Translator {
+/// Chat chunks turned into the client's API.
+#[derive(Debug)]
+enum ToFront {
+    Messages(crate::ingress::anthropic::StreamTranslator),
+    Responses(crate::ingress::responses::StreamTranslator),
+}
+
+impl ToFront {
     fn feed(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
         match self {
-            Self::Anthropic(t) => t.feed(data, out),
-            Self::Gemini(t) => t.feed(data, out),
             Self::Messages(t) => t.feed(data, out),
+            Self::Responses(t) => t.feed(data, out),
         }
     }
 
-    /// The upstream's body failed: a Messages client is told by an
-    /// `error` event before the abort; OpenAI clients only see the abort.
     fn interrupted(&mut self, cause: &str, out: &mut Vec<u8>) {
-        if let Self::Messages(t) = self {
-            t.interrupted(cause, out);
+        match self {
+            Self::Messages(t) => t.interrupted(cause, out),
+            Self::Responses(t) => t.interrupted(cause, out),
         }
     }
 
     fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
         match self {
-            Self::Anthropic(t) => t.finish(out),
-            Self::Gemini(t) => t.finish(out),
             Self::Messages(t) => t.finish(out),
+            Self::Responses(t) => t.finish(out),
+        }
+    }
+}
+
+/// One stream's translation: from the upstream's dialect into Chat, and
+/// from Chat into the client's API, each step present only when needed
+/// (a Chat client of a translated upstream pays for one step, not two).
+#[derive(Debug)]
+struct Translator {
+    from: Option<FromDialect>,
+    to: Option<ToFront>,
+    /// The Chat bytes between the two steps.
+    hub: Vec<u8>,
+}
+
+impl Translator {
+    fn new(pending: &Pending) -> Self {
+        let from = pending.dialect.map(|dialect| match dialect {
+            Dialect::Gemini => FromDialect::Gemini(gemini::StreamTranslator::new(
+                pending.include_usage,
+                &pending.model,
+                unix_now(),
+            )),
+            Dialect::Anthropic => FromDialect::Anthropic(anthropic::StreamTranslator::new(
+                pending.include_usage,
+                unix_now(),
+            )),
+        });
+        let to = match pending.front {
+            Front::Chat => None,
+            Front::Messages => Some(ToFront::Messages(Default::default())),
+            Front::Responses => Some(ToFront::Responses(Default::default())),
+        };
+        Self {
+            from,
+            to,
+            hub: Vec::new(),
+        }
+    }
+
+    /// Runs the second step over what the first wrote; a failure of the
+    /// first is told to the client by the second (its `error` event).
+    fn through(&mut self, first: Result<(), String>, out: &mut Vec<u8>) -> Result<(), String> {
+        let Some(to) = &mut self.to else {
+            return first;
+        };
+        let second = to.feed(&self.hub, out);
+        self.hub.clear();
+        second?;
+        first.inspect_err(|err| to.interrupted(err, out))
+    }
+
+    fn feed(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+        let first = match (&mut self.from, self.to.is_some()) {
+            (Some(FromDialect::Anthropic(t)), false) => return t.feed(data, out),
+            (Some(FromDialect::Gemini(t)), false) => return t.feed(data, out),
+            (Some(FromDialect::Anthropic(t)), true) => t.feed(data, &mut self.hub),
+            (Some(FromDialect::Gemini(t)), true) => t.feed(data, &mut self.hub),
+            (None, _) => {
+                self.hub.extend_from_slice(data);
+                Ok(())
+            }
+        };
+        self.through(first, out)
+    }
+
+    /// The upstream's body failed: a Messages or Responses client is told
+    /// by an `error` event before the abort; Chat clients only see the abort.
+    fn interrupted(&mut self, cause: &str, out: &mut Vec<u8>) {
+        if let Some(to) = &mut self.to {
+            to.interrupted(cause, out);
+        }
+    }
+
+    fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
+        let first = match (&mut self.from, self.to.is_some()) {
+            (Some(FromDialect::Anthropic(t)), false) => return t.finish(out),
+            (Some(FromDialect::Gemini(t)), false) => return t.finish(out),
+            (Some(FromDialect::Anthropic(t)), true) => t.finish(&mut self.hub),
+            (Some(FromDialect::Gemini(t)), true) => t.finish(&mut self.hub),
+            (None, _) => Ok(()),
+        };
+        self.through(first, out)?;
+        match &mut self.to {
+            Some(to) => to.finish(out),
+            None => Ok(()),
         }
     }
 }
