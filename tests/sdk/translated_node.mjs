@@ -35,4 +35,31 @@ await assert.rejects(
   client.chat.completions.create({ model: "claude-sonnet-4-5", messages }, { headers: { "x-mock-status": "429" } }),
   (err) => err instanceof OpenAI.RateLimitError,
 );
+// The Responses API, translated for the same deployment.
+const prompt = Number(process.env.PROMPT_TOKENS ?? "10");
+const answer = await client.responses.create({ model: "claude-sonnet-4-5", instructions: "Be brief.", input: "Say hello", store: false });
+assert.equal(answer.status, "completed");
+assert.equal(answer.output_text, text);
+assert.equal(answer.usage.input_tokens, prompt);
+
+const runner = client.responses.stream({ model: "claude-sonnet-4-5", input: "Say hello" });
+let deltas = "";
+for await (const event of runner) {
+  if (event.type === "response.output_text.delta") deltas += event.delta;
+}
+const final = await runner.finalResponse();
+assert.equal(deltas, text);
+assert.equal(final.output_text, text);
+
+const responseTools = [{ type: "function", name: "get_weather", parameters: { type: "object" } }];
+const streamed = client.responses.stream({ model: "claude-sonnet-4-5", input: "Weather?", tools: responseTools });
+const withCall = await streamed.finalResponse();
+const calls = withCall.output.filter((item) => item.type === "function_call");
+assert.equal(calls.length, 1);
+assert.deepEqual(JSON.parse(calls[0].arguments), { city: "Paris" });
+
+await assert.rejects(
+  client.responses.create({ model: "claude-sonnet-4-5", input: "x" }, { headers: { "x-mock-status": "529" } }),
+  (err) => err instanceof OpenAI.InternalServerError && err.status === 529,
+);
 console.log("ok");

@@ -1,6 +1,7 @@
 """The official OpenAI Python SDK reaching a translated upstream (the
 mock's Anthropic or Gemini dialect) through llmproxy: text, streaming,
-tool calls, usage, and 529 / 429 as the SDK's exceptions.
+tool calls, usage, and 529 / 429 as the SDK's exceptions — through Chat
+Completions and through the Responses API (stateless, as agents send it).
 
 Run by tests/sdk_compat.rs with OPENAI_BASE_URL pointing at the proxy.
 """
@@ -60,6 +61,52 @@ except openai.InternalServerError as err:
 
 try:
     client.chat.completions.create(model="claude-sonnet-4-5", messages=hello, extra_headers={"x-mock-status": "429"})
+    raise SystemExit("expected RateLimitError")
+except openai.RateLimitError as err:
+    assert err.status_code == 429, err
+# The Responses API, translated for the same deployment.
+prompt_tokens = int(os.environ.get("PROMPT_TOKENS", "10"))
+answer = client.responses.create(
+    model="claude-sonnet-4-5", instructions="Be brief.", input="Say hello", max_output_tokens=50, store=False
+)
+assert answer.status == "completed", answer
+assert answer.output_text == text, (answer.output_text, text)
+assert answer.usage.input_tokens == prompt_tokens and answer.usage.output_tokens > 0, answer.usage
+
+with client.responses.stream(model="claude-sonnet-4-5", instructions="Be brief.", input="Say hello") as stream:
+    deltas = [event.delta for event in stream if event.type == "response.output_text.delta"]
+    final = stream.get_final_response()
+assert "".join(deltas) == text and final.output_text == text, (deltas, final)
+assert final.usage.input_tokens == prompt_tokens, final.usage
+
+response_tools = [{"type": "function", "name": "get_weather", "parameters": tools[0]["function"]["parameters"]}]
+turn = [{"role": "user", "content": "Weather in Paris?"}]
+called = client.responses.create(model="claude-sonnet-4-5", input=turn, tools=response_tools, store=False)
+calls = [item for item in called.output if item.type == "function_call"]
+assert len(calls) == 1 and calls[0].name == "get_weather", called.output
+assert json.loads(calls[0].arguments) == {"city": "Paris"}, calls[0]
+
+with client.responses.stream(model="claude-sonnet-4-5", input=turn, tools=response_tools) as stream:
+    final = stream.get_final_response()
+streamed_calls = [item for item in final.output if item.type == "function_call"]
+assert [json.loads(c.arguments) for c in streamed_calls] == [{"city": "Paris"}], final.output
+
+# The next turn carries the call and its output (no previous_response_id).
+follow = turn + [
+    {"type": "function_call", "call_id": calls[0].call_id, "name": "get_weather", "arguments": calls[0].arguments},
+    {"type": "function_call_output", "call_id": calls[0].call_id, "output": "sunny"},
+]
+after = client.responses.create(model="claude-sonnet-4-5", input=follow, tools=response_tools, store=False)
+assert after.status == "completed", after
+
+try:
+    client.responses.create(model="claude-sonnet-4-5", input="x", previous_response_id="resp_1")
+    raise SystemExit("expected BadRequestError for previous_response_id")
+except openai.BadRequestError as err:
+    assert "previous_response_id" in str(err), err
+
+try:
+    client.responses.create(model="claude-sonnet-4-5", input="x", extra_headers={"x-mock-status": "429"})
     raise SystemExit("expected RateLimitError")
 except openai.RateLimitError as err:
     assert err.status_code == 429, err
