@@ -90,6 +90,9 @@ enum Command {
         /// try retries, fallbacks and circuit breakers offline.
         #[arg(long, value_parser = clap::value_parser!(u16).range(400..600))]
         fail_status: Option<u16>,
+        /// The wire format to speak: an upstream of that provider.
+        #[arg(long, value_enum, default_value = "all")]
+        dialect: llmproxy::mock::MockDialect,
     },
 }
 
@@ -233,17 +236,30 @@ fn main() -> ExitCode {
             chunks,
             delay_ms,
             fail_status,
+            dialect,
         }) => {
             let (_log, _) = init_logging(LogFormat::Text, "info");
             let mock = llmproxy::mock::MockConfig {
                 chunks,
                 delay: Duration::from_millis(delay_ms),
                 fail_status,
+                dialect,
             };
             serve_blocking(cli.workers, async move {
                 let listener =
                     llmproxy::bind(std::net::SocketAddr::new(host, port), "the mock upstream")?;
-                tracing::info!(listen = %listener.local_addr()?, chunks, delay_ms, "mock upstream serving");
+                let listen = listener.local_addr()?;
+                let provider = match dialect {
+                    llmproxy::mock::MockDialect::Anthropic => {
+                        "provider: anthropic, base_url: http://{listen}/v1"
+                    }
+                    llmproxy::mock::MockDialect::Gemini => {
+                        "provider: gemini, base_url: http://{listen}/v1beta"
+                    }
+                    _ => "provider: openai, base_url: http://{listen}/v1",
+                }
+                .replace("{listen}", &listen.to_string());
+                tracing::info!(%listen, chunks, delay_ms, ?dialect, upstream = %provider, "mock upstream serving");
                 llmproxy::mock::serve(listener, mock).await
             })
         }

@@ -20,6 +20,9 @@
 //! words, a `functionCall` of the first declared function, `usageMetadata`
 //! with thinking tokens, failures in Google's error shape.
 //!
+//! `--dialect openai|anthropic|gemini` serves one of the three (the others'
+//! paths answer 404 in its error shape); by default it serves all three.
+//!
 //! Failures, to try retries, fallbacks, timeouts and breakers offline:
 //! `--fail-status N` answers every request with that error; per request,
 //! `x-mock-status: N` does the same, `x-mock-head-delay-ms` waits before the
@@ -40,6 +43,20 @@ use axum::routing::{get, post};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
+/// Which wire format the mock speaks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum MockDialect {
+    /// All three at once (each on its own paths).
+    #[default]
+    All,
+    /// OpenAI's: chat completions, models, embeddings.
+    Openai,
+    /// Anthropic's Messages API (and count_tokens).
+    Anthropic,
+    /// Gemini's generateContent / streamGenerateContent.
+    Gemini,
+}
+
 /// Mock upstream settings.
 #[derive(Debug, Clone, Copy)]
 pub struct MockConfig {
@@ -49,6 +66,8 @@ pub struct MockConfig {
     pub delay: Duration,
     /// Answer every request with this error status instead.
     pub fail_status: Option<u16>,
+    /// The wire format served; the others' paths answer 404.
+    pub dialect: MockDialect,
 }
 
 impl Default for MockConfig {
@@ -57,6 +76,7 @@ impl Default for MockConfig {
             chunks: 20,
             delay: Duration::from_millis(50),
             fail_status: None,
+            dialect: MockDialect::All,
         }
     }
 }
@@ -87,24 +107,36 @@ pub fn router(config: MockConfig) -> Router {
         config,
         counter: AtomicU64::new(0),
     });
-    Router::new()
-        .route("/v1/chat/completions", post(chat_completions))
-        .route("/v1/models", get(models))
-        .route("/v1/embeddings", post(embeddings))
-        .route("/v1/uploads", post(uploads))
-        .route("/v1/messages", post(messages))
-        .route("/v1beta/models/{*call}", post(gemini))
-        .route(
+    let speaks = |dialect| matches!(config.dialect, MockDialect::All) || config.dialect == dialect;
+    let mut router = Router::new();
+    if speaks(MockDialect::Openai) {
+        router = router
+            .route("/v1/chat/completions", post(chat_completions))
+            .route("/v1/models", get(models))
+            .route("/v1/embeddings", post(embeddings))
+            .route("/v1/uploads", post(uploads));
+    }
+    if speaks(MockDialect::Anthropic) {
+        router = router.route("/v1/messages", post(messages)).route(
             "/v1/messages/count_tokens",
             post(|body: Bytes| async move {
                 axum::Json(json!({"input_tokens": body.len().div_ceil(4)}))
             }),
-        )
-        .fallback(|| async {
-            (
-                StatusCode::NOT_FOUND,
-                axum::Json(json!({"error": {"message": "mock upstream: unknown path", "type": "invalid_request_error", "param": null, "code": "not_found"}})),
-            )
+        );
+    }
+    if speaks(MockDialect::Gemini) {
+        router = router.route("/v1beta/models/{*call}", post(gemini));
+    }
+    let dialect = config.dialect;
+    router
+        .fallback(move || async move {
+            let message = "mock upstream: unknown path";
+            let body = match dialect {
+                MockDialect::Anthropic => json!({"type": "error", "error": {"type": "not_found_error", "message": message}}),
+                MockDialect::Gemini => json!({"error": {"code": 404, "message": message, "status": "NOT_FOUND"}}),
+                _ => json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": "not_found"}}),
+            };
+            (StatusCode::NOT_FOUND, axum::Json(body))
         })
         .with_state(state)
 }

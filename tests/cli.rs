@@ -656,13 +656,22 @@ async fn bind_errors_name_the_role_and_the_address() {
         printed.contains(&format!("llmproxy cannot listen on {addr}")),
         "{printed}"
     );
-    let (code, printed) =
-        run_bin(&["mock-upstream", "--port", &addr.port().to_string()], &[]).await;
-    assert_eq!(code, Some(1), "{printed}");
-    assert!(
-        printed.contains(&format!("the mock upstream cannot listen on {addr}")),
-        "{printed}"
-    );
+    let port = addr.port().to_string();
+    for dialect in ["all", "openai", "anthropic", "gemini"] {
+        let (code, printed) = run_bin(
+            &["mock-upstream", "--dialect", dialect, "--port", &port],
+            &[],
+        )
+        .await;
+        assert_eq!(code, Some(1), "{printed}");
+        assert!(
+            printed.contains(&format!("the mock upstream cannot listen on {addr}")),
+            "{printed}"
+        );
+    }
+    let (code, printed) = run_bin(&["mock-upstream", "--dialect", "klingon"], &[]).await;
+    assert_eq!(code, Some(2), "{printed}");
+    assert!(printed.contains("openai, anthropic, gemini"), "{printed}");
 }
 
 #[tokio::test]

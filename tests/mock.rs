@@ -102,3 +102,81 @@ async fn the_mock_answer_is_a_whole_sentence() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_dialect_serves_its_own_paths_and_refuses_the_others_in_its_shape() {
+    use llmproxy::mock::MockDialect;
+    let post = |url: String, body: &'static str| async move {
+        let request = Request::post(url)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap();
+        let response = client().request(request).await.unwrap();
+        let status = response.status().as_u16();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            serde_json::from_slice::<serde_json::Value>(&bytes).unwrap(),
+        )
+    };
+    let chat = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+    let message = r#"{"model":"m","max_tokens":8,"messages":[{"role":"user","content":"hi"}]}"#;
+    let gemini = r#"{"contents":[{"role":"user","parts":[{"text":"hi"}]}]}"#;
+
+    let base = mock(MockConfig {
+        dialect: MockDialect::Anthropic,
+        ..fast()
+    })
+    .await;
+    let (status, answer) = post(format!("{base}/messages"), message).await;
+    assert_eq!((status, answer["type"].as_str()), (200, Some("message")));
+    let (status, answer) = post(format!("{base}/chat/completions"), chat).await;
+    assert_eq!(
+        (status, answer["error"]["type"].as_str()),
+        (404, Some("not_found_error"))
+    );
+    assert_eq!(answer["type"], "error");
+
+    let base = mock(MockConfig {
+        dialect: MockDialect::Gemini,
+        ..fast()
+    })
+    .await;
+    let root = base.trim_end_matches("/v1");
+    let (status, answer) = post(
+        format!("{root}/v1beta/models/gemini-x:generateContent"),
+        gemini,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(
+        answer["candidates"][0]["content"]["parts"][0]["text"].is_string(),
+        "{answer}"
+    );
+    let (status, answer) = post(format!("{base}/messages"), message).await;
+    assert_eq!(
+        (status, answer["error"]["status"].as_str()),
+        (404, Some("NOT_FOUND"))
+    );
+
+    let base = mock(MockConfig {
+        dialect: MockDialect::Openai,
+        ..fast()
+    })
+    .await;
+    let root = base.trim_end_matches("/v1");
+    let (status, answer) = post(format!("{base}/chat/completions"), chat).await;
+    assert_eq!(
+        (status, answer["object"].as_str()),
+        (200, Some("chat.completion"))
+    );
+    let (status, answer) = post(
+        format!("{root}/v1beta/models/gemini-x:generateContent"),
+        gemini,
+    )
+    .await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (404, Some("not_found"))
+    );
+}
