@@ -795,3 +795,32 @@ async fn a_session_header_keeps_a_session_on_one_deployment() {
     }
     assert_eq!(seen.len(), 3, "{seen:?}");
 }
+
+#[tokio::test]
+async fn with_session_user_the_bodys_user_keeps_a_session_on_one_deployment() {
+    let (a, b, c) = (named("a").await, named("b").await, named("c").await);
+    let models = "  m:\n    strategy: round_robin\n    session_header: x-session-id\n    session_user: true\n    deployments:\n      - upstream: a\n      - upstream: b\n      - upstream: c\n";
+    let proxy = spawn_proxy_with(routed(models, &[("a", &a), ("b", &b), ("c", &c)])).await;
+    let ask = |body: String| {
+        send(
+            http::Request::post(proxy.url("/v1/chat/completions"))
+                .header("content-type", "application/json")
+                .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                .unwrap(),
+        )
+    };
+    for user in ["alice", "bob", "carol"] {
+        let body = format!(r#"{{"model":"m","user":"{user}","messages":[]}}"#);
+        let home = ask(body.clone()).await.json()["served_by"].clone();
+        for _ in 0..6 {
+            assert_eq!(ask(body.clone()).await.json()["served_by"], home, "{user}");
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..6 {
+        seen.insert(
+            ask(r#"{"model":"m","messages":[]}"#.into()).await.json()["served_by"].to_string(),
+        );
+    }
+    assert_eq!(seen.len(), 3, "no user: the strategy, {seen:?}");
+}

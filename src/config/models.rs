@@ -35,6 +35,10 @@ pub struct ModelFile {
     /// the header is absent or that deployment is unavailable.
     #[serde(default)]
     pub session_header: Option<String>,
+    /// Without that header, the request's `user` (Chat, Responses) or
+    /// `metadata.user_id` (Messages) names the session.
+    #[serde(default)]
+    pub session_user: bool,
     /// When and how a failed attempt is tried again.
     #[serde(default)]
     pub retry: RetryFile,
@@ -200,6 +204,8 @@ pub struct Model {
     pub strategy: Strategy,
     /// The header whose value keeps a session on one deployment.
     pub session_header: Option<http::HeaderName>,
+    /// The body's `user` keeps a session when the header does not.
+    pub session_user: bool,
     /// Where it is served (never empty).
     pub deployments: Vec<Deployment>,
     /// Retry policy.
@@ -523,6 +529,7 @@ pub(super) fn resolve_models(
             prefix,
             strategy: model.strategy,
             session_header,
+            session_user: model.session_user,
             deployments,
             fallbacks,
             context_window_fallbacks,

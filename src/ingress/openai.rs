@@ -45,6 +45,24 @@ pub fn requested_model(
     Ok(Some((model, start..start + raw.get().len())))
 }
 
+/// Who the request says sent it: `user` (Chat Completions, Responses) or
+/// `metadata.user_id` (Messages); `None` when it says neither.
+pub fn user(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Metadata {
+        user_id: Option<String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Wire {
+        user: Option<String>,
+        metadata: Option<Metadata>,
+    }
+    let wire: Wire = serde_json::from_slice(body).ok()?;
+    wire.user
+        .or_else(|| wire.metadata.and_then(|m| m.user_id))
+        .filter(|user| !user.is_empty())
+}
+
 /// What accounting reads from a request body: the model, whether it
 /// streams, and the most it may generate (for the token-limit estimate).
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -168,6 +186,21 @@ mod tests {
             &renamed[..],
             br#"{ "messages" : [{"role":"user","content":"model: \"x\""}], "model":"gpt-4o-2024-08-06" ,"n":1}"#
         );
+    }
+
+    #[test]
+    fn the_user_is_read_from_chat_responses_and_messages_bodies() {
+        assert_eq!(
+            user(br#"{"model":"m","user":"alice"}"#).as_deref(),
+            Some("alice")
+        );
+        assert_eq!(
+            user(br#"{"metadata":{"user_id":"bob"},"messages":[]}"#).as_deref(),
+            Some("bob")
+        );
+        assert_eq!(user(br#"{"metadata":{"team":"x"}}"#), None);
+        assert_eq!(user(br#"{"user":""}"#), None);
+        assert_eq!(user(b"not json"), None);
     }
 
     #[test]

@@ -68,6 +68,8 @@ pub struct Route {
     strategy: Strategy,
     /// See `models.NAME.session_header`.
     pub session_header: Option<http::HeaderName>,
+    /// See `models.NAME.session_user`.
+    pub session_user: bool,
     /// The deployments, in configured order.
     pub deployments: Vec<Arc<DeploymentState>>,
     /// Retry policy.
@@ -106,6 +108,7 @@ impl ModelRouter {
                 prefix: model.prefix.clone(),
                 strategy: model.strategy,
                 session_header: model.session_header.clone(),
+                session_user: model.session_user,
                 total_weight: model.deployments.iter().map(|d| u64::from(d.weight)).sum(),
                 deployments: model
                     .deployments
@@ -299,6 +302,7 @@ mod tests {
             prefix: name.strip_suffix('*').map(Into::into),
             strategy,
             session_header: None,
+            session_user: false,
             deployments: deployments
                 .iter()
                 .enumerate()

@@ -93,7 +93,14 @@ pub async fn attempt_chain(
         .session_header
         .as_ref()
         .and_then(|name| request.parts.headers.get(name))
-        .map(|value| super::balance::session_key(value.as_bytes()));
+        .map(|value| super::balance::session_key(value.as_bytes()))
+        .or_else(|| {
+            route
+                .session_user
+                .then(|| crate::ingress::openai::user(request.bytes))
+                .flatten()
+                .map(|user| super::balance::session_key(user.as_bytes()))
+        });
     loop {
         let now = now_ms();
         let admitted = match route.pick_available(tried, now, session) {
