@@ -291,3 +291,53 @@ async fn official_sdks_reach_a_gemini_upstream() {
         run_client(command, &proxy).await;
     }
 }
+
+/// The README's provider examples, as written there, against
+/// `examples/providers.yaml` (its mock address swapped for this test's).
+#[tokio::test]
+async fn the_readme_provider_examples_run_as_written() {
+    let python: PathBuf = root().join(".sdk/venv/bin/python");
+    if !installed("the Python openai SDK", &python) || !anthropic_sdk_installed() {
+        return;
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mock = llmproxy::mock::MockConfig {
+        chunks: 6,
+        delay: Duration::from_millis(1),
+        ..Default::default()
+    };
+    tokio::spawn(llmproxy::mock::serve(listener, mock));
+    let yaml = std::fs::read_to_string(root().join("examples/providers.yaml"))
+        .unwrap()
+        .replace("127.0.0.1:9000", &addr.to_string());
+    let proxy = spawn_proxy_with(llmproxy::config::parse(&yaml, "providers.yaml").unwrap()).await;
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    for marker in [r#"model="claude-sonnet""#, r#"model="gpt-4o", max_tokens"#] {
+        let block = readme
+            .split("```python\n")
+            .skip(1)
+            .filter_map(|rest| rest.split_once("```").map(|(code, _)| code))
+            .find(|code| code.contains(marker))
+            .unwrap_or_else(|| panic!("the README has no python example with {marker}"));
+        let code = block.replace("http://127.0.0.1:8080", proxy.url("").trim_end_matches('/'));
+        let output = tokio::time::timeout(
+            Duration::from_secs(60),
+            Command::new(&python)
+                .arg("-c")
+                .arg(&code)
+                .env_remove("OPENAI_API_KEY")
+                .env_remove("ANTHROPIC_API_KEY")
+                .output(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && stdout.contains("Hello from the llmproxy mock"),
+            "{marker}:\nstdout: {stdout}\nstderr: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
