@@ -20,6 +20,9 @@ streams. Scenarios (see the Performance issue):
   d  10,000 concurrent slow streams: errors, peak RSS
   e  1 MiB request bodies: throughput
   f  idle RSS
+and, for translation, llmproxy with `provider: anthropic` (every request and
+answer translated between OpenAI's and Anthropic's formats) in (a), (b) and
+(c) beside the pass-through column.
 Prints a table and writes it (with the environment) to RESULTS.md, and a
 latency chart to latency.png.
 """
@@ -47,6 +50,7 @@ PROBE = ROOT / "target/release/examples/bench_probe"
 PROXY_CORE = "0"
 LOAD_CORE = "1"
 TARGETS = ["direct", "nginx", "llmproxy", "llmproxy-h2", "llmproxy-keys"]
+TRANSLATED = "llmproxy-anthropic"
 ADMIN_TOKEN = "bench-admin-token-0123456789"
 
 
@@ -171,6 +175,21 @@ http {{
 """
 
 
+def anthropic_conf(listen, upstream):
+    return f"""
+listen: 127.0.0.1:{listen}
+upstream:
+  base_url: http://127.0.0.1:{upstream}/v1
+  provider: anthropic
+  default_headers:
+    x-api-key: sk-bench-upstream
+limits:
+  max_connections: 40000
+log:
+  level: info
+"""
+
+
 def llmproxy_conf(listen, upstream, http2=False, store=None):
     accounting = "" if store is None else f"""
 admin:
@@ -214,7 +233,7 @@ class Bench:
         # The static upstream: HTTP/1.1 and cleartext HTTP/2 listeners.
         self.static_port, self.static_h2_port = free_port(), free_port()
         self.static = None
-        self.results = {t: {} for t in TARGETS}
+        self.results = {t: {} for t in [*TARGETS, TRANSLATED]}
         self.key = None
 
     # -- processes ---------------------------------------------------------
@@ -226,10 +245,11 @@ class Bench:
             self.mock_port, LOAD_CORE, self.tmp / "mock.log",
         )
 
-    def start_static(self, answer):
-        """nginx on the load core answering every request with `answer`."""
-        text = answer.decode()
-        if "'" in text or "$" in text or "\\" in text:
+    def start_static(self, answer, message):
+        """nginx on the load core answering every request with `answer`
+        (`message`, the Anthropic answer, on /v1/messages)."""
+        text, message = answer.decode(), message.decode()
+        if any(c in t for c in "'$\\" for t in (text, message)):
             raise RuntimeError("the mock's answer cannot be written into an nginx `return`")
         tmp = self.tmp / "static"
         tmp.mkdir(exist_ok=True)
@@ -252,6 +272,7 @@ http {{
     listen 127.0.0.1:{self.static_port};
     listen 127.0.0.1:{self.static_h2_port} http2;
     location / {{ default_type application/json; return 200 '{text}'; }}
+    location /v1/messages {{ default_type application/json; return 200 '{message}'; }}
   }}
 }}
 """)
@@ -260,6 +281,12 @@ http {{
 
     def start(self, target, static=False):
         upstream = self.static_port if static else self.mock_port
+        if target == TRANSLATED:
+            port = free_port()
+            conf = self.tmp / "llmproxy-anthropic.yaml"
+            conf.write_text(anthropic_conf(port, upstream))
+            return Server("llmproxy", [str(LLMPROXY), "--config", str(conf)], port, PROXY_CORE,
+                          self.tmp / "llmproxy-anthropic.log"), port
         if target == "direct":
             return None, upstream
         port = free_port()
@@ -334,7 +361,7 @@ http {{
         a = self.args
         self.start_mock()
         answer = self.answer()
-        self.start_static(answer)
+        self.start_static(answer, self.answer("/v1/messages"))
         for target in TARGETS:
             self.key = None
             r, warm = self.results[target], None
@@ -381,9 +408,29 @@ http {{
             finally:
                 self.stop_counting(target, server, 0)
         self.key = None
+        self.run_translated()
         self.static.stop()
         self.mock.stop()
         return len(answer)
+
+    def run_translated(self):
+        """(a), (b) and (c) through llmproxy with `provider: anthropic`."""
+        a, r = self.args, self.results[TRANSLATED]
+        server, port = self.start(TRANSLATED, static=True)
+        try:
+            print(f"[{TRANSLATED}] (a) 64 connections, non-streamed, translated", flush=True)
+            self.wrk(port, "wrk_chat.lua", 64, a.warmup)
+            r["a"] = self.measured(server, lambda: self.wrk(port, "wrk_chat.lua", 64, a.seconds))
+            print(f"[{TRANSLATED}] (b) one connection, sequential, translated", flush=True)
+            r["b"] = self.measured(server, lambda: self.wrk(port, "wrk_chat.lua", 1, a.seconds))
+        finally:
+            server.stop()
+        server, port = self.start(TRANSLATED)
+        try:
+            print(f"[{TRANSLATED}] (c) streams, 50 chunks 20 ms apart, translated", flush=True)
+            r["c"] = self.probe(port, streams=a.streams, concurrency=50, chunks=50, delay_ms=20)
+        finally:
+            server.stop()
 
     def measured(self, server, run):
         """Runs a wrk scenario and adds the server's CPU per request and how
@@ -397,10 +444,11 @@ http {{
         report["load_core_busy"] = (load1[0] - load0[0]) / max(load1[1] - load0[1], 1)
         return report
 
-    def answer(self):
-        """The mock's non-streamed answer to scenario (a)'s request."""
-        body = json.dumps({"model": "gpt-4o-mini", "messages": []}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{self.mock_port}/v1/chat/completions", data=body,
+    def answer(self, path="/v1/chat/completions"):
+        """The mock's non-streamed answer to scenario (a)'s request (in
+        Anthropic's format on /v1/messages)."""
+        body = json.dumps({"model": "gpt-4o-mini", "max_tokens": 4096, "messages": []}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{self.mock_port}{path}", data=body,
                                      headers={"content-type": "application/json", "x-mock-chunks": "45"})
         return urllib.request.urlopen(req, timeout=5).read()
 
@@ -516,6 +564,35 @@ def table(results, answer, args):
     return "\n".join(lines)
 
 
+def translated_table(results, args):
+    """Translation's cost: pass-through llmproxy beside `provider: anthropic`."""
+    p, t = results["llmproxy"], results[TRANSLATED]
+    judge = (lambda met: "not judged (smoke)") if args.smoke else (lambda met: "met" if met else "**missed**")
+    rows = []
+
+    def row(label, fmt, key, verdict=None):
+        mine, translated = key(p), key(t)
+        ratio_text = f"{translated / mine:.2f}×" if mine else "–"
+        rows.append([label, fmt(mine), fmt(translated), ratio_text, verdict(mine, translated) if verdict else ""])
+
+    row("(a) server CPU µs/request", lambda v: f"{v:.1f}", lambda r: r["a"]["cpu_us"],
+        lambda mine, tr: judge(tr <= 2 * mine) + " (≤ 2×)")
+    row("(a) requests/s, 64 conns", lambda v: f"{v:,.0f}", lambda r: r["a"]["rps"])
+    row("(a) p99 ms", ms, lambda r: r["a"]["p99_us"])
+    row("(a) errors", str, lambda r: r["a"]["errors"] + r["a"]["status_errors"])
+    row("(b) server CPU µs/request", lambda v: f"{v:.1f}", lambda r: r["b"]["cpu_us"])
+    row("(b) latency ms, 1 conn (mean)", ms, lambda r: r["b"]["mean_us"])
+    for q in ("p50", "p99", "max"):
+        row(f"(c) chunk delay {q} ms", ms, lambda r, q=q: r["c"]["chunk_delay_us"][q],
+            (lambda mine, tr: judge(tr - mine <= 100) + " (+ ≤ 0.1 ms)") if q != "max" else None)
+    row("(c) chunks timed", str, lambda r: r["c"]["chunk_delay_us"]["count"])
+    row("(c) stream errors", str, lambda r: r["c"]["errors"])
+    head = ["metric", "llmproxy (pass-through)", "llmproxy provider: anthropic", "translated/pass-through", "target"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def chart(results, path, tmp):
     data = tmp / "latency.dat"
     with open(data, "w") as f:
@@ -569,7 +646,8 @@ def main():
             bench.static.stop()
     info = versions()
     body = table(bench.results, answer, args)
-    print("\n" + body + "\n")
+    translated = translated_table(bench.results, args)
+    print("\n" + body + "\n\n" + translated + "\n")
     # The chart is for full runs; a smoke run (CI) needs no gnuplot.
     charted = not args.smoke and shutil.which("gnuplot") is not None
     if charted:
@@ -617,6 +695,19 @@ core saturated in each run.
 {body}
 
 {"![latency percentiles](latency.png)" if charted else "(no chart in this run)"}
+
+## Translation: `provider: anthropic` beside pass-through
+
+The same scenarios through llmproxy with `provider: anthropic`: each
+request is translated from Chat Completions into Anthropic's Messages API
+and each answer back. (a) and (b): the static upstream answers
+`/v1/messages` with the mock's own Anthropic answer; (c): the mock streams
+Anthropic's events, its words stamped with their send time, so a chunk's
+delay includes its translation. Targets: CPU per request ≤ 2× pass-through,
+and translation adding ≤ 0.1 ms to a chunk (the translated chunk delay
+minus the pass-through one, at p50 and p99).
+
+{translated}
 """
     # The hand-kept record of what changed the numbers travels with every run.
     history = BENCH / "HISTORY.md"

@@ -5,6 +5,8 @@
 //! The mock upstream stamps every chunk with its send time
 //! (`x-mock-timestamps`), so a chunk's delay is its arrival time minus its
 //! send time: what the path between the two added. Prints one JSON line.
+//! Against a `provider: anthropic` llmproxy the mock stamps the words
+//! themselves, so the delay includes the translation.
 #![allow(
     clippy::print_stdout,
     clippy::unwrap_used,
@@ -69,6 +71,9 @@ struct Samples {
 }
 
 const MARKER: &[u8] = b"\"llmproxy_mock_sent_us\":";
+/// The same stamp as the text of a word (the mock's Anthropic dialect), as
+/// it arrives translated into a chunk's content.
+const TEXT_MARKER: &[u8] = b"llmproxy_mock_sent_us=";
 
 /// Runs one stream; pushes its samples, or returns why it failed.
 async fn one_stream(
@@ -134,8 +139,12 @@ async fn one_stream(
             if event.starts_with(b"data: [DONE]") {
                 done = true;
             }
-            if let Some(at) = event.windows(MARKER.len()).position(|w| w == MARKER) {
-                let digits: String = event[at + MARKER.len()..]
+            let stamp = [MARKER, TEXT_MARKER].into_iter().find_map(|marker| {
+                let at = event.windows(marker.len()).position(|w| w == marker)?;
+                Some(at + marker.len())
+            });
+            if let Some(at) = stamp {
+                let digits: String = event[at..]
                     .iter()
                     .take_while(|b| b.is_ascii_digit())
                     .map(|&b| b as char)

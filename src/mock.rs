@@ -7,7 +7,9 @@
 //! sends one word per SSE event, `delay` apart. Per request, the headers
 //! `x-mock-chunks` and `x-mock-delay-ms` override both, and
 //! `x-mock-timestamps` adds `llmproxy_mock_sent_us` (Unix µs at send time) to
-//! each streamed chunk, so a benchmark can measure per-chunk delay.
+//! each streamed chunk, so a benchmark can measure per-chunk delay (in the
+//! Anthropic dialect the words themselves become `llmproxy_mock_sent_us=N`,
+//! which a translation carries through).
 //! `POST /v1/uploads` drains the body and answers its size, for body throughput.
 //!
 //! It also speaks Anthropic's Messages API on `POST /v1/messages` (for
@@ -357,6 +359,7 @@ async fn messages(State(mock): State<Arc<Mock>>, headers: HeaderMap, body: Bytes
     let delay =
         header_number(&headers, "x-mock-delay-ms").map_or(mock.config.delay, Duration::from_millis);
     let id = format!("msg_mock{}", mock.counter.fetch_add(1, Ordering::Relaxed));
+    let timestamps = headers.contains_key("x-mock-timestamps");
     let tool = request["tools"][0]["name"].as_str().map(str::to_owned);
     let usage = json!({"input_tokens": 8, "output_tokens": chunks, "cache_read_input_tokens": 2, "cache_creation_input_tokens": 0});
     let stop_reason = if tool.is_some() {
@@ -385,38 +388,51 @@ async fn messages(State(mock): State<Arc<Mock>>, headers: HeaderMap, body: Bytes
     tokio::spawn(async move {
         let event =
             |kind: &str, data: Value| Bytes::from(format!("event: {kind}\ndata: {data}\n\n"));
-        let mut events = vec![
-            event(
-                "message_start",
-                json!({"type": "message_start", "message": {"id": id, "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": null, "usage": {"input_tokens": 8, "output_tokens": 1, "cache_read_input_tokens": 2, "cache_creation_input_tokens": 0}}}),
-            ),
+        let start = json!({"type": "message_start", "message": {"id": id, "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": null, "usage": {"input_tokens": 8, "output_tokens": 1, "cache_read_input_tokens": 2, "cache_creation_input_tokens": 0}}});
+        let head = [
+            event("message_start", start),
             event(
                 "content_block_start",
                 json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
             ),
         ];
-        for i in 0..chunks {
-            events.push(event("content_block_delta", json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": word(i, chunks)}})));
-        }
-        events.push(event(
+        let mut tail = vec![event(
             "content_block_stop",
             json!({"type": "content_block_stop", "index": 0}),
-        ));
+        )];
         if let Some(name) = &tool {
-            events.push(event("content_block_start", json!({"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "toolu_mock", "name": name, "input": {}}})));
-            events.push(event("content_block_delta", json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "{\"city\": "}})));
-            events.push(event("content_block_delta", json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "\"Paris\"}"}})));
-            events.push(event(
+            tail.push(event("content_block_start", json!({"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "toolu_mock", "name": name, "input": {}}})));
+            tail.push(event("content_block_delta", json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "{\"city\": "}})));
+            tail.push(event("content_block_delta", json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "\"Paris\"}"}})));
+            tail.push(event(
                 "content_block_stop",
                 json!({"type": "content_block_stop", "index": 1}),
             ));
         }
-        events.push(event("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": null}, "usage": {"output_tokens": chunks}})));
-        events.push(event("message_stop", json!({"type": "message_stop"})));
-        for event in events {
+        tail.push(event("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": null}, "usage": {"output_tokens": chunks}})));
+        tail.push(event("message_stop", json!({"type": "message_stop"})));
+        for n in 0..head.len() + chunks + tail.len() {
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
+            let event = match n.checked_sub(head.len()) {
+                None => head[n].clone(),
+                Some(i) if i < chunks => {
+                    // Made when sent: with `x-mock-timestamps` each word is
+                    // its send time, which survives a translation (a field
+                    // would not).
+                    let text = if timestamps {
+                        format!("llmproxy_mock_sent_us={} ", unix_micros())
+                    } else {
+                        word(i, chunks)
+                    };
+                    event(
+                        "content_block_delta",
+                        json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}),
+                    )
+                }
+                Some(i) => tail[i - chunks].clone(),
+            };
             if tx.send_data(event).await.is_err() {
                 return;
             }
