@@ -27,7 +27,10 @@
 //! - Errors: `{"type":"error","error":{"type","message"}}` → the OpenAI
 //!   error shape, status kept (429, 529 `overloaded_error`, …).
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 use crate::config::AnthropicSettings;
@@ -251,59 +254,155 @@ pub fn finish_reason(stop_reason: &str) -> &'static str {
     }
 }
 
-/// OpenAI usage for Anthropic usage: `prompt_tokens` includes what
-/// Anthropic counts apart (cache reads and writes).
-pub fn usage(anthropic: &Value) -> Value {
-    let count = |field: &str| anthropic[field].as_u64().unwrap_or(0);
-    let cached = count("cache_read_input_tokens");
-    let prompt = count("input_tokens")
-        .saturating_add(cached)
-        .saturating_add(count("cache_creation_input_tokens"));
-    let completion = count("output_tokens");
-    json!({
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt.saturating_add(completion),
-        "prompt_tokens_details": {"cached_tokens": cached},
-    })
+/// Anthropic's usage counts; absent ones are 0.
+#[derive(Debug, Default, Clone, Copy, serde::Deserialize)]
+#[serde(default)]
+pub struct Usage {
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    cache_read_input_tokens: Option<u64>,
+    cache_creation_input_tokens: Option<u64>,
 }
 
-/// The `chat.completion` for a Messages answer, or `None` when it is not one.
+impl Usage {
+    /// Counts a later report adds (`message_delta` after `message_start`):
+    /// a field it carries replaces the earlier one.
+    fn update(&mut self, later: Self) {
+        self.input_tokens = later.input_tokens.or(self.input_tokens);
+        self.output_tokens = later.output_tokens.or(self.output_tokens);
+        self.cache_read_input_tokens = later
+            .cache_read_input_tokens
+            .or(self.cache_read_input_tokens);
+        self.cache_creation_input_tokens = later
+            .cache_creation_input_tokens
+            .or(self.cache_creation_input_tokens);
+    }
+
+    /// OpenAI usage: `prompt_tokens` includes what Anthropic counts apart
+    /// (cache reads and writes).
+    fn write_openai(&self, out: &mut Vec<u8>) {
+        let cached = self.cache_read_input_tokens.unwrap_or(0);
+        let prompt = self
+            .input_tokens
+            .unwrap_or(0)
+            .saturating_add(cached)
+            .saturating_add(self.cache_creation_input_tokens.unwrap_or(0));
+        let completion = self.output_tokens.unwrap_or(0);
+        out.extend_from_slice(b"{\"prompt_tokens\":");
+        number(prompt, out);
+        out.extend_from_slice(b",\"completion_tokens\":");
+        number(completion, out);
+        out.extend_from_slice(b",\"total_tokens\":");
+        number(prompt.saturating_add(completion), out);
+        out.extend_from_slice(b",\"prompt_tokens_details\":{\"cached_tokens\":");
+        number(cached, out);
+        out.extend_from_slice(b"}}");
+    }
+}
+
+fn number(n: u64, out: &mut Vec<u8>) {
+    out.extend_from_slice(crate::telemetry::access_line::decimal(n, &mut [0; 20]));
+}
+
+/// A JSON value as it was in the upstream's bytes (`null` when absent).
+fn raw<'a>(value: Option<&'a RawValue>) -> &'a [u8] {
+    value.map_or(b"null", |v| v.get().as_bytes())
+}
+
+/// The `chat.completion` for a Messages answer, or `None` when it is not
+/// one. Parsed into borrowed pieces and written directly: strings the
+/// answer keeps (text, ids, the model) are copied as the upstream encoded
+/// them, never decoded and re-encoded.
 pub fn response(body: &[u8], created: u64) -> Option<Bytes> {
-    let message: Value = serde_json::from_slice(body).ok()?;
-    if message["type"] != "message" {
+    #[derive(serde::Deserialize)]
+    struct Message<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: Cow<'a, str>,
+        #[serde(borrow)]
+        id: Option<&'a RawValue>,
+        #[serde(borrow)]
+        model: Option<&'a RawValue>,
+        #[serde(borrow)]
+        content: Vec<Block<'a>>,
+        #[serde(borrow)]
+        stop_reason: Option<Cow<'a, str>>,
+        #[serde(default)]
+        usage: Usage,
+    }
+    #[derive(serde::Deserialize)]
+    struct Block<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: Cow<'a, str>,
+        #[serde(borrow)]
+        text: Option<&'a RawValue>,
+        #[serde(borrow)]
+        id: Option<&'a RawValue>,
+        #[serde(borrow)]
+        name: Option<&'a RawValue>,
+        #[serde(borrow)]
+        input: Option<&'a RawValue>,
+    }
+    let message: Message<'_> = serde_json::from_slice(body).ok()?;
+    if message.kind != "message" {
         return None;
     }
-    let mut text = String::new();
-    let mut calls = Vec::new();
-    for block in message["content"].as_array()? {
-        match block["type"].as_str() {
-            Some("text") => text.push_str(block["text"].as_str().unwrap_or_default()),
-            Some("tool_use") => calls.push(json!({
-                "id": block["id"],
-                "type": "function",
-                "function": {"name": block["name"], "arguments": block["input"].to_string()},
-            })),
-            _ => {}
+    let texts: Vec<&RawValue> = message
+        .content
+        .iter()
+        .filter(|b| b.kind == "text")
+        .filter_map(|b| b.text)
+        .collect();
+    let calls = message.content.iter().filter(|b| b.kind == "tool_use");
+    let mut out = Vec::with_capacity(body.len() + 256);
+    out.extend_from_slice(b"{\"id\":");
+    out.extend_from_slice(raw(message.id));
+    out.extend_from_slice(b",\"object\":\"chat.completion\",\"created\":");
+    number(created, &mut out);
+    out.extend_from_slice(b",\"model\":");
+    out.extend_from_slice(raw(message.model));
+    out.extend_from_slice(
+        b",\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":",
+    );
+    match texts.as_slice() {
+        [] if calls.clone().next().is_some() => out.extend_from_slice(b"null"),
+        [] => out.extend_from_slice(b"\"\""),
+        [one] => out.extend_from_slice(one.get().as_bytes()),
+        many => {
+            // Several text blocks (rare): decoded and joined.
+            let joined: String = many
+                .iter()
+                .filter_map(|t| serde_json::from_str::<Cow<'_, str>>(t.get()).ok())
+                .collect();
+            serde_json::to_writer(&mut out, &joined).ok()?;
         }
     }
-    let mut reply = json!({"role": "assistant", "content": if text.is_empty() && !calls.is_empty() { Value::Null } else { text.into() }});
-    if !calls.is_empty() {
-        reply["tool_calls"] = Value::Array(calls);
+    let mut first = true;
+    for call in calls {
+        out.extend_from_slice(if first {
+            b",\"tool_calls\":[{\"id\":"
+        } else {
+            b",{\"id\":"
+        });
+        first = false;
+        out.extend_from_slice(raw(call.id));
+        out.extend_from_slice(b",\"type\":\"function\",\"function\":{\"name\":");
+        out.extend_from_slice(raw(call.name));
+        out.extend_from_slice(b",\"arguments\":");
+        // The input object, as a JSON string of itself.
+        serde_json::to_writer(&mut out, call.input.map_or("{}", RawValue::get)).ok()?;
+        out.extend_from_slice(b"}}");
     }
-    let answer = json!({
-        "id": message["id"],
-        "object": "chat.completion",
-        "created": created,
-        "model": message["model"],
-        "choices": [{
-            "index": 0,
-            "message": reply,
-            "finish_reason": finish_reason(message["stop_reason"].as_str().unwrap_or("end_turn")),
-        }],
-        "usage": usage(&message["usage"]),
-    });
-    serde_json::to_vec(&answer).ok().map(Bytes::from)
+    if !first {
+        out.push(b']');
+    }
+    out.extend_from_slice(b"},\"finish_reason\":\"");
+    out.extend_from_slice(
+        finish_reason(message.stop_reason.as_deref().unwrap_or("end_turn")).as_bytes(),
+    );
+    out.extend_from_slice(b"\"}],\"usage\":");
+    message.usage.write_openai(&mut out);
+    out.push(b'}');
+    Some(Bytes::from(out))
 }
 
 /// The OpenAI error body for an Anthropic error body (kept as it was when
@@ -323,21 +422,82 @@ pub fn error(body: &[u8]) -> Option<Bytes> {
 /// An Anthropic event stream translated, event by event, into OpenAI
 /// `chat.completion.chunk` events: every complete event in is translated
 /// and out at once; only a line split across reads waits for its end.
+/// Each event is parsed once into borrowed pieces, and what it carries
+/// (text, arguments, ids) is copied as the upstream encoded it.
 #[derive(Debug, Default)]
 pub struct StreamTranslator {
     /// The client asked for the final usage chunk.
     include_usage: bool,
     created: u64,
-    id: Value,
-    model: Value,
     lines: crate::stream::lines::Lines,
     /// Anthropic content-block index → OpenAI tool-call index.
     tool_index: Vec<(u64, u64)>,
     next_tool: u64,
-    usage: Value,
+    usage: Usage,
     stopped: bool,
-    /// See [`Self::set_prefix`].
+    /// `data: {"id":…,"object":…,"created":…,"model":…,"choices":[{"index":0,"delta":`,
+    /// written once `message_start` names the message: each chunk is then
+    /// this, its delta and a fixed tail.
     prefix: Vec<u8>,
+}
+
+/// One Anthropic stream event: the fields of every kind, borrowed.
+#[derive(serde::Deserialize)]
+struct Event<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    index: Option<u64>,
+    #[serde(borrow)]
+    delta: Option<Delta<'a>>,
+    #[serde(borrow)]
+    message: Option<Started<'a>>,
+    #[serde(borrow)]
+    content_block: Option<Block<'a>>,
+    usage: Option<Usage>,
+    #[serde(borrow)]
+    error: Option<Failure<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct Delta<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    text: Option<&'a RawValue>,
+    #[serde(borrow)]
+    partial_json: Option<&'a RawValue>,
+    #[serde(borrow)]
+    stop_reason: Option<Cow<'a, str>>,
+}
+
+#[derive(serde::Deserialize)]
+struct Started<'a> {
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    model: Option<&'a RawValue>,
+    #[serde(default)]
+    usage: Usage,
+}
+
+#[derive(serde::Deserialize)]
+struct Block<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    name: Option<&'a RawValue>,
+    #[serde(borrow)]
+    text: Option<&'a RawValue>,
+}
+
+#[derive(serde::Deserialize)]
+struct Failure<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    message: Option<Cow<'a, str>>,
 }
 
 impl StreamTranslator {
@@ -346,34 +506,32 @@ impl StreamTranslator {
         Self {
             include_usage,
             created,
-            usage: json!({}),
             ..Self::default()
         }
     }
 
-    /// The start of every chunk, written once `message_start` names the
-    /// message: each chunk is then this, its delta and a fixed tail.
-    fn set_prefix(&mut self) {
+    fn set_prefix(&mut self, id: Option<&RawValue>, model: Option<&RawValue>) {
         let mut prefix = b"data: {\"id\":".to_vec();
-        let _ = serde_json::to_writer(&mut prefix, &self.id);
+        prefix.extend_from_slice(raw(id));
         prefix.extend_from_slice(b",\"object\":\"chat.completion.chunk\",\"created\":");
-        prefix.extend_from_slice(self.created.to_string().as_bytes());
+        number(self.created, &mut prefix);
         prefix.extend_from_slice(b",\"model\":");
-        let _ = serde_json::to_writer(&mut prefix, &self.model);
-        prefix.extend_from_slice(b",\"choices\":[{\"index\":0,\"delta\":");
+        prefix.extend_from_slice(raw(model));
+        prefix.extend_from_slice(b",\"choices\":[");
         self.prefix = prefix;
     }
 
-    fn chunk(&mut self, delta: Value, finish: Option<&str>, out: &mut Vec<u8>) {
+    /// A chunk whose delta is `parts` (pieces of one JSON object, written
+    /// in order) and whose `finish_reason` is `finish`.
+    fn chunk(&mut self, parts: &[&[u8]], finish: Option<&str>, out: &mut Vec<u8>) {
         if self.prefix.is_empty() {
-            self.set_prefix();
+            self.set_prefix(None, None);
         }
         out.extend_from_slice(&self.prefix);
-        let _ = serde_json::to_writer(&mut *out, &delta);
-        self.tail(finish, out);
-    }
-
-    fn tail(&self, finish: Option<&str>, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"index\":0,\"delta\":");
+        for part in parts {
+            out.extend_from_slice(part);
+        }
         match finish {
             Some(reason) => {
                 out.extend_from_slice(b",\"finish_reason\":\"");
@@ -384,63 +542,11 @@ impl StreamTranslator {
         }
     }
 
-    /// The hot path: a text or tool-argument delta, parsed into borrowed
-    /// strings and written without building a JSON tree. `false` when the
-    /// event is another kind.
-    fn fast_delta(&mut self, payload: &[u8], out: &mut Vec<u8>) -> bool {
-        #[derive(serde::Deserialize)]
-        struct Event<'a> {
-            #[serde(rename = "type", borrow)]
-            kind: std::borrow::Cow<'a, str>,
-            index: Option<u64>,
-            #[serde(borrow)]
-            delta: Option<Delta<'a>>,
-        }
-        #[derive(serde::Deserialize)]
-        struct Delta<'a> {
-            #[serde(rename = "type", borrow)]
-            kind: std::borrow::Cow<'a, str>,
-            #[serde(borrow, default)]
-            text: Option<std::borrow::Cow<'a, str>>,
-            #[serde(borrow, default)]
-            partial_json: Option<std::borrow::Cow<'a, str>>,
-        }
-        if self.prefix.is_empty() {
-            return false;
-        }
-        let Ok(event) = serde_json::from_slice::<Event<'_>>(payload) else {
-            return false;
-        };
-        let Some(delta) = event.delta.filter(|_| event.kind == "content_block_delta") else {
-            return false;
-        };
-        match (&*delta.kind, delta.text, delta.partial_json) {
-            ("text_delta", Some(text), _) => {
-                out.extend_from_slice(&self.prefix);
-                out.extend_from_slice(b"{\"content\":");
-                let _ = serde_json::to_writer(&mut *out, &*text);
-                out.push(b'}');
-                self.tail(None, out);
-                true
-            }
-            ("input_json_delta", _, Some(partial)) => {
-                let block = event.index.unwrap_or(0);
-                let index = self
-                    .tool_index
-                    .iter()
-                    .find(|(b, _)| *b == block)
-                    .map_or(0, |(_, i)| *i);
-                out.extend_from_slice(&self.prefix);
-                out.extend_from_slice(b"{\"tool_calls\":[{\"index\":");
-                out.extend_from_slice(index.to_string().as_bytes());
-                out.extend_from_slice(b",\"function\":{\"arguments\":");
-                let _ = serde_json::to_writer(&mut *out, &*partial);
-                out.extend_from_slice(b"}}]}");
-                self.tail(None, out);
-                true
-            }
-            _ => false,
-        }
+    fn tool(&self, block: u64) -> u64 {
+        self.tool_index
+            .iter()
+            .find(|(b, _)| *b == block)
+            .map_or(0, |(_, i)| *i)
     }
 
     /// Translates what `data` completes into `out`; an in-band `error`
@@ -460,60 +566,29 @@ impl StreamTranslator {
             // `event:` lines repeat the data's `type`; blank lines end events.
             return Ok(());
         };
-        let payload = payload.trim_ascii();
-        if self.fast_delta(payload, out) {
-            return Ok(());
-        }
-        let event: Value = serde_json::from_slice(payload)
+        let event: Event<'_> = serde_json::from_slice(payload.trim_ascii())
             .map_err(|e| format!("the upstream sent an event that is not JSON: {e}"))?;
-        match event["type"].as_str() {
-            Some("message_start") => {
-                let message = &event["message"];
-                self.id = message["id"].clone();
-                self.model = message["model"].clone();
-                self.usage = message["usage"].clone();
-                self.set_prefix();
-                self.chunk(json!({"role": "assistant", "content": ""}), None, out);
-            }
-            Some("content_block_start") => {
-                let block = &event["content_block"];
-                if block["type"] == "tool_use" {
-                    let index = self.next_tool;
-                    self.next_tool += 1;
-                    self.tool_index
-                        .push((event["index"].as_u64().unwrap_or(0), index));
-                    self.chunk(
-                        json!({"tool_calls": [{
-                            "index": index,
-                            "id": block["id"],
-                            "type": "function",
-                            "function": {"name": block["name"], "arguments": ""},
-                        }]}),
-                        None,
-                        out,
-                    );
-                } else if block["type"] == "text"
-                    && let Some(text) = block["text"].as_str().filter(|t| !t.is_empty())
-                {
-                    self.chunk(json!({"content": text}), None, out);
-                }
-            }
-            Some("content_block_delta") => {
-                let delta = &event["delta"];
-                match delta["type"].as_str() {
-                    Some("text_delta") => self.chunk(json!({"content": delta["text"]}), None, out),
-                    Some("input_json_delta") => {
-                        let block = event["index"].as_u64().unwrap_or(0);
-                        let index = self
-                            .tool_index
-                            .iter()
-                            .find(|(b, _)| *b == block)
-                            .map_or(0, |(_, i)| *i);
+        match &*event.kind {
+            "content_block_delta" => {
+                let Some(delta) = event.delta else {
+                    return Ok(());
+                };
+                match (delta.kind.as_deref(), delta.text, delta.partial_json) {
+                    (Some("text_delta"), Some(text), _) => {
+                        self.chunk(&[b"{\"content\":", text.get().as_bytes(), b"}"], None, out);
+                    }
+                    (Some("input_json_delta"), _, Some(partial)) => {
+                        let index = self.tool(event.index.unwrap_or(0));
+                        let index =
+                            crate::telemetry::access_line::decimal(index, &mut [0; 20]).to_vec();
                         self.chunk(
-                            json!({"tool_calls": [{
-                                "index": index,
-                                "function": {"arguments": delta["partial_json"]},
-                            }]}),
+                            &[
+                                b"{\"tool_calls\":[{\"index\":",
+                                &index,
+                                b",\"function\":{\"arguments\":",
+                                partial.get().as_bytes(),
+                                b"}}]}",
+                            ],
                             None,
                             out,
                         );
@@ -522,37 +597,80 @@ impl StreamTranslator {
                     _ => {}
                 }
             }
-            Some("message_delta") => {
-                if let Some(usage) = event["usage"].as_object() {
-                    for (field, value) in usage {
-                        if !value.is_null() {
-                            self.usage[field] = value.clone();
-                        }
-                    }
+            "message_start" => {
+                let started = event.message;
+                let (id, model) = started.as_ref().map_or((None, None), |m| (m.id, m.model));
+                self.set_prefix(id, model);
+                if let Some(started) = started {
+                    self.usage.update(started.usage);
                 }
-                let reason = event["delta"]["stop_reason"].as_str().unwrap_or("end_turn");
-                self.chunk(json!({}), Some(finish_reason(reason)), out);
+                self.chunk(&[b"{\"role\":\"assistant\",\"content\":\"\"}"], None, out);
             }
-            Some("message_stop") => {
+            "content_block_start" => {
+                let Some(block) = event.content_block else {
+                    return Ok(());
+                };
+                if block.kind == "tool_use" {
+                    let index = self.next_tool;
+                    self.next_tool += 1;
+                    self.tool_index.push((event.index.unwrap_or(0), index));
+                    let index =
+                        crate::telemetry::access_line::decimal(index, &mut [0; 20]).to_vec();
+                    self.chunk(
+                        &[
+                            b"{\"tool_calls\":[{\"index\":",
+                            &index,
+                            b",\"id\":",
+                            raw(block.id),
+                            b",\"type\":\"function\",\"function\":{\"name\":",
+                            raw(block.name),
+                            b",\"arguments\":\"\"}}]}",
+                        ],
+                        None,
+                        out,
+                    );
+                } else if block.kind == "text"
+                    && let Some(text) = block.text.filter(|t| t.get() != "\"\"")
+                {
+                    self.chunk(&[b"{\"content\":", text.get().as_bytes(), b"}"], None, out);
+                }
+            }
+            "message_delta" => {
+                if let Some(usage) = event.usage {
+                    self.usage.update(usage);
+                }
+                let reason = event
+                    .delta
+                    .as_ref()
+                    .and_then(|d| d.stop_reason.as_deref())
+                    .unwrap_or("end_turn");
+                self.chunk(&[b"{}"], Some(finish_reason(reason)), out);
+            }
+            "message_stop" => {
                 if self.include_usage {
-                    let chunk = json!({
-                        "id": self.id,
-                        "object": "chat.completion.chunk",
-                        "created": self.created,
-                        "model": self.model,
-                        "choices": [],
-                        "usage": usage(&self.usage),
-                    });
-                    write_event(&chunk, out);
+                    if self.prefix.is_empty() {
+                        self.set_prefix(None, None);
+                    }
+                    out.extend_from_slice(&self.prefix);
+                    out.extend_from_slice(b"],\"usage\":");
+                    self.usage.write_openai(out);
+                    out.extend_from_slice(b"}\n\n");
                 }
                 out.extend_from_slice(b"data: [DONE]\n\n");
                 self.stopped = true;
             }
-            Some("error") => {
+            "error" => {
+                let error = event.error;
                 return Err(format!(
                     "the upstream failed mid-stream: {} ({})",
-                    event["error"]["message"].as_str().unwrap_or("no message"),
-                    event["error"]["type"].as_str().unwrap_or("error"),
+                    error
+                        .as_ref()
+                        .and_then(|e| e.message.as_deref())
+                        .unwrap_or("no message"),
+                    error
+                        .as_ref()
+                        .and_then(|e| e.kind.as_deref())
+                        .unwrap_or("error"),
                 ));
             }
             // ping, content_block_stop, and event types added later
@@ -572,13 +690,6 @@ impl StreamTranslator {
             Err("the upstream's stream ended before message_stop".into())
         }
     }
-}
-
-pub(super) fn write_event(value: &Value, out: &mut Vec<u8>) {
-    out.extend_from_slice(b"data: ");
-    // Writing a `Value` into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, value);
-    out.extend_from_slice(b"\n\n");
 }
 
 #[cfg(test)]

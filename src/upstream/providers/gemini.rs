@@ -380,7 +380,7 @@ impl StreamTranslator {
             "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
         });
-        super::anthropic::write_event(&chunk, out);
+        write_event(&chunk, out);
     }
 
     /// Translates what `data` completes into `out`; an `error` event is an error.
@@ -449,11 +449,18 @@ impl StreamTranslator {
                 "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                 "choices": [], "usage": usage(&self.usage),
             });
-            super::anthropic::write_event(&chunk, out);
+            write_event(&chunk, out);
         }
         out.extend_from_slice(b"data: [DONE]\n\n");
         Ok(())
     }
+}
+
+fn write_event(value: &Value, out: &mut Vec<u8>) {
+    out.extend_from_slice(b"data: ");
+    // Writing a `Value` into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, value);
+    out.extend_from_slice(b"\n\n");
 }
 
 #[cfg(test)]
