@@ -426,10 +426,12 @@ async fn messages(State(mock): State<Arc<Mock>>, headers: HeaderMap, body: Bytes
                     } else {
                         word(i, chunks)
                     };
-                    event(
-                        "content_block_delta",
-                        json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}),
-                    )
+                    // In Anthropic's own key order (`json!` sorts keys), as
+                    // the real API writes its most frequent event.
+                    Bytes::from(format!(
+                        "event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{{\"type\":\"text_delta\",\"text\":{}}}}}\n\n",
+                        Value::String(text)
+                    ))
                 }
                 Some(i) => tail[i - chunks].clone(),
             };

@@ -305,7 +305,7 @@ fn number(n: u64, out: &mut Vec<u8>) {
 }
 
 /// A JSON value as it was in the upstream's bytes (`null` when absent).
-fn raw<'a>(value: Option<&'a RawValue>) -> &'a [u8] {
+fn raw(value: Option<&RawValue>) -> &[u8] {
     value.map_or(b"null", |v| v.get().as_bytes())
 }
 
@@ -500,6 +500,58 @@ struct Failure<'a> {
     message: Option<Cow<'a, str>>,
 }
 
+/// A delta event's payload: a JSON string token (quotes included).
+enum Fast<'a> {
+    Text(&'a [u8]),
+    /// The content block's index and the partial JSON.
+    Arguments(u64, &'a [u8]),
+}
+
+/// Nine events in ten are deltas, and Anthropic writes them in one shape
+/// (`{"type":"content_block_delta","index":N,"delta":{"type":"text_delta","text":"…"}}`):
+/// recognised by that shape, their string found by its closing quote, with
+/// no JSON parse. Any other spelling (spaces, key order, more fields) is
+/// `None` and takes the parser's path, which writes the same.
+fn fast_delta(payload: &[u8]) -> Option<Fast<'_>> {
+    let rest = payload.strip_prefix(b"{\"type\":\"content_block_delta\",\"index\":")?;
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    let (number, rest) = rest.split_at(digits);
+    let index: u64 = std::str::from_utf8(number).ok()?.parse().ok()?;
+    let rest = rest.strip_prefix(b",\"delta\":{\"type\":\"")?;
+    let (text, rest) = if let Some(rest) = rest.strip_prefix(b"text_delta\",\"text\":") {
+        (true, rest)
+    } else {
+        (false, rest.strip_prefix(b"input_json_delta\",\"partial_json\":")?)
+    };
+    let end = string_end(rest)?;
+    let (string, tail) = rest.split_at(end);
+    if tail != b"}}" || std::str::from_utf8(string).is_err() {
+        return None;
+    }
+    Some(if text {
+        Fast::Text(string)
+    } else {
+        Fast::Arguments(index, string)
+    })
+}
+
+/// The length of the JSON string token `bytes` starts with (its quotes
+/// included), or `None` when it does not start with one or never ends.
+fn string_end(bytes: &[u8]) -> Option<usize> {
+    if bytes.first() != Some(&b'"') {
+        return None;
+    }
+    let mut at = 1;
+    loop {
+        let found = at + memchr::memchr2(b'"', b'\\', bytes.get(at..)?)?;
+        if bytes.get(found) == Some(&b'"') {
+            return Some(found + 1);
+        }
+        // An escape: the next byte is part of it, whatever it is.
+        at = found + 2;
+    }
+}
+
 impl StreamTranslator {
     /// A translator for one stream; `include_usage` adds the usage chunk.
     pub fn new(include_usage: bool, created: u64) -> Self {
@@ -549,6 +601,28 @@ impl StreamTranslator {
             .map_or(0, |(_, i)| *i)
     }
 
+    /// A text or tool-argument delta: its JSON string copied as it came.
+    fn delta(&mut self, delta: Fast<'_>, out: &mut Vec<u8>) {
+        match delta {
+            Fast::Text(text) => self.chunk(&[b"{\"content\":", text, b"}"], None, out),
+            Fast::Arguments(block, partial) => {
+                let mut digits = [0; 20];
+                let index = crate::telemetry::access_line::decimal(self.tool(block), &mut digits);
+                self.chunk(
+                    &[
+                        b"{\"tool_calls\":[{\"index\":",
+                        index,
+                        b",\"function\":{\"arguments\":",
+                        partial,
+                        b"}}]}",
+                    ],
+                    None,
+                    out,
+                );
+            }
+        }
+    }
+
     /// Translates what `data` completes into `out`; an in-band `error`
     /// event (or a line that is not JSON) is an error: the stream must not
     /// look complete.
@@ -566,32 +640,25 @@ impl StreamTranslator {
             // `event:` lines repeat the data's `type`; blank lines end events.
             return Ok(());
         };
-        let event: Event<'_> = serde_json::from_slice(payload.trim_ascii())
+        let payload = payload.trim_ascii();
+        if let Some(delta) = fast_delta(payload) {
+            self.delta(delta, out);
+            return Ok(());
+        }
+        let event: Event<'_> = serde_json::from_slice(payload)
             .map_err(|e| format!("the upstream sent an event that is not JSON: {e}"))?;
         match &*event.kind {
             "content_block_delta" => {
                 let Some(delta) = event.delta else {
                     return Ok(());
                 };
+                let index = event.index.unwrap_or(0);
                 match (delta.kind.as_deref(), delta.text, delta.partial_json) {
                     (Some("text_delta"), Some(text), _) => {
-                        self.chunk(&[b"{\"content\":", text.get().as_bytes(), b"}"], None, out);
+                        self.delta(Fast::Text(text.get().as_bytes()), out);
                     }
                     (Some("input_json_delta"), _, Some(partial)) => {
-                        let index = self.tool(event.index.unwrap_or(0));
-                        let index =
-                            crate::telemetry::access_line::decimal(index, &mut [0; 20]).to_vec();
-                        self.chunk(
-                            &[
-                                b"{\"tool_calls\":[{\"index\":",
-                                &index,
-                                b",\"function\":{\"arguments\":",
-                                partial.get().as_bytes(),
-                                b"}}]}",
-                            ],
-                            None,
-                            out,
-                        );
+                        self.delta(Fast::Arguments(index, partial.get().as_bytes()), out);
                     }
                     // thinking and signature deltas have no Chat counterpart
                     _ => {}
@@ -937,6 +1004,45 @@ mod tests {
         }
         let (without, _) = run(STREAM, &[], false);
         assert!(!without.contains("\"usage\""));
+    }
+
+    #[test]
+    fn the_delta_shortcut_writes_what_the_parser_writes() {
+        let start = "data: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"model\":\"claude\",\"usage\":{\"input_tokens\":3}}}\n\n";
+        let tool = "data: {\"type\":\"content_block_start\",\"index\":1,\"content_block\":{\"type\":\"tool_use\",\"id\":\"toolu_9\",\"name\":\"f\",\"input\":{}}}\n\n";
+        let compact = [
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Say \"hi\" \\ ☀️\n"}}"#,
+            r#"{"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"{\"a\": 1}"}}"#,
+        ];
+        let spaced = [
+            r#"{ "type": "content_block_delta", "index": 0, "delta": { "type": "text_delta", "text": "Say \"hi\" \\ ☀️\n" } }"#,
+            r#"{"index":1,"type":"content_block_delta","delta":{"partial_json":"{\"a\": 1}","type":"input_json_delta"}}"#,
+        ];
+        assert!(compact.iter().all(|event| fast_delta(event.as_bytes()).is_some()));
+        assert!(spaced.iter().all(|event| fast_delta(event.as_bytes()).is_none()));
+        let translate = |events: [&str; 2]| {
+            let mut translator = StreamTranslator::new(false, 1);
+            let mut out = Vec::new();
+            let text = format!("{start}{tool}data: {}\n\ndata: {}\n\n", events[0], events[1]);
+            translator.feed(text.as_bytes(), &mut out).unwrap();
+            String::from_utf8(out).unwrap()
+        };
+        let (fast, parsed) = (translate(compact), translate(spaced));
+        assert_eq!(fast, parsed);
+        let chunks = chunks(&fast);
+        assert_eq!(chunks[2]["choices"][0]["delta"]["content"], "Say \"hi\" \\ ☀️\n");
+        assert_eq!(
+            chunks[3]["choices"][0]["delta"]["tool_calls"][0],
+            json!({"index": 0, "function": {"arguments": "{\"a\": 1}"}})
+        );
+        // Not the shape, or broken: the parser decides.
+        for odd in [
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"x"},"more":1}"#,
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"x}}"#,
+            r#"{"type":"content_block_delta","index":,"delta":{"type":"text_delta","text":"x"}}"#,
+        ] {
+            assert!(fast_delta(odd.as_bytes()).is_none(), "{odd}");
+        }
     }
 
     #[test]
