@@ -31,7 +31,7 @@ use std::borrow::Cow;
 
 use bytes::Bytes;
 use serde_json::value::RawValue;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use crate::config::AnthropicSettings;
 
@@ -100,113 +100,267 @@ fn image(url: &str) -> Value {
     json!({"type": "image", "source": {"type": "url", "url": url}})
 }
 
+/// A content block of the translated request: a text block whose string
+/// is the client's own JSON token (the common case, copied), or any other
+/// block, built.
+enum Block<'a> {
+    Text(&'a RawValue),
+    /// A value copied as it is (a tool's schema).
+    Raw(&'a RawValue),
+    Built(Value),
+}
+
+impl serde::Serialize for Block<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self {
+            Self::Text(text) => {
+                let mut map = serializer.serialize_map(Some(2))?;
+                map.serialize_entry("type", "text")?;
+                map.serialize_entry("text", text)?;
+                map.end()
+            }
+            Self::Raw(value) => value.serialize(serializer),
+            Self::Built(value) => value.serialize(serializer),
+        }
+    }
+}
+
+#[derive(serde::Serialize)]
+struct Turn<'a> {
+    role: &'static str,
+    content: Vec<Block<'a>>,
+}
+
+/// Appends `blocks` as a turn of `role`, merged into the last turn when it
+/// has the same role: Anthropic wants the roles to alternate.
+fn push<'a>(turns: &mut Vec<Turn<'a>>, role: &'static str, mut blocks: Vec<Block<'a>>) {
+    if blocks.is_empty() {
+        return;
+    }
+    match turns.last_mut() {
+        Some(last) if last.role == role => last.content.append(&mut blocks),
+        _ => turns.push(Turn {
+            role,
+            content: blocks,
+        }),
+    }
+}
+
+/// The fields the translation reads, borrowed from the request: values
+/// that pass unchanged stay the client's own JSON text.
+#[derive(serde::Deserialize)]
+struct Chat<'a> {
+    #[serde(borrow)]
+    model: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    messages: Vec<ChatMessage<'a>>,
+    #[serde(borrow)]
+    n: Option<&'a RawValue>,
+    #[serde(borrow)]
+    max_tokens: Option<&'a RawValue>,
+    #[serde(borrow)]
+    max_completion_tokens: Option<&'a RawValue>,
+    #[serde(borrow)]
+    stop: Option<&'a RawValue>,
+    #[serde(borrow)]
+    temperature: Option<&'a RawValue>,
+    #[serde(borrow)]
+    top_p: Option<&'a RawValue>,
+    #[serde(borrow)]
+    stream: Option<&'a RawValue>,
+    #[serde(borrow)]
+    stream_options: Option<&'a RawValue>,
+    #[serde(borrow)]
+    user: Option<&'a RawValue>,
+    #[serde(borrow)]
+    tools: Option<&'a RawValue>,
+    #[serde(borrow)]
+    tool_choice: Option<&'a RawValue>,
+    #[serde(borrow)]
+    parallel_tool_calls: Option<&'a RawValue>,
+}
+
+#[derive(serde::Deserialize)]
+struct ChatMessage<'a> {
+    #[serde(borrow)]
+    role: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    content: Option<&'a RawValue>,
+    #[serde(borrow)]
+    tool_calls: Option<&'a RawValue>,
+    #[serde(borrow)]
+    tool_call_id: Option<&'a RawValue>,
+}
+
+#[derive(serde::Deserialize)]
+struct Tool<'a> {
+    #[serde(borrow)]
+    function: Function<'a>,
+}
+
+#[derive(serde::Deserialize)]
+struct Function<'a> {
+    #[serde(borrow)]
+    name: Option<&'a RawValue>,
+    #[serde(borrow)]
+    description: Option<&'a RawValue>,
+    #[serde(borrow)]
+    parameters: Option<&'a RawValue>,
+}
+
+#[derive(serde::Serialize)]
+struct AnthropicTool<'a> {
+    name: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    description: Option<&'a RawValue>,
+    input_schema: Block<'a>,
+}
+
+/// The Messages request: fields in Anthropic's names.
+#[derive(serde::Serialize)]
+struct Messages<'a> {
+    model: Option<&'a RawValue>,
+    max_tokens: u64,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    system: Vec<Block<'a>>,
+    messages: Vec<Turn<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stop_sequences: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metadata: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tools: Option<Vec<AnthropicTool<'a>>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_choice: Option<Value>,
+}
+
+/// A value that is present and not `null`.
+fn given(value: Option<&RawValue>) -> Option<&RawValue> {
+    value.filter(|v| v.get() != "null")
+}
+
+fn number_in(value: Option<&RawValue>) -> Option<u64> {
+    value.and_then(|v| v.get().parse().ok())
+}
+
+/// A raw value decoded, for the rarer fields handled as trees.
+fn tree(value: &RawValue, at: &str) -> Result<Value, Refusal> {
+    serde_json::from_str(value.get()).map_err(|e| format!("{at} cannot be read: {e}"))
+}
+
+/// A message's `content` as blocks: a string is copied as its token.
+fn content_blocks<'a>(content: Option<&'a RawValue>, at: &str) -> Result<Vec<Block<'a>>, Refusal> {
+    match given(content) {
+        None => Ok(Vec::new()),
+        Some(text) if text.get() == "\"\"" => Ok(Vec::new()),
+        Some(text) if text.get().starts_with('"') => Ok(vec![Block::Text(text)]),
+        Some(parts) => Ok(blocks(&tree(parts, &format!("{at}.content"))?, at)?
+            .into_iter()
+            .map(Block::Built)
+            .collect()),
+    }
+}
+
 /// The Messages request for an OpenAI chat completion request `body`.
 pub fn request(settings: &AnthropicSettings, body: &[u8]) -> Result<Translated, Refusal> {
-    let chat: Map<String, Value> = serde_json::from_slice(body)
-        .map_err(|e| format!("the request body is not a JSON object: {e}"))?;
-    if chat.get("n").and_then(Value::as_u64).is_some_and(|n| n > 1) {
+    let chat: Chat<'_> = serde_json::from_slice(body)
+        .map_err(|e| format!("the request body is not a chat completion request: {e}"))?;
+    if number_in(chat.n).is_some_and(|n| n > 1) {
         return Err("`n` above 1 cannot be served by an Anthropic upstream".into());
     }
     let mut system = Vec::new();
-    let mut messages: Vec<Value> = Vec::new();
-    let empty = Vec::new();
-    let input = chat
-        .get("messages")
-        .and_then(Value::as_array)
-        .unwrap_or(&empty);
-    for (i, message) in input.iter().enumerate() {
+    let mut messages: Vec<Turn<'_>> = Vec::new();
+    for (i, message) in chat.messages.iter().enumerate() {
         let at = format!("messages[{i}]");
-        match message["role"].as_str() {
-            Some("system" | "developer") => {
-                if let Some(text) = text_of(&message["content"])
-                    && !text.is_empty()
-                {
-                    system.push(json!({"type": "text", "text": text}));
+        match message.role.as_deref() {
+            Some("system" | "developer") => match given(message.content) {
+                Some(text) if text.get().starts_with('"') => {
+                    if text.get() != "\"\"" {
+                        system.push(Block::Text(text));
+                    }
                 }
-            }
-            Some("user") => super::push_turn(
-                &mut messages,
-                "content",
-                "user",
-                blocks(&message["content"], &at)?,
-            ),
+                Some(parts) => {
+                    if let Some(text) = text_of(&tree(parts, &format!("{at}.content"))?)
+                        && !text.is_empty()
+                    {
+                        system.push(Block::Built(json!({"type": "text", "text": text})));
+                    }
+                }
+                None => {}
+            },
+            Some("user") => push(&mut messages, "user", content_blocks(message.content, &at)?),
             Some("assistant") => {
-                let mut content = blocks(&message["content"], &at)?;
-                for (j, call) in message["tool_calls"]
-                    .as_array()
-                    .unwrap_or(&empty)
-                    .iter()
-                    .enumerate()
-                {
-                    let input = super::call_arguments(call, &at, j)?;
-                    content.push(json!({
-                        "type": "tool_use",
-                        "id": call["id"],
-                        "name": call["function"]["name"],
-                        "input": input,
-                    }));
+                let mut content = content_blocks(message.content, &at)?;
+                if let Some(calls) = given(message.tool_calls) {
+                    let calls = tree(calls, &format!("{at}.tool_calls"))?;
+                    for (j, call) in calls
+                        .as_array()
+                        .map_or(&[][..], Vec::as_slice)
+                        .iter()
+                        .enumerate()
+                    {
+                        let input = super::call_arguments(call, &at, j)?;
+                        content.push(Block::Built(json!({
+                            "type": "tool_use",
+                            "id": call["id"],
+                            "name": call["function"]["name"],
+                            "input": input,
+                        })));
+                    }
                 }
-                super::push_turn(&mut messages, "content", "assistant", content);
+                push(&mut messages, "assistant", content);
             }
             Some("tool") => {
+                let content = match given(message.content) {
+                    Some(content) => text_of(&tree(content, &format!("{at}.content"))?),
+                    None => None,
+                };
+                let id = match message.tool_call_id {
+                    Some(id) => tree(id, &format!("{at}.tool_call_id"))?,
+                    None => Value::Null,
+                };
                 let result = json!({
                     "type": "tool_result",
-                    "tool_use_id": message["tool_call_id"],
-                    "content": text_of(&message["content"]).unwrap_or_default(),
+                    "tool_use_id": id,
+                    "content": content.unwrap_or_default(),
                 });
-                super::push_turn(&mut messages, "content", "user", vec![result]);
+                push(&mut messages, "user", vec![Block::Built(result)]);
             }
             other => return Err(format!("{at}.role {other:?} is not a chat role")),
         }
     }
-    let mut out = Map::new();
-    out.insert(
-        "model".into(),
-        chat.get("model").cloned().unwrap_or(Value::Null),
-    );
-    let max_tokens = chat
-        .get("max_completion_tokens")
-        .or_else(|| chat.get("max_tokens"))
-        .and_then(Value::as_u64)
-        .unwrap_or(settings.default_max_tokens);
-    out.insert("max_tokens".into(), max_tokens.into());
-    if !system.is_empty() {
-        out.insert("system".into(), Value::Array(system));
-    }
-    out.insert("messages".into(), Value::Array(messages));
-    if let Some(stops) = super::stop_list(chat.get("stop")) {
-        out.insert("stop_sequences".into(), stops);
-    }
-    for field in ["temperature", "top_p", "stream"] {
-        if let Some(value) = chat.get(field).filter(|v| !v.is_null()) {
-            out.insert(field.into(), value.clone());
+    let tools = match given(chat.tools) {
+        None => None,
+        Some(tools) => {
+            let tools: Vec<Tool<'_>> = serde_json::from_str(tools.get())
+                .map_err(|e| format!("`tools` must be a list of function tools: {e}"))?;
+            Some(
+                tools
+                    .into_iter()
+                    .map(|tool| AnthropicTool {
+                        name: tool.function.name,
+                        description: given(tool.function.description)
+                            .filter(|d| d.get().starts_with('"')),
+                        input_schema: match given(tool.function.parameters) {
+                            Some(schema) if schema.get().starts_with('{') => Block::Raw(schema),
+                            _ => Block::Built(json!({"type": "object"})),
+                        },
+                    })
+                    .collect::<Vec<_>>(),
+            )
         }
-    }
-    if let Some(user) = chat.get("user").and_then(Value::as_str) {
-        out.insert("metadata".into(), json!({"user_id": user}));
-    }
-    if let Some(tools) = chat.get("tools").and_then(Value::as_array) {
-        let tools = tools
-            .iter()
-            .map(|tool| {
-                let function = &tool["function"];
-                let mut out = json!({
-                    "name": function["name"],
-                    "input_schema": if function["parameters"].is_object() {
-                        function["parameters"].clone()
-                    } else {
-                        json!({"type": "object"})
-                    },
-                });
-                if let Some(description) = function["description"].as_str() {
-                    out["description"] = description.into();
-                }
-                out
-            })
-            .collect();
-        out.insert("tools".into(), Value::Array(tools));
-    }
-    let mut choice = match chat.get("tool_choice") {
+    };
+    let mut choice = match given(chat.tool_choice)
+        .map(|c| tree(c, "`tool_choice`"))
+        .transpose()?
+    {
         Some(Value::String(mode)) => match mode.as_str() {
             "auto" => Some(json!({"type": "auto"})),
             "required" => Some(json!({"type": "any"})),
@@ -222,17 +376,40 @@ pub fn request(settings: &AnthropicSettings, body: &[u8]) -> Result<Translated, 
         }
         _ => None,
     };
-    if chat.get("parallel_tool_calls") == Some(&Value::Bool(false)) && out.contains_key("tools") {
+    if chat.parallel_tool_calls.is_some_and(|p| p.get() == "false") && tools.is_some() {
         let choice = choice.get_or_insert_with(|| json!({"type": "auto"}));
         choice["disable_parallel_tool_use"] = true.into();
     }
-    if let Some(choice) = choice {
-        out.insert("tool_choice".into(), choice);
-    }
-    let stream = chat.get("stream") == Some(&Value::Bool(true));
-    let include_usage = chat
-        .get("stream_options")
-        .is_some_and(|o| o["include_usage"] == true);
+    let stop = given(chat.stop).map(|s| tree(s, "`stop`")).transpose()?;
+    let stream = chat.stream.is_some_and(|s| s.get() == "true");
+    let include_usage = given(chat.stream_options).is_some_and(|options| {
+        #[derive(serde::Deserialize)]
+        struct Options {
+            include_usage: Option<bool>,
+        }
+        serde_json::from_str::<Options>(options.get())
+            .ok()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false)
+    });
+    let out = Messages {
+        model: chat.model,
+        max_tokens: number_in(chat.max_completion_tokens)
+            .or_else(|| number_in(chat.max_tokens))
+            .unwrap_or(settings.default_max_tokens),
+        system,
+        messages,
+        stop_sequences: super::stop_list(stop.as_ref()),
+        temperature: given(chat.temperature),
+        top_p: given(chat.top_p),
+        stream,
+        metadata: chat
+            .user
+            .filter(|u| u.get().starts_with('"'))
+            .map(|user| json!({"user_id": user})),
+        tools,
+        tool_choice: choice,
+    };
     let body = serde_json::to_vec(&out)
         .map(Bytes::from)
         .map_err(|e| format!("the translated request could not be written: {e}"))?;
@@ -452,7 +629,7 @@ struct Event<'a> {
     #[serde(borrow)]
     message: Option<Started<'a>>,
     #[serde(borrow)]
-    content_block: Option<Block<'a>>,
+    content_block: Option<Opened<'a>>,
     usage: Option<Usage>,
     #[serde(borrow)]
     error: Option<Failure<'a>>,
@@ -481,7 +658,7 @@ struct Started<'a> {
 }
 
 #[derive(serde::Deserialize)]
-struct Block<'a> {
+struct Opened<'a> {
     #[serde(rename = "type", borrow)]
     kind: Cow<'a, str>,
     #[serde(borrow)]
@@ -521,7 +698,10 @@ fn fast_delta(payload: &[u8]) -> Option<Fast<'_>> {
     let (text, rest) = if let Some(rest) = rest.strip_prefix(b"text_delta\",\"text\":") {
         (true, rest)
     } else {
-        (false, rest.strip_prefix(b"input_json_delta\",\"partial_json\":")?)
+        (
+            false,
+            rest.strip_prefix(b"input_json_delta\",\"partial_json\":")?,
+        )
     };
     let end = string_end(rest)?;
     let (string, tail) = rest.split_at(end);
@@ -1018,19 +1198,33 @@ mod tests {
             r#"{ "type": "content_block_delta", "index": 0, "delta": { "type": "text_delta", "text": "Say \"hi\" \\ ☀️\n" } }"#,
             r#"{"index":1,"type":"content_block_delta","delta":{"partial_json":"{\"a\": 1}","type":"input_json_delta"}}"#,
         ];
-        assert!(compact.iter().all(|event| fast_delta(event.as_bytes()).is_some()));
-        assert!(spaced.iter().all(|event| fast_delta(event.as_bytes()).is_none()));
+        assert!(
+            compact
+                .iter()
+                .all(|event| fast_delta(event.as_bytes()).is_some())
+        );
+        assert!(
+            spaced
+                .iter()
+                .all(|event| fast_delta(event.as_bytes()).is_none())
+        );
         let translate = |events: [&str; 2]| {
             let mut translator = StreamTranslator::new(false, 1);
             let mut out = Vec::new();
-            let text = format!("{start}{tool}data: {}\n\ndata: {}\n\n", events[0], events[1]);
+            let text = format!(
+                "{start}{tool}data: {}\n\ndata: {}\n\n",
+                events[0], events[1]
+            );
             translator.feed(text.as_bytes(), &mut out).unwrap();
             String::from_utf8(out).unwrap()
         };
         let (fast, parsed) = (translate(compact), translate(spaced));
         assert_eq!(fast, parsed);
         let chunks = chunks(&fast);
-        assert_eq!(chunks[2]["choices"][0]["delta"]["content"], "Say \"hi\" \\ ☀️\n");
+        assert_eq!(
+            chunks[2]["choices"][0]["delta"]["content"],
+            "Say \"hi\" \\ ☀️\n"
+        );
         assert_eq!(
             chunks[3]["choices"][0]["delta"]["tool_calls"][0],
             json!({"index": 0, "function": {"arguments": "{\"a\": 1}"}})
