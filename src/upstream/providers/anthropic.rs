@@ -256,12 +256,13 @@ fn tree(value: &RawValue, at: &str) -> Result<Value, Refusal> {
 }
 
 /// A message's `content` as blocks: a string is copied as its token.
-fn content_blocks<'a>(content: Option<&'a RawValue>, at: &str) -> Result<Vec<Block<'a>>, Refusal> {
+fn content_blocks(content: Option<&RawValue>, i: usize) -> Result<Vec<Block<'_>>, Refusal> {
+    let at = || format!("messages[{i}]");
     match given(content) {
         None => Ok(Vec::new()),
         Some(text) if text.get() == "\"\"" => Ok(Vec::new()),
         Some(text) if text.get().starts_with('"') => Ok(vec![Block::Text(text)]),
-        Some(parts) => Ok(blocks(&tree(parts, &format!("{at}.content"))?, at)?
+        Some(parts) => Ok(blocks(&tree(parts, &format!("{}.content", at()))?, &at())?
             .into_iter()
             .map(Block::Built)
             .collect()),
@@ -277,16 +278,15 @@ pub fn request(settings: &AnthropicSettings, body: &[u8]) -> Result<Translated, 
     }
     let mut system = Vec::new();
     let mut messages: Vec<Turn<'_>> = Vec::new();
+    // Only a refusal needs the message's name.
+    let at = |i: usize| format!("messages[{i}]");
     for (i, message) in chat.messages.iter().enumerate() {
-        let at = format!("messages[{i}]");
         match message.role.as_deref() {
             Some("system" | "developer") => match given(message.content) {
-                Some(text) if text.get().starts_with('"') => {
-                    if text.get() != "\"\"" {
-                        system.push(Block::Text(text));
-                    }
-                }
+                Some(text) if text.get() == "\"\"" => {}
+                Some(text) if text.get().starts_with('"') => system.push(Block::Text(text)),
                 Some(parts) => {
+                    let at = at(i);
                     if let Some(text) = text_of(&tree(parts, &format!("{at}.content"))?)
                         && !text.is_empty()
                     {
@@ -295,10 +295,11 @@ pub fn request(settings: &AnthropicSettings, body: &[u8]) -> Result<Translated, 
                 }
                 None => {}
             },
-            Some("user") => push(&mut messages, "user", content_blocks(message.content, &at)?),
+            Some("user") => push(&mut messages, "user", content_blocks(message.content, i)?),
             Some("assistant") => {
-                let mut content = content_blocks(message.content, &at)?;
+                let mut content = content_blocks(message.content, i)?;
                 if let Some(calls) = given(message.tool_calls) {
+                    let at = at(i);
                     let calls = tree(calls, &format!("{at}.tool_calls"))?;
                     for (j, call) in calls
                         .as_array()
@@ -318,6 +319,7 @@ pub fn request(settings: &AnthropicSettings, body: &[u8]) -> Result<Translated, 
                 push(&mut messages, "assistant", content);
             }
             Some("tool") => {
+                let at = at(i);
                 let content = match given(message.content) {
                     Some(content) => text_of(&tree(content, &format!("{at}.content"))?),
                     None => None,
@@ -333,7 +335,7 @@ pub fn request(settings: &AnthropicSettings, body: &[u8]) -> Result<Translated, 
                 });
                 push(&mut messages, "user", vec![Block::Built(result)]);
             }
-            other => return Err(format!("{at}.role {other:?} is not a chat role")),
+            other => return Err(format!("{}.role {other:?} is not a chat role", at(i))),
         }
     }
     let tools = match given(chat.tools) {
