@@ -573,6 +573,18 @@ impl Translating {
     }
 }
 
+/// The translated bytes so far, as one frame; the buffer stays for the
+/// next read (grown once, not from empty at every frame).
+fn take(out: &mut Vec<u8>) -> Bytes {
+    let chunk = Bytes::copy_from_slice(out);
+    out.clear();
+    // A held stream keeps no more than a typical frame's room.
+    if out.capacity() > 64 << 10 {
+        *out = Vec::new();
+    }
+    chunk
+}
+
 fn failed(message: String) -> axum::Error {
     axum::Error::new(std::io::Error::other(message))
 }
@@ -614,11 +626,11 @@ impl http_body::Body for Translating {
                             return Poll::Ready(Some(Err(failed(err))));
                         }
                         *this.failure = Some(err);
-                        let chunk = Bytes::from(std::mem::take(this.out));
+                        let chunk = take(this.out);
                         return Poll::Ready(Some(Ok(Frame::data(chunk))));
                     }
                     if !this.out.is_empty() {
-                        let chunk = Bytes::from(std::mem::take(this.out));
+                        let chunk = take(this.out);
                         return Poll::Ready(Some(Ok(Frame::data(chunk))));
                     }
                 }
@@ -629,7 +641,7 @@ impl http_body::Body for Translating {
                         return Poll::Ready(Some(Err(err)));
                     }
                     *this.failure = Some(err.to_string());
-                    let chunk = Bytes::from(std::mem::take(this.out));
+                    let chunk = take(this.out);
                     return Poll::Ready(Some(Ok(Frame::data(chunk))));
                 }
                 None => {
@@ -637,14 +649,14 @@ impl http_body::Body for Translating {
                     return Poll::Ready(Some(match this.translator.finish(this.out) {
                         Ok(()) if this.out.is_empty() => return Poll::Ready(None),
                         Ok(()) => {
-                            let chunk = Bytes::from(std::mem::take(this.out));
+                            let chunk = take(this.out);
                             // The last bytes now; the end on the next poll.
                             Ok(Frame::data(chunk))
                         }
                         Err(err) if this.out.is_empty() => Err(failed(err)),
                         Err(err) => {
                             *this.failure = Some(err);
-                            Ok(Frame::data(Bytes::from(std::mem::take(this.out))))
+                            Ok(Frame::data(take(this.out)))
                         }
                     }));
                 }
