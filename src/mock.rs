@@ -118,6 +118,17 @@ pub fn router(config: MockConfig) -> Router {
             .route("/v1/embeddings", post(embeddings))
             .route("/v1/uploads", post(uploads));
     }
+    if config.dialect == MockDialect::Anthropic {
+        router = router.route(
+            "/v1/models",
+            get(|| async {
+                axum::Json(json!({
+                    "data": [{"type": "model", "id": "claude-mock", "display_name": "Claude (mock)", "created_at": "2025-01-01T00:00:00Z"}],
+                    "has_more": false, "first_id": "claude-mock", "last_id": "claude-mock",
+                }))
+            }),
+        );
+    }
     if speaks(MockDialect::Anthropic) {
         router = router.route("/v1/messages", post(messages)).route(
             "/v1/messages/count_tokens",

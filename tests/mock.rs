@@ -136,6 +136,17 @@ async fn a_dialect_serves_its_own_paths_and_refuses_the_others_in_its_shape() {
         (404, Some("not_found_error"))
     );
     assert_eq!(answer["type"], "error");
+    let models = client()
+        .request(
+            Request::get(format!("{base}/models"))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let models: serde_json::Value =
+        serde_json::from_slice(&models.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(models["data"][0]["type"], "model", "Anthropic's list shape");
 
     let base = mock(MockConfig {
         dialect: MockDialect::Gemini,

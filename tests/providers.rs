@@ -492,6 +492,21 @@ async fn the_messages_api_passes_through_to_an_anthropic_upstream_unchanged() {
         upstream.requests()[1].uri.path(),
         "/v1/messages/count_tokens"
     );
+    // Claude Code reads the model list at its start: Anthropic's own.
+    let got = send(
+        Request::get(proxy.url("/v1/models"))
+            .header("anthropic-version", "2023-06-01")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    let seen = &upstream.requests()[2];
+    assert_eq!(
+        (seen.method.as_str(), seen.uri.path()),
+        ("GET", "/v1/models")
+    );
+    assert_eq!(seen.headers["x-api-key"], "sk-ant-upstream-secret");
 }
 
 #[tokio::test]

@@ -103,8 +103,13 @@ pub async fn prepare(
     let (dialect, name) = match provider {
         // The Messages API itself (Claude Code, the Anthropic SDKs):
         // passed through as sent, `anthropic-version` and `anthropic-beta`
-        // included, count_tokens answered by Anthropic.
-        Provider::Anthropic(settings) if counting || front == Some(Front::Messages) => {
+        // included, count_tokens answered by Anthropic; so is the model
+        // list Claude Code reads at its start (Anthropic has one).
+        Provider::Anthropic(settings)
+            if counting
+                || front == Some(Front::Messages)
+                || (parts.method == http::Method::GET && is_models(path)) =>
+        {
             if !parts.headers.contains_key("anthropic-version") {
                 parts
                     .headers
@@ -205,6 +210,11 @@ pub async fn prepare(
         include_usage,
     };
     Ok(Prepared::Send(buffered(translated), Some(pending)))
+}
+
+/// `GET /v1/models` or `/v1/models/{id}`.
+fn is_models(path: &str) -> bool {
+    path == "/v1/models" || path.starts_with("/v1/models/")
 }
 
 fn not_served(upstream: &str, dialect: &str, parts: &http::request::Parts) -> ProxyError {
