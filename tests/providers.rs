@@ -299,6 +299,52 @@ async fn translated_traffic_is_accounted_from_the_providers_own_usage() {
     assert_eq!(stream_record["completion_tokens"], 89);
     assert_eq!(stream_record["cached_tokens"], 100);
     assert_eq!(stream_record["source"], "reported");
+
+    // The Responses API to the same deployment: billed from the same usage,
+    // whole and streamed (the usage inside `response.completed`).
+    let responses = |body: Value| {
+        Request::post(gateway.proxy.url("/v1/responses"))
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {}", gateway.key))
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap()
+    };
+    let got = send(responses(
+        json!({"model": "claude-sonnet-4-5", "input": "hi"}),
+    ))
+    .await;
+    assert_eq!(got.status, 200, "{}", String::from_utf8_lossy(&got.body));
+    assert_eq!(got.header("x-llmproxy-cost-usd"), Some("0.016902000"));
+    let streamed = client()
+        .request(responses(
+            json!({"model": "claude-sonnet-4-5", "input": "hi", "stream": true}),
+        ))
+        .await
+        .unwrap();
+    let text = body_text(streamed).await;
+    assert!(text.contains("event: response.completed"), "{text}");
+    let records = gateway.records(4).await;
+    let reported: Vec<(u64, u64, u64)> = records
+        .iter()
+        .map(|r| {
+            let n = |field: &str| r[field].as_u64().unwrap();
+            (
+                n("prompt_tokens"),
+                n("completion_tokens"),
+                n("cached_tokens"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        reported.iter().filter(|t| **t == (3119, 503, 1024)).count(),
+        2,
+        "whole answers, Chat and Responses: {reported:?}"
+    );
+    assert_eq!(
+        reported.iter().filter(|t| **t == (582, 89, 100)).count(),
+        2,
+        "streams, Chat and Responses: {reported:?}"
+    );
 }
 
 #[tokio::test]
