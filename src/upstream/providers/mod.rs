@@ -269,9 +269,9 @@ async fn whole_body(body: RequestBody, max_body_size: u64) -> Result<Bytes, Prox
         .map_err(|e| ProxyError::BadRequest(format!("the request body could not be read: {e}")))
 }
 
-/// Appends `items` as a turn of `role` (under `key`: Anthropic's
-/// `content`, Gemini's `parts`), merged into the last turn when it has the
-/// same role: both APIs want the roles to alternate.
+/// Appends `items` as a turn of `role` (its items under `key`), merged into
+/// the last turn when it has the same role: Gemini wants the roles to
+/// alternate (Anthropic's typed turns do the same in `anthropic::push`).
 fn push_turn(
     turns: &mut Vec<serde_json::Value>,
     key: &str,
@@ -520,9 +520,9 @@ impl Translator {
             (Some(FromDialect::Gemini(t)), false) => return t.feed(data, out),
             (Some(FromDialect::Anthropic(t)), true) => t.feed(data, &mut self.hub),
             (Some(FromDialect::Gemini(t)), true) => t.feed(data, &mut self.hub),
+            // The upstream speaks Chat already: straight to the second step.
             (None, _) => {
-                self.hub.extend_from_slice(data);
-                Ok(())
+                return self.to.as_mut().map_or(Ok(()), |to| to.feed(data, out));
             }
         };
         self.through(first, out)
