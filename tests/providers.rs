@@ -449,10 +449,8 @@ async fn an_openai_request_reaches_a_gemini_upstream_translated_and_comes_back()
 
 #[tokio::test]
 async fn azure_deployments_get_their_path_and_version_and_the_bytes_pass_unchanged() {
-    let upstream = spawn_upstream(|_| {
-        Reply::json(200, r#"{"id":"x","object":"chat.completion","choices":[]}"#)
-    })
-    .await;
+    const ANSWER: &str = r#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hello"},"finish_reason":"stop"}]}"#;
+    let upstream = spawn_upstream(|_| Reply::json(200, ANSWER)).await;
     let base = upstream.base_url().trim_end_matches("/v1").to_owned();
     let yaml = format!(
         "upstream:\n  base_url: {base}\n  provider: azure\n  api_version: 2024-06-01\n  default_headers:\n    api-key: azure-secret\n"
@@ -469,10 +467,7 @@ async fn azure_deployments_get_their_path_and_version_and_the_bytes_pass_unchang
     )
     .await;
     assert_eq!(got.status, 200);
-    assert_eq!(
-        &got.body[..],
-        br#"{"id":"x","object":"chat.completion","choices":[]}"#
-    );
+    assert_eq!(&got.body[..], ANSWER.as_bytes());
     let seen = &upstream.requests()[0];
     assert_eq!(
         seen.uri.to_string(),
@@ -484,6 +479,23 @@ async fn azure_deployments_get_their_path_and_version_and_the_bytes_pass_unchang
     let got = send(chat(&proxy, json!({"model": "a/b", "messages": []}))).await;
     assert_eq!(got.status, 400);
     assert_eq!(got.json()["error"]["code"], "not_supported_by_provider");
+    // The Messages API reaches a deployment too: as Chat, on its path.
+    let body =
+        r#"{"model":"gpt4o-prod","max_tokens":9,"messages":[{"role":"user","content":"hi"}]}"#;
+    let got = send(messages(&proxy, body, Some(("x-api-key", "sk-ant-client")))).await;
+    assert_eq!(got.status, 200, "{}", String::from_utf8_lossy(&got.body));
+    assert_eq!(got.json()["content"][0]["text"], "hello");
+    let seen = &upstream.requests()[1];
+    assert_eq!(
+        seen.uri.to_string(),
+        "/openai/deployments/gpt4o-prod/chat/completions?api-version=2024-06-01"
+    );
+    assert!(!seen.headers.contains_key("x-api-key"));
+    let sent: Value = serde_json::from_slice(&seen.body).unwrap();
+    assert_eq!(
+        sent["messages"],
+        json!([{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
+    );
 }
 
 #[tokio::test]
