@@ -674,3 +674,73 @@ impl http_body::Body for Translating {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GEMINI: &str = include_str!("../../../tests/fixtures/gemini/stream.sse");
+    const ANTHROPIC_ERROR: &str =
+        include_str!("../../../tests/fixtures/anthropic/stream_error.sse");
+
+    fn translate(front: Front, dialect: Dialect, stream: &str) -> (String, Result<(), String>) {
+        let pending = Pending {
+            front,
+            dialect: Some(dialect),
+            model: "gemini-2.5-flash".into(),
+            stream: true,
+            include_usage: true,
+        };
+        let mut translator = Translator::new(&pending);
+        let mut out = Vec::new();
+        // In pieces that split lines, as a network would.
+        for piece in stream.as_bytes().chunks(41) {
+            if let Err(err) = translator.feed(piece, &mut out) {
+                return (String::from_utf8(out).unwrap(), Err(err));
+            }
+        }
+        let end = translator.finish(&mut out);
+        (String::from_utf8(out).unwrap(), end)
+    }
+
+    fn last_event(text: &str) -> &str {
+        text.trim_end().rsplit("\n\n").next().unwrap_or_default()
+    }
+
+    #[test]
+    fn two_steps_make_the_clients_stream_and_its_end() {
+        // Gemini → Chat → Messages: Anthropic's whole sequence.
+        let (text, end) = translate(Front::Messages, Dialect::Gemini, GEMINI);
+        end.unwrap();
+        assert!(text.starts_with("event: message_start\n"), "{text}");
+        assert!(
+            last_event(&text).starts_with("event: message_stop\n"),
+            "{text}"
+        );
+        assert!(text.contains("\"name\":\"paint\""), "{text}");
+        // Gemini → Chat → Responses.
+        let (text, end) = translate(Front::Responses, Dialect::Gemini, GEMINI);
+        end.unwrap();
+        assert!(
+            last_event(&text).starts_with("event: response.completed\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_failure_in_the_first_step_is_told_by_the_second() {
+        // A Gemini stream cut before its finishReason: the Messages client
+        // gets an `error` event last, and the stream fails.
+        let cut = &GEMINI[..GEMINI.find("\"finishReason\"").unwrap()];
+        let cut = &cut[..cut.rfind("data:").unwrap()];
+        let (text, end) = translate(Front::Messages, Dialect::Gemini, cut);
+        assert!(end.is_err());
+        assert!(last_event(&text).starts_with("event: error\n"), "{text}");
+        assert!(!text.contains("message_stop"));
+        // Anthropic's in-band error, to a Responses client.
+        let (text, end) = translate(Front::Responses, Dialect::Anthropic, ANTHROPIC_ERROR);
+        assert!(end.unwrap_err().contains("Overloaded"));
+        assert!(last_event(&text).starts_with("event: error\n"), "{text}");
+        assert!(!text.contains("response.completed"));
+    }
+}
