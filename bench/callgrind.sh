@@ -2,7 +2,7 @@
 # Instructions per request on the proxy path, counted by callgrind: a figure
 # that repeats run to run whatever else the machine is doing (bench/HISTORY.md
 # compares commits with it).
-#   bench/callgrind.sh [single|routed|nginx|keys|anthropic] [requests]   (default: single 2000)
+#   bench/callgrind.sh [single|routed|nginx|keys|anthropic|gemini|messages] [requests]   (default: single 2000)
 #   nginx: the same requests through nginx (one process, proxy_pass with
 #   keepalive, buffered access log), for the user-space side of the comparison
 #   keys: single with virtual keys, limits and usage on (SQLite store; a key
@@ -10,6 +10,9 @@
 #   the writer thread's work is counted too
 #   anthropic: single, but the upstream is `provider: anthropic` (the mock's
 #   /v1/messages): every request and answer translated
+#   gemini: the same with `provider: gemini` (the mock's /v1beta/models/…)
+#   messages: Anthropic's Messages API (POST /v1/messages) to the OpenAI
+#   mock: the Messages front door translated to Chat and back
 #   STREAM=1 bench/callgrind.sh ...   streamed requests (20 chunks) instead
 #   BIN=/path/to/llmproxy bench/callgrind.sh ...    (another build, e.g. a baseline)
 # Builds the release binary, starts the mock upstream and llmproxy under
@@ -54,6 +57,9 @@ else
 fi
 if [ "$mode" = anthropic ]; then
   printf 'upstream:\n  base_url: http://127.0.0.1:%s/v1\n  provider: anthropic\nlog:\n  level: %s\n' "$mock_port" "${LOG_LEVEL:-warn}" > "$tmp/config.yaml"
+fi
+if [ "$mode" = gemini ]; then
+  printf 'upstream:\n  base_url: http://127.0.0.1:%s/v1beta\n  provider: gemini\nlog:\n  level: %s\n' "$mock_port" "${LOG_LEVEL:-warn}" > "$tmp/config.yaml"
 fi
 if [ "$mode" = keys ]; then
   cat >> "$tmp/config.yaml" <<YAML
@@ -106,7 +112,9 @@ proxy=$!
 python3 - "$proxy_port" "$requests" "$proxy" "$tmp" "$mode" "${STREAM:-0}" <<'PY'
 import http.client, json, subprocess, sys, time, glob
 port, n, pid, tmp, mode, stream = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6] == "1"
-body = json.dumps({"model": "gpt-4o-mini", "stream": stream, "messages": [{"role": "user", "content": "hi"}]}).encode()
+model = "gemini-2.5-flash" if mode == "gemini" else "gpt-4o-mini"
+body = json.dumps({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}).encode()
+path = "/v1/messages" if mode == "messages" else "/v1/chat/completions"
 for _ in range(600):
     try:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -125,7 +133,7 @@ if mode == "keys":
     headers["authorization"] = "Bearer " + json.loads(r.read())["key"]
 def run(count):
     for _ in range(count):
-        conn.request("POST", "/v1/chat/completions", body, headers)
+        conn.request("POST", path, body, headers)
         r = conn.getresponse(); r.read()
         assert r.status == 200, r.status
 run(200)
