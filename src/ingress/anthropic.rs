@@ -12,6 +12,8 @@
 use bytes::Bytes;
 use serde_json::{Map, Value, json};
 
+use super::chunk::{self, Chunk};
+
 fn text_blocks(content: &Value) -> String {
     match content {
         Value::String(text) => text.clone(),
@@ -256,7 +258,9 @@ pub fn own_error(response: axum::response::Response) -> axum::response::Response
     axum::response::Response::from_parts(parts, axum::body::Body::from(body))
 }
 
-/// OpenAI chunks translated into Anthropic's event sequence as they pass.
+/// OpenAI chunks translated into Anthropic's event sequence as they pass:
+/// each chunk parsed once into borrowed pieces ([`Chunk`]), each event
+/// written directly, text and arguments copied as the upstream encoded them.
 #[derive(Debug, Default)]
 pub struct StreamTranslator {
     lines: crate::stream::lines::Lines,
@@ -265,53 +269,91 @@ pub struct StreamTranslator {
     /// the OpenAI tool index it carries.
     open: Option<(u64, Option<u64>)>,
     next_block: u64,
-    finish: Option<String>,
-    usage: Value,
+    /// Anthropic's `stop_reason`, once the upstream gave its finish.
+    finish: Option<&'static str>,
+    usage: chunk::Usage,
     done: bool,
 }
 
-fn event(kind: &str, data: &Value, out: &mut Vec<u8>) {
+/// Writes one event: `event: KIND`, then `data:` with the pieces of its
+/// JSON in order.
+fn event(kind: &str, parts: &[&[u8]], out: &mut Vec<u8>) {
     out.extend_from_slice(b"event: ");
     out.extend_from_slice(kind.as_bytes());
     out.extend_from_slice(b"\ndata: ");
-    let _ = serde_json::to_writer(&mut *out, data);
+    for part in parts {
+        out.extend_from_slice(part);
+    }
     out.extend_from_slice(b"\n\n");
+}
+
+fn decimal(n: u64, buffer: &mut [u8; 20]) -> &[u8] {
+    crate::telemetry::access_line::decimal(n, buffer)
+}
+
+/// Anthropic's `error` event, `message` JSON-encoded.
+fn error_event(message: &str, out: &mut Vec<u8>) {
+    let message = serde_json::to_vec(message).unwrap_or_else(|_| b"\"\"".to_vec());
+    event(
+        "error",
+        &[b"{\"type\":\"error\",\"error\":{\"type\":\"api_error\",\"message\":", &message, b"}}"],
+        out,
+    );
 }
 
 impl StreamTranslator {
     fn close_block(&mut self, out: &mut Vec<u8>) {
         if let Some((index, _)) = self.open.take() {
+            let mut digits = [0; 20];
             event(
                 "content_block_stop",
-                &json!({"type": "content_block_stop", "index": index}),
+                &[b"{\"type\":\"content_block_stop\",\"index\":", decimal(index, &mut digits), b"}"],
                 out,
             );
         }
     }
 
-    fn open_block(&mut self, block: Value, tool: Option<u64>, out: &mut Vec<u8>) -> u64 {
+    /// Opens the next block (closing the open one) with `block`'s JSON.
+    fn open_block(&mut self, block: &[&[u8]], tool: Option<u64>, out: &mut Vec<u8>) -> u64 {
         self.close_block(out);
         let index = self.next_block;
         self.next_block += 1;
-        event(
-            "content_block_start",
-            &json!({"type": "content_block_start", "index": index, "content_block": block}),
-            out,
-        );
+        let mut digits = [0; 20];
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(block.len() + 3);
+        parts.push(b"{\"type\":\"content_block_start\",\"index\":");
+        parts.push(decimal(index, &mut digits));
+        parts.push(b",\"content_block\":");
+        parts.extend_from_slice(block);
+        parts.push(b"}");
+        event("content_block_start", &parts, out);
         self.open = Some((index, tool));
         index
+    }
+
+    fn delta(&self, index: u64, kind: &[u8], field: &[u8], value: &[u8], out: &mut Vec<u8>) {
+        let mut digits = [0; 20];
+        event(
+            "content_block_delta",
+            &[
+                b"{\"type\":\"content_block_delta\",\"index\":",
+                decimal(index, &mut digits),
+                b",\"delta\":{\"type\":\"",
+                kind,
+                b"\",\"",
+                field,
+                b"\":",
+                value,
+                b"}}",
+            ],
+            out,
+        );
     }
 
     /// Translates what `data` completes into `out`; on a failure, an
     /// `error` event is the last thing written.
     pub fn feed(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
-        self.lines(data, out).inspect_err(|err| {
-            event(
-                "error",
-                &json!({"type": "error", "error": {"type": "api_error", "message": err}}),
-                out,
-            );
-        })
+        self.lines(data, out)
+            .inspect_err(|err| error_event(err, out))
     }
 
     fn lines(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
@@ -329,111 +371,107 @@ impl StreamTranslator {
         let payload = payload.trim_ascii();
         if payload == b"[DONE]" {
             self.close_block(out);
-            let reason = stop_reason(self.finish.as_deref().unwrap_or("stop"));
+            let reason = self.finish.unwrap_or("end_turn");
             // The whole usage (Anthropic's recent API versions send input
             // counts here too): the input is only known at the end of an
             // OpenAI stream.
+            let (prompt, cached) = (self.usage.prompt(), self.usage.cached());
+            let (mut a, mut b, mut c) = ([0; 20], [0; 20], [0; 20]);
             event(
                 "message_delta",
-                &json!({"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": null}, "usage": usage(&self.usage)}),
+                &[
+                    b"{\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"",
+                    reason.as_bytes(),
+                    b"\",\"stop_sequence\":null},\"usage\":{\"input_tokens\":",
+                    decimal(prompt.saturating_sub(cached), &mut a),
+                    b",\"output_tokens\":",
+                    decimal(self.usage.completion(), &mut b),
+                    b",\"cache_read_input_tokens\":",
+                    decimal(cached, &mut c),
+                    b",\"cache_creation_input_tokens\":0}}",
+                ],
                 out,
             );
-            event("message_stop", &json!({"type": "message_stop"}), out);
+            event("message_stop", &[b"{\"type\":\"message_stop\"}"], out);
             self.done = true;
             return Ok(());
         }
-        let chunk: Value = serde_json::from_slice(payload)
-            .map_err(|e| format!("the upstream sent a chunk that is not JSON: {e}"))?;
-        if let Some(error) = chunk.get("error") {
-            return Err(format!(
-                "the upstream failed mid-stream: {}",
-                error["message"].as_str().unwrap_or("no message")
-            ));
+        let chunk = Chunk::parse(payload)?;
+        if let Some(failure) = chunk.failure() {
+            return Err(failure);
         }
         if !self.started {
             self.started = true;
             event(
                 "message_start",
-                &json!({"type": "message_start", "message": {
-                    "id": chunk["id"], "type": "message", "role": "assistant", "model": chunk["model"],
-                    "content": [], "stop_reason": null, "stop_sequence": null,
-                    "usage": {"input_tokens": 0, "output_tokens": 0},
-                }}),
+                &[
+                    b"{\"type\":\"message_start\",\"message\":{\"id\":",
+                    chunk::raw(chunk.id),
+                    b",\"type\":\"message\",\"role\":\"assistant\",\"model\":",
+                    chunk::raw(chunk.model),
+                    b",\"content\":[],\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{\"input_tokens\":0,\"output_tokens\":0}}}",
+                ],
                 out,
             );
         }
-        if chunk["usage"].is_object() {
-            self.usage = chunk["usage"].clone();
+        if let Some(usage) = chunk.usage {
+            self.usage = usage;
         }
         // An OpenAI-compatible first chunk may have empty `choices`.
-        let Some(choice) = chunk["choices"].get(0) else {
+        let Some(choice) = chunk.choices.first() else {
             return Ok(());
         };
-        let delta = &choice["delta"];
-        if let Some(text) = delta["content"].as_str().filter(|t| !t.is_empty()) {
-            let index = match self.open {
-                Some((index, None)) => index,
-                _ => self.open_block(json!({"type": "text", "text": ""}), None, out),
-            };
-            event(
-                "content_block_delta",
-                &json!({"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": text}}),
-                out,
-            );
-        }
-        for call in delta["tool_calls"]
-            .as_array()
-            .map_or(&[][..], Vec::as_slice)
-        {
-            let tool = call["index"].as_u64().unwrap_or(0);
-            let index = match self.open {
-                Some((index, Some(open))) if open == tool => index,
-                _ => self.open_block(
-                    json!({"type": "tool_use", "id": call["id"], "name": call["function"]["name"], "input": {}}),
-                    Some(tool),
-                    out,
-                ),
-            };
-            if let Some(arguments) = call["function"]["arguments"]
-                .as_str()
-                .filter(|a| !a.is_empty())
-            {
-                event(
-                    "content_block_delta",
-                    &json!({"type": "content_block_delta", "index": index, "delta": {"type": "input_json_delta", "partial_json": arguments}}),
-                    out,
-                );
+        if let Some(delta) = &choice.delta {
+            if let Some(text) = chunk::text(delta.content) {
+                let index = match self.open {
+                    Some((index, None)) => index,
+                    _ => self.open_block(&[b"{\"type\":\"text\",\"text\":\"\"}"], None, out),
+                };
+                self.delta(index, b"text_delta", b"text", text.get().as_bytes(), out);
+            }
+            for call in delta.tool_calls.as_deref().unwrap_or_default() {
+                let tool = call.index.unwrap_or(0);
+                let function = call.function.as_ref();
+                let index = match self.open {
+                    Some((index, Some(open))) if open == tool => index,
+                    _ => self.open_block(
+                        &[
+                            b"{\"type\":\"tool_use\",\"id\":",
+                            chunk::raw(call.id),
+                            b",\"name\":",
+                            chunk::raw(function.and_then(|f| f.name)),
+                            b",\"input\":{}}",
+                        ],
+                        Some(tool),
+                        out,
+                    ),
+                };
+                if let Some(arguments) = chunk::text(function.and_then(|f| f.arguments)) {
+                    self.delta(index, b"input_json_delta", b"partial_json", arguments.get().as_bytes(), out);
+                }
             }
         }
-        if let Some(finish) = choice["finish_reason"].as_str() {
-            self.finish = Some(finish.to_owned());
+        if let Some(finish) = choice.finish_reason.as_deref() {
+            self.finish = Some(stop_reason(finish));
         }
         Ok(())
     }
 
     /// The upstream's body failed mid-stream: the client's last event.
     pub fn interrupted(&mut self, cause: &str, out: &mut Vec<u8>) {
-        event(
-            "error",
-            &json!({"type": "error", "error": {"type": "api_error", "message": format!("the upstream failed mid-stream: {cause}")}}),
-            out,
-        );
+        error_event(&format!("the upstream failed mid-stream: {cause}"), out);
     }
 
     /// The stream has ended: without `[DONE]` it failed, and the client
     /// gets Anthropic's `error` event before the abort.
     pub fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
         if let Some(rest) = self.lines.rest() {
-            self.line(&rest, out)?;
+            self.line(&rest, out).inspect_err(|err| error_event(err, out))?;
         }
         if self.done {
             return Ok(());
         }
-        event(
-            "error",
-            &json!({"type": "error", "error": {"type": "api_error", "message": "the upstream's stream ended before it finished"}}),
-            out,
-        );
+        error_event("the upstream's stream ended before it finished", out);
         Err("the upstream's stream ended before [DONE]".into())
     }
 }
@@ -575,8 +613,26 @@ mod tests {
                 "message_stop",
             ]
         );
-        assert!(whole.contains("\"content_block\":{\"id\":\"call_a\",\"input\":{},\"name\":\"f\",\"type\":\"tool_use\"},\"index\":1"));
-        assert!(whole.contains("\"content_block\":{\"id\":\"call_b\",\"input\":{},\"name\":\"g\",\"type\":\"tool_use\"},\"index\":2"));
+        let starts: Vec<Value> = whole
+            .split("\n\n")
+            .filter_map(|e| e.strip_prefix("event: content_block_start\ndata: "))
+            .map(|data| serde_json::from_str(data).unwrap())
+            .collect();
+        assert_eq!(
+            starts[1],
+            json!({"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "call_a", "name": "f", "input": {}}})
+        );
+        assert_eq!(
+            starts[2],
+            json!({"type": "content_block_start", "index": 2, "content_block": {"type": "tool_use", "id": "call_b", "name": "g", "input": {}}})
+        );
+        // Every event is JSON whose `type` is the event's name.
+        for event in whole.split("\n\n").filter(|e| !e.is_empty()) {
+            let (kind, data) = event.split_once("\ndata: ").unwrap();
+            let data: Value = serde_json::from_str(data).unwrap();
+            assert_eq!(kind.strip_prefix("event: "), data["type"].as_str(), "{event}");
+        }
+        assert!(whole.contains("{\"type\":\"text_delta\",\"text\":\"Hé\"}"));
         assert!(whole.contains("\"stop_reason\":\"tool_use\""));
         assert!(whole.contains("\"output_tokens\":4"));
         for split in 1..STREAM.len() {

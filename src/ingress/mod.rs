@@ -4,5 +4,6 @@
 //! upstreams).
 
 pub mod anthropic;
+pub mod chunk;
 pub mod openai;
 pub mod responses;
