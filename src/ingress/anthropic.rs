@@ -12,7 +12,7 @@
 use bytes::Bytes;
 use serde_json::{Map, Value, json};
 
-use super::chunk::{self, Chunk};
+use super::chunk::{self, Chunk, decimal};
 
 fn text_blocks(content: &Value) -> String {
     match content {
@@ -287,16 +287,16 @@ fn event(kind: &str, parts: &[&[u8]], out: &mut Vec<u8>) {
     out.extend_from_slice(b"\n\n");
 }
 
-fn decimal(n: u64, buffer: &mut [u8; 20]) -> &[u8] {
-    crate::telemetry::access_line::decimal(n, buffer)
-}
-
 /// Anthropic's `error` event, `message` JSON-encoded.
 fn error_event(message: &str, out: &mut Vec<u8>) {
     let message = serde_json::to_vec(message).unwrap_or_else(|_| b"\"\"".to_vec());
     event(
         "error",
-        &[b"{\"type\":\"error\",\"error\":{\"type\":\"api_error\",\"message\":", &message, b"}}"],
+        &[
+            b"{\"type\":\"error\",\"error\":{\"type\":\"api_error\",\"message\":",
+            &message,
+            b"}}",
+        ],
         out,
     );
 }
@@ -307,7 +307,11 @@ impl StreamTranslator {
             let mut digits = [0; 20];
             event(
                 "content_block_stop",
-                &[b"{\"type\":\"content_block_stop\",\"index\":", decimal(index, &mut digits), b"}"],
+                &[
+                    b"{\"type\":\"content_block_stop\",\"index\":",
+                    decimal(index, &mut digits),
+                    b"}",
+                ],
                 out,
             );
         }
@@ -447,7 +451,13 @@ impl StreamTranslator {
                     ),
                 };
                 if let Some(arguments) = chunk::text(function.and_then(|f| f.arguments)) {
-                    self.delta(index, b"input_json_delta", b"partial_json", arguments.get().as_bytes(), out);
+                    self.delta(
+                        index,
+                        b"input_json_delta",
+                        b"partial_json",
+                        arguments.get().as_bytes(),
+                        out,
+                    );
                 }
             }
         }
@@ -466,7 +476,8 @@ impl StreamTranslator {
     /// gets Anthropic's `error` event before the abort.
     pub fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
         if let Some(rest) = self.lines.rest() {
-            self.line(&rest, out).inspect_err(|err| error_event(err, out))?;
+            self.line(&rest, out)
+                .inspect_err(|err| error_event(err, out))?;
         }
         if self.done {
             return Ok(());
@@ -630,7 +641,11 @@ mod tests {
         for event in whole.split("\n\n").filter(|e| !e.is_empty()) {
             let (kind, data) = event.split_once("\ndata: ").unwrap();
             let data: Value = serde_json::from_str(data).unwrap();
-            assert_eq!(kind.strip_prefix("event: "), data["type"].as_str(), "{event}");
+            assert_eq!(
+                kind.strip_prefix("event: "),
+                data["type"].as_str(),
+                "{event}"
+            );
         }
         assert!(whole.contains("{\"type\":\"text_delta\",\"text\":\"Hé\"}"));
         assert!(whole.contains("\"stop_reason\":\"tool_use\""));

@@ -135,7 +135,7 @@ pub fn raw(value: Option<&RawValue>) -> &[u8] {
     value.map_or(b"null", |v| v.get().as_bytes())
 }
 
-/// `n` in decimal.
-pub fn number(n: u64, out: &mut Vec<u8>) {
-    out.extend_from_slice(crate::telemetry::access_line::decimal(n, &mut [0; 20]));
+/// `n` in decimal, written into `buffer`.
+pub fn decimal(n: u64, buffer: &mut [u8; 20]) -> &[u8] {
+    crate::telemetry::access_line::decimal(n, buffer)
 }

@@ -18,7 +18,10 @@
 //! state), `item_reference` items, file inputs and built-in tools.
 
 use bytes::Bytes;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
+
+use super::chunk::{self, Chunk};
 
 /// Text of a message's `content` (a string, or parts of any text type).
 fn text_of(content: &Value) -> String {
@@ -331,19 +334,69 @@ pub fn response(body: &[u8]) -> Option<Bytes> {
     serde_json::to_vec(&answer).ok().map(Bytes::from)
 }
 
-/// One output item being streamed.
+/// One output item being streamed; `encoded` is its id as JSON, written
+/// into each of its deltas.
 #[derive(Debug)]
 enum Item {
     Text {
         id: String,
+        encoded: Vec<u8>,
         text: String,
     },
     Call {
         index: u64,
         call_id: Value,
         name: Value,
+        encoded: Vec<u8>,
         arguments: String,
     },
+}
+
+/// A JSON string token's text.
+fn decoded(token: &RawValue) -> Result<std::borrow::Cow<'_, str>, String> {
+    serde_json::from_str(token.get())
+        .map_err(|e| format!("the upstream sent a string that is not one: {e}"))
+}
+
+/// A delta event, written directly: `item_id` is JSON already, `delta`
+/// the upstream's string token; `sequence` counts the stream's events.
+fn delta_event(
+    sequence: &mut u64,
+    output_index: usize,
+    kind: &str,
+    item_id: &[u8],
+    text: bool,
+    delta: &[u8],
+    out: &mut Vec<u8>,
+) {
+    let (mut number, mut index) = ([0; 20], [0; 20]);
+    let parts: [&[u8]; 11] = [
+        b"event: ",
+        kind.as_bytes(),
+        b"\ndata: {\"type\":\"",
+        kind.as_bytes(),
+        b"\",\"sequence_number\":",
+        chunk::decimal(*sequence, &mut number),
+        b",\"item_id\":",
+        item_id,
+        b",\"output_index\":",
+        chunk::decimal(output_index as u64, &mut index),
+        if text {
+            b",\"content_index\":0,\"delta\":"
+        } else {
+            b",\"delta\":"
+        },
+    ];
+    *sequence += 1;
+    for part in parts {
+        out.extend_from_slice(part);
+    }
+    out.extend_from_slice(delta);
+    out.extend_from_slice(if text {
+        b",\"logprobs\":[]}\n\n"
+    } else {
+        b"}\n\n"
+    });
 }
 
 /// Chat chunks translated into `response.*` events as they pass.
@@ -379,7 +432,7 @@ impl StreamTranslator {
         let index = self.output.len();
         let item = match self.open.take() {
             None => return,
-            Some(Item::Text { id, text }) => {
+            Some(Item::Text { id, text, .. }) => {
                 let part = json!({"type": "output_text", "text": text, "annotations": []});
                 self.event(
                     "response.output_text.done",
@@ -447,19 +500,19 @@ impl StreamTranslator {
             self.done = true;
             return Ok(());
         }
-        let chunk: Value = serde_json::from_slice(payload)
-            .map_err(|e| format!("the upstream sent a chunk that is not JSON: {e}"))?;
-        if let Some(error) = chunk.get("error") {
-            return Err(format!(
-                "the upstream failed mid-stream: {}",
-                error["message"].as_str().unwrap_or("no message")
-            ));
+        let chunk = Chunk::parse(payload)?;
+        if let Some(failure) = chunk.failure() {
+            return Err(failure);
         }
         if !self.started {
             self.started = true;
-            self.id = response_id(&chunk["id"]);
-            self.model = chunk["model"].clone();
-            self.created = chunk["created"].clone();
+            let decode = |raw: Option<&RawValue>| {
+                raw.and_then(|r| serde_json::from_str::<Value>(r.get()).ok())
+                    .unwrap_or(Value::Null)
+            };
+            self.id = response_id(&decode(chunk.id));
+            self.model = decode(chunk.model);
+            self.created = decode(chunk.created);
             let response = envelope(
                 &self.id,
                 &self.model,
@@ -471,23 +524,26 @@ impl StreamTranslator {
             self.event("response.created", json!({"response": response}), out);
             self.event("response.in_progress", json!({"response": response}), out);
         }
-        if chunk["usage"].is_object() {
-            self.usage = chunk["usage"].clone();
+        if let Some(usage) = chunk.usage {
+            self.usage = json!({
+                "prompt_tokens": usage.prompt(),
+                "completion_tokens": usage.completion(),
+                "prompt_tokens_details": {"cached_tokens": usage.cached()},
+                "completion_tokens_details": {"reasoning_tokens": usage.reasoning()},
+            });
         }
-        let Some(choice) = chunk["choices"].get(0) else {
+        let Some(choice) = chunk.choices.first() else {
             return Ok(());
         };
-        let delta = &choice["delta"];
-        if let Some(text) = delta["content"].as_str().filter(|t| !t.is_empty()) {
-            self.text(text, out);
+        if let Some(delta) = &choice.delta {
+            if let Some(text) = chunk::text(delta.content) {
+                self.text(text, out)?;
+            }
+            for call in delta.tool_calls.as_deref().unwrap_or_default() {
+                self.call(call, out)?;
+            }
         }
-        for call in delta["tool_calls"]
-            .as_array()
-            .map_or(&[][..], Vec::as_slice)
-        {
-            self.call(call, out);
-        }
-        if let Some(finish) = choice["finish_reason"].as_str() {
+        if let Some(finish) = choice.finish_reason.as_deref() {
             self.finish = Some(finish.to_owned());
         }
         Ok(())
@@ -495,7 +551,7 @@ impl StreamTranslator {
 
     // The open item's `output_index` is `output.len()`: the closed ones
     // are all in `output`.
-    fn text(&mut self, text: &str, out: &mut Vec<u8>) {
+    fn text(&mut self, text: &RawValue, out: &mut Vec<u8>) -> Result<(), String> {
         if !matches!(self.open, Some(Item::Text { .. })) {
             self.close(out);
             let index = self.output.len();
@@ -512,26 +568,43 @@ impl StreamTranslator {
                 out,
             );
             self.open = Some(Item::Text {
+                encoded: serde_json::to_vec(&id).unwrap_or_default(),
                 id,
                 text: String::new(),
             });
         }
-        let index = self.output.len();
-        let Some(Item::Text { id, text: all }) = &mut self.open else {
-            return;
+        let Some(Item::Text {
+            encoded, text: all, ..
+        }) = &mut self.open
+        else {
+            return Ok(());
         };
-        all.push_str(text);
-        let id = id.clone();
-        self.event("response.output_text.delta", json!({"item_id": id, "output_index": index, "content_index": 0, "delta": text, "logprobs": []}), out);
+        all.push_str(&decoded(text)?);
+        delta_event(
+            &mut self.sequence,
+            self.output.len(),
+            "response.output_text.delta",
+            encoded,
+            true,
+            text.get().as_bytes(),
+            out,
+        );
+        Ok(())
     }
 
-    fn call(&mut self, call: &Value, out: &mut Vec<u8>) {
-        let index = call["index"].as_u64().unwrap_or(0);
+    fn call(&mut self, call: &chunk::CallDelta<'_>, out: &mut Vec<u8>) -> Result<(), String> {
+        let index = call.index.unwrap_or(0);
+        let function = call.function.as_ref();
         if !matches!(&self.open, Some(Item::Call { index: open, .. }) if *open == index) {
             self.close(out);
-            let call_id = call["id"].clone();
-            let name = call["function"]["name"].clone();
+            let decode = |raw: Option<&RawValue>| {
+                raw.and_then(|r| serde_json::from_str::<Value>(r.get()).ok())
+                    .unwrap_or(Value::Null)
+            };
+            let call_id = decode(call.id);
+            let name = decode(function.and_then(|f| f.name));
             let item = call_item(&call_id, &name, "", "in_progress");
+            let encoded = serde_json::to_vec(&item["id"]).unwrap_or_default();
             let output_index = self.output.len();
             self.event(
                 "response.output_item.added",
@@ -542,28 +615,30 @@ impl StreamTranslator {
                 index,
                 call_id,
                 name,
+                encoded,
                 arguments: String::new(),
             });
         }
-        let output_index = self.output.len();
+        let Some(more) = chunk::text(function.and_then(|f| f.arguments)) else {
+            return Ok(());
+        };
         let Some(Item::Call {
-            call_id, arguments, ..
+            arguments, encoded, ..
         }) = &mut self.open
         else {
-            return;
+            return Ok(());
         };
-        if let Some(more) = call["function"]["arguments"]
-            .as_str()
-            .filter(|a| !a.is_empty())
-        {
-            arguments.push_str(more);
-            let item_id = format!("fc_{}", call_id.as_str().unwrap_or_default());
-            self.event(
-                "response.function_call_arguments.delta",
-                json!({"item_id": item_id, "output_index": output_index, "delta": more}),
-                out,
-            );
-        }
+        arguments.push_str(&decoded(more)?);
+        delta_event(
+            &mut self.sequence,
+            self.output.len(),
+            "response.function_call_arguments.delta",
+            encoded,
+            false,
+            more.get().as_bytes(),
+            out,
+        );
+        Ok(())
     }
 
     /// The stream failed: an `error` event is the client's last.
