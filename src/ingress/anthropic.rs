@@ -10,6 +10,7 @@
 //! thought), `top_k`, cache-control markers.
 
 use bytes::Bytes;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 use super::chunk::{self, Chunk, decimal};
@@ -175,50 +176,96 @@ pub fn stop_reason(finish: &str) -> &'static str {
     }
 }
 
-/// Anthropic usage for OpenAI usage (`input_tokens` without the cache reads).
-pub fn usage(openai: &Value) -> Value {
-    let prompt = openai["prompt_tokens"].as_u64().unwrap_or(0);
-    let cached = openai["prompt_tokens_details"]["cached_tokens"]
-        .as_u64()
-        .unwrap_or(0);
-    json!({
-        "input_tokens": prompt.saturating_sub(cached),
-        "output_tokens": openai["completion_tokens"].as_u64().unwrap_or(0),
-        "cache_read_input_tokens": cached,
-        "cache_creation_input_tokens": 0,
-    })
-}
-
-/// The Messages answer for a `chat.completion`, or `None` when it is not one.
+/// The Messages answer for a `chat.completion`, or `None` when it is not
+/// one: read into borrowed pieces, written directly (the text and ids
+/// copied as the upstream encoded them).
 pub fn response(body: &[u8]) -> Option<Bytes> {
-    let chat: Value = serde_json::from_slice(body).ok()?;
-    let choice = chat["choices"].get(0)?;
-    let message = &choice["message"];
-    let mut content = Vec::new();
-    if let Some(text) = message["content"].as_str().filter(|t| !t.is_empty()) {
-        content.push(json!({"type": "text", "text": text}));
+    #[derive(serde::Deserialize)]
+    struct Completion<'a> {
+        #[serde(borrow)]
+        id: Option<&'a RawValue>,
+        #[serde(borrow)]
+        model: Option<&'a RawValue>,
+        #[serde(borrow)]
+        choices: Vec<Choice<'a>>,
+        #[serde(default)]
+        usage: Option<chunk::Usage>,
     }
-    for call in message["tool_calls"]
-        .as_array()
-        .map_or(&[][..], Vec::as_slice)
-    {
-        let input: Value = call["function"]["arguments"]
-            .as_str()
-            .and_then(|a| serde_json::from_str(a).ok())
+    #[derive(serde::Deserialize)]
+    struct Choice<'a> {
+        #[serde(borrow, default)]
+        message: Message<'a>,
+        #[serde(borrow)]
+        finish_reason: Option<std::borrow::Cow<'a, str>>,
+    }
+    #[derive(Default, serde::Deserialize)]
+    struct Message<'a> {
+        #[serde(borrow)]
+        content: Option<&'a RawValue>,
+        #[serde(borrow, default)]
+        tool_calls: Vec<Call<'a>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Call<'a> {
+        #[serde(borrow)]
+        id: Option<&'a RawValue>,
+        #[serde(borrow)]
+        function: Option<chunk::FunctionDelta<'a>>,
+    }
+    let completion: Completion<'_> = serde_json::from_slice(body).ok()?;
+    let choice = completion.choices.first()?;
+    let mut out = Vec::with_capacity(body.len() + 256);
+    out.extend_from_slice(b"{\"id\":");
+    out.extend_from_slice(chunk::raw(completion.id));
+    out.extend_from_slice(b",\"type\":\"message\",\"role\":\"assistant\",\"model\":");
+    out.extend_from_slice(chunk::raw(completion.model));
+    out.extend_from_slice(b",\"content\":[");
+    let mut first = true;
+    if let Some(text) = chunk::text(choice.message.content) {
+        out.extend_from_slice(b"{\"type\":\"text\",\"text\":");
+        out.extend_from_slice(text.get().as_bytes());
+        out.push(b'}');
+        first = false;
+    }
+    for call in &choice.message.tool_calls {
+        let function = call.function.as_ref();
+        // `arguments` is JSON in a string: Anthropic wants the object.
+        let input: Value = function
+            .and_then(|f| f.arguments)
+            .and_then(|a| serde_json::from_str::<std::borrow::Cow<'_, str>>(a.get()).ok())
+            .and_then(|a| serde_json::from_str(&a).ok())
             .unwrap_or_else(|| json!({}));
-        content.push(json!({"type": "tool_use", "id": call["id"], "name": call["function"]["name"], "input": input}));
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        out.extend_from_slice(b"{\"type\":\"tool_use\",\"id\":");
+        out.extend_from_slice(chunk::raw(call.id));
+        out.extend_from_slice(b",\"name\":");
+        out.extend_from_slice(chunk::raw(function.and_then(|f| f.name)));
+        out.extend_from_slice(b",\"input\":");
+        serde_json::to_writer(&mut out, &input).ok()?;
+        out.push(b'}');
     }
-    let answer = json!({
-        "id": chat["id"],
-        "type": "message",
-        "role": "assistant",
-        "model": chat["model"],
-        "content": content,
-        "stop_reason": stop_reason(choice["finish_reason"].as_str().unwrap_or("stop")),
-        "stop_sequence": null,
-        "usage": usage(&chat["usage"]),
-    });
-    serde_json::to_vec(&answer).ok().map(Bytes::from)
+    out.extend_from_slice(b"],\"stop_reason\":\"");
+    out.extend_from_slice(
+        stop_reason(choice.finish_reason.as_deref().unwrap_or("stop")).as_bytes(),
+    );
+    let usage = completion.usage.unwrap_or_default();
+    let (prompt, cached) = (usage.prompt(), usage.cached());
+    let (mut a, mut b, mut c) = ([0; 20], [0; 20], [0; 20]);
+    for part in [
+        &b"\",\"stop_sequence\":null,\"usage\":{\"input_tokens\":"[..],
+        decimal(prompt.saturating_sub(cached), &mut a),
+        b",\"output_tokens\":",
+        decimal(usage.completion(), &mut b),
+        b",\"cache_read_input_tokens\":",
+        decimal(cached, &mut c),
+        b",\"cache_creation_input_tokens\":0}}",
+    ] {
+        out.extend_from_slice(part);
+    }
+    Some(Bytes::from(out))
 }
 
 /// Anthropic's error body for an upstream error body (OpenAI-shaped or not)
