@@ -27,7 +27,11 @@
 //! - Errors: `{"error":{"code","message","status"}}` → the OpenAI error
 //!   shape, status kept.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 use super::anthropic::Refusal;
@@ -264,19 +268,33 @@ pub fn finish_reason(reason: &str, called: bool) -> &'static str {
     }
 }
 
-/// OpenAI usage for Gemini's `usageMetadata`.
-pub fn usage(metadata: &Value) -> Value {
-    let count = |field: &str| metadata[field].as_u64().unwrap_or(0);
-    let prompt = count("promptTokenCount");
-    let thoughts = count("thoughtsTokenCount");
-    let completion = count("candidatesTokenCount").saturating_add(thoughts);
-    json!({
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt.saturating_add(completion),
-        "prompt_tokens_details": {"cached_tokens": count("cachedContentTokenCount")},
-        "completion_tokens_details": {"reasoning_tokens": thoughts},
-    })
+/// Gemini's `usageMetadata`; absent counts are 0.
+#[derive(Debug, Default, Clone, Copy, serde::Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct Metadata {
+    prompt_token_count: Option<u64>,
+    candidates_token_count: Option<u64>,
+    thoughts_token_count: Option<u64>,
+    cached_content_token_count: Option<u64>,
+}
+
+impl Metadata {
+    /// OpenAI usage: thinking counts as completion (Gemini counts it apart).
+    pub fn openai(&self) -> Value {
+        let prompt = self.prompt_token_count.unwrap_or(0);
+        let thoughts = self.thoughts_token_count.unwrap_or(0);
+        let completion = self
+            .candidates_token_count
+            .unwrap_or(0)
+            .saturating_add(thoughts);
+        json!({
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt.saturating_add(completion),
+            "prompt_tokens_details": {"cached_tokens": self.cached_content_token_count.unwrap_or(0)},
+            "completion_tokens_details": {"reasoning_tokens": thoughts},
+        })
+    }
 }
 
 /// The text and calls of a candidate's parts (thoughts skipped).
@@ -330,7 +348,7 @@ pub fn response(body: &[u8], model: &str, created: u64) -> Option<Bytes> {
         "created": created,
         "model": answer["modelVersion"].as_str().unwrap_or(model),
         "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(reason, called)}],
-        "usage": usage(&answer["usageMetadata"]),
+        "usage": Metadata::deserialize(&answer["usageMetadata"]).unwrap_or_default().openai(),
     });
     serde_json::to_vec(&out).ok().map(Bytes::from)
 }
@@ -348,18 +366,78 @@ pub fn error(body: &[u8]) -> Option<Bytes> {
     serde_json::to_vec(&out).ok().map(Bytes::from)
 }
 
-/// A Gemini SSE stream translated into OpenAI chunks, event by event.
+/// A Gemini SSE stream translated into OpenAI chunks, event by event:
+/// each event read into borrowed pieces, each chunk written directly (a
+/// lone text part copied as Gemini encoded it).
 #[derive(Debug, Default)]
 pub struct StreamTranslator {
     include_usage: bool,
     created: u64,
     model: String,
     id: String,
+    /// `data: {"id":…,"object":…,"created":…,"model":…,"choices":[`, for
+    /// the current id and model.
+    prefix: Vec<u8>,
     lines: crate::stream::lines::Lines,
     started: bool,
     calls: u64,
-    usage: Value,
+    usage: Metadata,
     finished: bool,
+}
+
+#[derive(serde::Deserialize)]
+struct Event<'a> {
+    #[serde(borrow, default)]
+    candidates: Vec<Candidate<'a>>,
+    #[serde(rename = "usageMetadata")]
+    usage_metadata: Option<Metadata>,
+    #[serde(rename = "modelVersion", borrow)]
+    model_version: Option<Cow<'a, str>>,
+    #[serde(rename = "responseId", borrow)]
+    response_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    error: Option<Failure<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct Candidate<'a> {
+    #[serde(borrow)]
+    content: Option<Content<'a>>,
+    #[serde(rename = "finishReason", borrow)]
+    finish_reason: Option<Cow<'a, str>>,
+}
+
+#[derive(serde::Deserialize)]
+struct Content<'a> {
+    #[serde(borrow, default)]
+    parts: Vec<Part<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct Part<'a> {
+    #[serde(borrow)]
+    text: Option<&'a RawValue>,
+    thought: Option<bool>,
+    #[serde(rename = "functionCall", borrow)]
+    function_call: Option<Call<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct Call<'a> {
+    #[serde(borrow)]
+    id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    name: Option<&'a RawValue>,
+    #[serde(borrow)]
+    args: Option<&'a RawValue>,
+}
+
+#[derive(serde::Deserialize)]
+struct Failure<'a> {
+    #[serde(borrow)]
+    message: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    status: Option<Cow<'a, str>>,
 }
 
 impl StreamTranslator {
@@ -370,17 +448,39 @@ impl StreamTranslator {
             created,
             model: model.to_owned(),
             id: format!("chatcmpl-gemini-{created}"),
-            usage: Value::Null,
             ..Self::default()
         }
     }
 
-    fn chunk(&self, delta: Value, finish: Option<&str>, out: &mut Vec<u8>) {
-        let chunk = json!({
-            "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-        });
-        write_event(&chunk, out);
+    fn set_prefix(&mut self) {
+        let mut prefix = b"data: {\"id\":".to_vec();
+        let _ = serde_json::to_writer(&mut prefix, &self.id);
+        prefix.extend_from_slice(b",\"object\":\"chat.completion.chunk\",\"created\":");
+        prefix.extend_from_slice(crate::telemetry::access_line::decimal(
+            self.created,
+            &mut [0; 20],
+        ));
+        prefix.extend_from_slice(b",\"model\":");
+        let _ = serde_json::to_writer(&mut prefix, &self.model);
+        prefix.extend_from_slice(b",\"choices\":[");
+        self.prefix = prefix;
+    }
+
+    /// A chunk whose delta is the pieces of `delta`, in order.
+    fn chunk(&self, delta: &[&[u8]], finish: Option<&str>, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.prefix);
+        out.extend_from_slice(b"{\"index\":0,\"delta\":");
+        for part in delta {
+            out.extend_from_slice(part);
+        }
+        match finish {
+            Some(reason) => {
+                out.extend_from_slice(b",\"finish_reason\":\"");
+                out.extend_from_slice(reason.as_bytes());
+                out.extend_from_slice(b"\"}]}\n\n");
+            }
+            None => out.extend_from_slice(b",\"finish_reason\":null}]}\n\n"),
+        }
     }
 
     /// Translates what `data` completes into `out`; an `error` event is an error.
@@ -396,42 +496,81 @@ impl StreamTranslator {
         let Some(payload) = line.trim_ascii_end().strip_prefix(b"data:") else {
             return Ok(());
         };
-        let event: Value = serde_json::from_slice(payload.trim_ascii())
+        let event: Event<'_> = serde_json::from_slice(payload.trim_ascii())
             .map_err(|e| format!("the upstream sent an event that is not JSON: {e}"))?;
-        if let Some(error) = event.get("error") {
+        if let Some(error) = &event.error {
             return Err(format!(
                 "the upstream failed mid-stream: {} ({})",
-                error["message"].as_str().unwrap_or("no message"),
-                error["status"].as_str().unwrap_or("error"),
+                error.message.as_deref().unwrap_or("no message"),
+                error.status.as_deref().unwrap_or("error"),
             ));
         }
-        if let Some(id) = event["responseId"].as_str() {
+        let mut renamed = self.prefix.is_empty();
+        if let Some(id) = &event.response_id
+            && self.id.strip_prefix("chatcmpl-") != Some(id)
+        {
             self.id = format!("chatcmpl-{id}");
+            renamed = true;
         }
-        if let Some(version) = event["modelVersion"].as_str() {
-            version.clone_into(&mut self.model);
+        if let Some(version) = &event.model_version
+            && self.model != *version
+        {
+            version.as_ref().clone_into(&mut self.model);
+            renamed = true;
+        }
+        if renamed {
+            self.set_prefix();
         }
         if !self.started {
             self.started = true;
-            self.chunk(json!({"role": "assistant", "content": ""}), None, out);
+            self.chunk(&[b"{\"role\":\"assistant\",\"content\":\"\"}"], None, out);
         }
-        if event["usageMetadata"].is_object() {
-            self.usage = event["usageMetadata"].clone();
+        if let Some(usage) = event.usage_metadata {
+            self.usage = usage;
         }
-        let Some(candidate) = event["candidates"].get(0) else {
+        let Some(candidate) = event.candidates.first() else {
             return Ok(());
         };
-        let (text, calls) = read_parts(candidate, self.calls);
-        if !text.is_empty() {
-            self.chunk(json!({"content": text}), None, out);
+        let parts = candidate
+            .content
+            .as_ref()
+            .map_or(&[][..], |c| c.parts.as_slice());
+        let texts: Vec<&RawValue> = parts
+            .iter()
+            .filter(|p| p.thought != Some(true))
+            .filter_map(|p| p.text)
+            .filter(|t| t.get().starts_with('"') && t.get() != "\"\"")
+            .collect();
+        match texts.as_slice() {
+            [] => {}
+            [one] => self.chunk(&[b"{\"content\":", one.get().as_bytes(), b"}"], None, out),
+            many => {
+                let joined: String = many
+                    .iter()
+                    .filter_map(|t| serde_json::from_str::<Cow<'_, str>>(t.get()).ok())
+                    .collect();
+                let encoded = serde_json::to_vec(&joined).unwrap_or_default();
+                self.chunk(&[b"{\"content\":", &encoded, b"}"], None, out);
+            }
+        }
+        let mut calls = Vec::new();
+        for call in parts.iter().filter_map(|p| p.function_call.as_ref()) {
+            let index = self.calls;
+            self.calls += 1;
+            calls.push(json!({
+                "index": index,
+                "id": call.id.as_deref().map_or_else(|| format!("call_{index}"), str::to_owned),
+                "type": "function",
+                "function": {"name": call.name, "arguments": call.args.map_or("{}", RawValue::get)},
+            }));
         }
         if !calls.is_empty() {
-            self.calls += calls.len() as u64;
-            self.chunk(json!({"tool_calls": calls}), None, out);
+            let calls = serde_json::to_vec(&calls).unwrap_or_default();
+            self.chunk(&[b"{\"tool_calls\":", &calls, b"}"], None, out);
         }
-        if let Some(reason) = candidate["finishReason"].as_str() {
+        if let Some(reason) = candidate.finish_reason.as_deref() {
             self.finished = true;
-            self.chunk(json!({}), Some(finish_reason(reason, self.calls > 0)), out);
+            self.chunk(&[b"{}"], Some(finish_reason(reason, self.calls > 0)), out);
         }
         Ok(())
     }
@@ -445,22 +584,14 @@ impl StreamTranslator {
             return Err("the upstream's stream ended before a finishReason".into());
         }
         if self.include_usage {
-            let chunk = json!({
-                "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "choices": [], "usage": usage(&self.usage),
-            });
-            write_event(&chunk, out);
+            out.extend_from_slice(&self.prefix);
+            out.extend_from_slice(b"],\"usage\":");
+            let _ = serde_json::to_writer(&mut *out, &self.usage.openai());
+            out.extend_from_slice(b"}\n\n");
         }
         out.extend_from_slice(b"data: [DONE]\n\n");
         Ok(())
     }
-}
-
-fn write_event(value: &Value, out: &mut Vec<u8>) {
-    out.extend_from_slice(b"data: ");
-    // Writing a `Value` into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, value);
-    out.extend_from_slice(b"\n\n");
 }
 
 #[cfg(test)]
@@ -582,7 +713,29 @@ mod tests {
         assert!(whole.ends_with("data: [DONE]\n\n"));
         assert!(whole.contains("\"content\":\"The sky — ☀️ is\""));
         assert!(whole.contains("\"finish_reason\":\"tool_calls\""));
-        assert!(whole.contains("\"tool_calls\":[{\"function\":{\"arguments\":\"{\\\"color\\\":\\\"blue\\\"}\",\"name\":\"paint\"},\"id\":\"call_0\",\"index\":0,\"type\":\"function\"}]"), "{whole}");
+        let call = whole
+            .split("\n\n")
+            .filter_map(|e| e.strip_prefix("data: "))
+            .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+            .find_map(|e| e["choices"][0]["delta"]["tool_calls"].get(0).cloned())
+            .unwrap();
+        assert_eq!(
+            (
+                &call["index"],
+                &call["id"],
+                &call["type"],
+                &call["function"]["name"]
+            ),
+            (
+                &json!(0),
+                &json!("call_0"),
+                &json!("function"),
+                &json!("paint")
+            )
+        );
+        let arguments: Value =
+            serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+        assert_eq!(arguments, json!({"color": "blue"}));
         assert!(
             whole.contains("\"completion_tokens\":22"),
             "12 + 10 thoughts: {whole}"
