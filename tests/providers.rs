@@ -385,9 +385,11 @@ const GEMINI_RESPONSE: &str = include_str!("fixtures/gemini/response_function_ca
 const GEMINI_STREAM: &str = include_str!("fixtures/gemini/stream.sse");
 const GEMINI_QUOTA: &str = include_str!("fixtures/gemini/error_quota.json");
 
-#[tokio::test]
-async fn an_openai_request_reaches_a_gemini_upstream_translated_and_comes_back() {
-    let upstream = spawn_upstream(|request| {
+/// A Gemini-dialect upstream answering with the fixtures (a model named
+/// `quota` is over its quota), streams in `piece`-byte reads, and a proxy
+/// in front of it with the key in `x-goog-api-key`.
+async fn gemini_gateway(piece: usize) -> (Upstream, Proxy) {
+    let upstream = spawn_upstream(move |request| {
         let path = request.uri.path().to_owned();
         if path.contains("quota") {
             Reply::json(429, GEMINI_QUOTA)
@@ -395,7 +397,7 @@ async fn an_openai_request_reaches_a_gemini_upstream_translated_and_comes_back()
             Reply::sse(
                 GEMINI_STREAM
                     .as_bytes()
-                    .chunks(29)
+                    .chunks(piece)
                     .map(|c| (Duration::ZERO, Bytes::copy_from_slice(c)))
                     .collect(),
             )
@@ -409,6 +411,12 @@ async fn an_openai_request_reaches_a_gemini_upstream_translated_and_comes_back()
         "upstream:\n  base_url: {base}\n  provider: gemini\n  default_headers:\n    x-goog-api-key: goog-secret\n"
     );
     let proxy = spawn_proxy_with(llmproxy::config::parse(&yaml, "test").unwrap()).await;
+    (upstream, proxy)
+}
+
+#[tokio::test]
+async fn an_openai_request_reaches_a_gemini_upstream_translated_and_comes_back() {
+    let (upstream, proxy) = gemini_gateway(29).await;
     let got = send(chat(
         &proxy,
         json!({"model": "gemini-2.5-flash", "messages": [{"role": "user", "content": "hi"}]}),
@@ -822,28 +830,7 @@ async fn the_responses_api_reaches_an_anthropic_deployment_translated() {
 
 #[tokio::test]
 async fn the_messages_and_responses_apis_reach_a_gemini_deployment() {
-    let upstream = spawn_upstream(|request| {
-        let path = request.uri.path().to_owned();
-        if path.contains("quota") {
-            Reply::json(429, GEMINI_QUOTA)
-        } else if path.ends_with(":streamGenerateContent") {
-            Reply::sse(
-                GEMINI_STREAM
-                    .as_bytes()
-                    .chunks(23)
-                    .map(|c| (Duration::ZERO, Bytes::copy_from_slice(c)))
-                    .collect(),
-            )
-        } else {
-            Reply::json(200, GEMINI_RESPONSE)
-        }
-    })
-    .await;
-    let base = upstream.base_url().replace("/v1", "/v1beta");
-    let yaml = format!(
-        "upstream:\n  base_url: {base}\n  provider: gemini\n  default_headers:\n    x-goog-api-key: goog-secret\n"
-    );
-    let proxy = spawn_proxy_with(llmproxy::config::parse(&yaml, "test").unwrap()).await;
+    let (upstream, proxy) = gemini_gateway(23).await;
     let body = r#"{"model":"gemini-2.5-flash","max_tokens":64,"system":"Be brief.","messages":[{"role":"user","content":"Weather?"}]}"#;
     let got = send(messages(&proxy, body, Some(("x-api-key", "sk-ant-client")))).await;
     assert_eq!(got.status, 200, "{}", String::from_utf8_lossy(&got.body));

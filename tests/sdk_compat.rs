@@ -24,16 +24,23 @@ fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Starts the mock upstream (fast chunks) and a proxy in front of it.
-async fn proxy_to_mock() -> Proxy {
+/// Starts the mock upstream (all its dialects; `chunks` words, `delay_ms`
+/// apart) and returns its address.
+async fn spawn_mock(chunks: usize, delay_ms: u64) -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let mock = llmproxy::mock::MockConfig {
-        chunks: 12,
-        delay: Duration::from_millis(5),
+        chunks,
+        delay: Duration::from_millis(delay_ms),
         ..Default::default()
     };
     tokio::spawn(llmproxy::mock::serve(listener, mock));
+    addr
+}
+
+/// Starts the mock upstream (fast chunks) and a proxy in front of it.
+async fn proxy_to_mock() -> Proxy {
+    let addr = spawn_mock(12, 5).await;
     spawn_proxy_with(config_for(&format!("http://{addr}/v1"))).await
 }
 
@@ -181,14 +188,7 @@ async fn proxy_to_anthropic_mock() -> Proxy {
 
 /// A proxy whose upstream is one of the mock's dialects.
 async fn proxy_to_dialect(provider: &str) -> Proxy {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let mock = llmproxy::mock::MockConfig {
-        chunks: 6,
-        delay: Duration::from_millis(1),
-        ..Default::default()
-    };
-    tokio::spawn(llmproxy::mock::serve(listener, mock));
+    let addr = spawn_mock(6, 1).await;
     let version = if provider == "gemini" { "v1beta" } else { "v1" };
     let yaml = format!(
         "upstream:\n  base_url: http://{addr}/{version}\n  provider: {provider}\n  default_headers:\n    x-api-key: sk-mock\n"
@@ -300,14 +300,7 @@ async fn the_readme_provider_examples_run_as_written() {
     if !installed("the Python openai SDK", &python) || !anthropic_sdk_installed() {
         return;
     }
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let mock = llmproxy::mock::MockConfig {
-        chunks: 6,
-        delay: Duration::from_millis(1),
-        ..Default::default()
-    };
-    tokio::spawn(llmproxy::mock::serve(listener, mock));
+    let addr = spawn_mock(6, 1).await;
     let yaml = std::fs::read_to_string(root().join("examples/providers.yaml"))
         .unwrap()
         .replace("127.0.0.1:9000", &addr.to_string());

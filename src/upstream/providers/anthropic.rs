@@ -761,19 +761,7 @@ impl StreamTranslator {
         if self.prefix.is_empty() {
             self.set_prefix(None, None);
         }
-        out.extend_from_slice(&self.prefix);
-        out.extend_from_slice(b"{\"index\":0,\"delta\":");
-        for part in parts {
-            out.extend_from_slice(part);
-        }
-        match finish {
-            Some(reason) => {
-                out.extend_from_slice(b",\"finish_reason\":\"");
-                out.extend_from_slice(reason.as_bytes());
-                out.extend_from_slice(b"\"}]}\n\n");
-            }
-            None => out.extend_from_slice(b",\"finish_reason\":null}]}\n\n"),
-        }
+        super::write_chunk(&self.prefix, parts, finish, out);
     }
 
     fn tool(&self, block: u64) -> u64 {

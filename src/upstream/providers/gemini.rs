@@ -468,19 +468,7 @@ impl StreamTranslator {
 
     /// A chunk whose delta is the pieces of `delta`, in order.
     fn chunk(&self, delta: &[&[u8]], finish: Option<&str>, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.prefix);
-        out.extend_from_slice(b"{\"index\":0,\"delta\":");
-        for part in delta {
-            out.extend_from_slice(part);
-        }
-        match finish {
-            Some(reason) => {
-                out.extend_from_slice(b",\"finish_reason\":\"");
-                out.extend_from_slice(reason.as_bytes());
-                out.extend_from_slice(b"\"}]}\n\n");
-            }
-            None => out.extend_from_slice(b",\"finish_reason\":null}]}\n\n"),
-        }
+        super::write_chunk(&self.prefix, delta, finish, out);
     }
 
     /// Translates what `data` completes into `out`; an `error` event is an error.

@@ -212,6 +212,24 @@ pub async fn prepare(
     Ok(Prepared::Send(buffered(translated), Some(pending)))
 }
 
+/// One `chat.completion.chunk` event: `prefix` (`data: {"id":…,"choices":[`),
+/// the choice with the delta made of `delta`'s pieces, its `finish_reason`.
+fn write_chunk(prefix: &[u8], delta: &[&[u8]], finish: Option<&str>, out: &mut Vec<u8>) {
+    out.extend_from_slice(prefix);
+    out.extend_from_slice(b"{\"index\":0,\"delta\":");
+    for part in delta {
+        out.extend_from_slice(part);
+    }
+    match finish {
+        Some(reason) => {
+            out.extend_from_slice(b",\"finish_reason\":\"");
+            out.extend_from_slice(reason.as_bytes());
+            out.extend_from_slice(b"\"}]}\n\n");
+        }
+        None => out.extend_from_slice(b",\"finish_reason\":null}]}\n\n"),
+    }
+}
+
 /// `GET /v1/models` or `/v1/models/{id}`.
 fn is_models(path: &str) -> bool {
     path == "/v1/models" || path.starts_with("/v1/models/")
