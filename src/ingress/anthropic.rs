@@ -13,7 +13,8 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
-use super::chunk::{self, Chunk, decimal};
+use super::chunk::{self, Chunk};
+use crate::stream::decimal;
 
 fn text_blocks(content: &Value) -> String {
     match content {

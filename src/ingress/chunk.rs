@@ -134,8 +134,3 @@ pub fn text(content: Option<&RawValue>) -> Option<&RawValue> {
 pub fn raw(value: Option<&RawValue>) -> &[u8] {
     value.map_or(b"null", |v| v.get().as_bytes())
 }
-
-/// `n` in decimal, written into `buffer`.
-pub fn decimal(n: u64, buffer: &mut [u8; 20]) -> &[u8] {
-    crate::telemetry::access_line::decimal(n, buffer)
-}

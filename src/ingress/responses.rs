@@ -376,11 +376,11 @@ fn delta_event(
         b"\ndata: {\"type\":\"",
         kind.as_bytes(),
         b"\",\"sequence_number\":",
-        chunk::decimal(*sequence, &mut number),
+        crate::stream::decimal(*sequence, &mut number),
         b",\"item_id\":",
         item_id,
         b",\"output_index\":",
-        chunk::decimal(output_index as u64, &mut index),
+        crate::stream::decimal(output_index as u64, &mut index),
         if text {
             b",\"content_index\":0,\"delta\":"
         } else {

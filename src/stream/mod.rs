@@ -15,12 +15,28 @@
 //!   front of the rest of a body.
 //!
 //! Server-sent-event parsing, when a feature needs to read a stream (usage
-//! accounting), belongs here too, as an observer.
+//! accounting), belongs here too, as an observer; so does [`decimal`], the
+//! number writer of every hand-written wire format (log lines, request
+//! heads, translated events).
 
 pub mod lines;
 mod observe;
 mod replay;
 mod timeouts;
+
+/// `n`'s decimal digits, written into the end of `buf` (no `fmt`).
+pub fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    &buf[i..]
+}
 
 pub use observe::{Hold, Observed, Observer};
 pub use replay::Replay;

@@ -168,21 +168,7 @@ fn json_quoted(out: &mut Vec<u8>, text: &str) {
 }
 
 fn number(out: &mut Vec<u8>, n: u64) {
-    out.extend_from_slice(decimal(n, &mut [0; 20]));
-}
-
-/// `n`'s decimal digits, written into the end of `buf` (no `fmt`).
-pub(crate) fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    &buf[i..]
+    out.extend_from_slice(crate::stream::decimal(n, &mut [0; 20]));
 }
 
 /// `n` in at least `width` digits.

@@ -98,7 +98,7 @@ impl StackText {
     }
 
     fn number(&mut self, n: u64) {
-        self.push(access_line::decimal(n, &mut [0; 20]));
+        self.push(crate::stream::decimal(n, &mut [0; 20]));
     }
 
     /// Milliseconds with up to three decimals, trailing zeros dropped:

@@ -418,7 +418,7 @@ fn is_closed_before_answer(error: &H1Error) -> bool {
 }
 
 fn push_decimal(out: &mut Vec<u8>, n: u64) {
-    out.extend_from_slice(crate::telemetry::access_line::decimal(n, &mut [0; 20]));
+    out.extend_from_slice(crate::stream::decimal(n, &mut [0; 20]));
 }
 
 fn push_hex(out: &mut Vec<u8>, mut n: u64) {

@@ -480,7 +480,7 @@ impl Usage {
 }
 
 fn number(n: u64, out: &mut Vec<u8>) {
-    out.extend_from_slice(crate::telemetry::access_line::decimal(n, &mut [0; 20]));
+    out.extend_from_slice(crate::stream::decimal(n, &mut [0; 20]));
 }
 
 /// A JSON value as it was in the upstream's bytes (`null` when absent).
@@ -777,7 +777,7 @@ impl StreamTranslator {
             Fast::Text(text) => self.chunk(&[b"{\"content\":", text, b"}"], None, out),
             Fast::Arguments(block, partial) => {
                 let mut digits = [0; 20];
-                let index = crate::telemetry::access_line::decimal(self.tool(block), &mut digits);
+                let index = crate::stream::decimal(self.tool(block), &mut digits);
                 self.chunk(
                     &[
                         b"{\"tool_calls\":[{\"index\":",
@@ -851,8 +851,7 @@ impl StreamTranslator {
                     let index = self.next_tool;
                     self.next_tool += 1;
                     self.tool_index.push((event.index.unwrap_or(0), index));
-                    let index =
-                        crate::telemetry::access_line::decimal(index, &mut [0; 20]).to_vec();
+                    let index = crate::stream::decimal(index, &mut [0; 20]).to_vec();
                     self.chunk(
                         &[
                             b"{\"tool_calls\":[{\"index\":",

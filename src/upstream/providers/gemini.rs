@@ -456,10 +456,7 @@ impl StreamTranslator {
         let mut prefix = b"data: {\"id\":".to_vec();
         let _ = serde_json::to_writer(&mut prefix, &self.id);
         prefix.extend_from_slice(b",\"object\":\"chat.completion.chunk\",\"created\":");
-        prefix.extend_from_slice(crate::telemetry::access_line::decimal(
-            self.created,
-            &mut [0; 20],
-        ));
+        prefix.extend_from_slice(crate::stream::decimal(self.created, &mut [0; 20]));
         prefix.extend_from_slice(b",\"model\":");
         let _ = serde_json::to_writer(&mut prefix, &self.model);
         prefix.extend_from_slice(b",\"choices\":[");
