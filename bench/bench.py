@@ -425,12 +425,22 @@ http {{
             r["b"] = self.measured(server, lambda: self.wrk(port, "wrk_chat.lua", 1, a.seconds))
         finally:
             server.stop()
+        # (c): a difference of a tenth of a millisecond is below this VM's
+        # run-to-run noise, so both proxies serve at once and the probe
+        # alternates between them, round by round; medians are compared.
+        plain, plain_port = self.start("llmproxy")
         server, port = self.start(TRANSLATED)
+        rounds = {"llmproxy": [], TRANSLATED: []}
         try:
-            print(f"[{TRANSLATED}] (c) streams, 50 chunks 20 ms apart, translated", flush=True)
-            r["c"] = self.probe(port, streams=a.streams, concurrency=50, chunks=50, delay_ms=20)
+            for i in range(a.rounds):
+                print(f"[{TRANSLATED}] (c) round {i + 1}/{a.rounds}: pass-through, then translated", flush=True)
+                for name, at in (("llmproxy", plain_port), (TRANSLATED, port)):
+                    rounds[name].append(self.probe(at, streams=a.round_streams, concurrency=50, chunks=50,
+                                                   delay_ms=20))
         finally:
+            plain.stop()
             server.stop()
+        r["c_rounds"] = rounds
 
     def measured(self, server, run):
         """Runs a wrk scenario and adds the server's CPU per request and how
@@ -582,11 +592,24 @@ def translated_table(results, args):
     row("(a) errors", str, lambda r: r["a"]["errors"] + r["a"]["status_errors"])
     row("(b) server CPU µs/request", lambda v: f"{v:.1f}", lambda r: r["b"]["cpu_us"])
     row("(b) latency ms, 1 conn (mean)", ms, lambda r: r["b"]["mean_us"])
-    for q in ("p50", "p99", "max"):
-        row(f"(c) chunk delay {q} ms", ms, lambda r, q=q: r["c"]["chunk_delay_us"][q],
-            (lambda mine, tr: judge(tr - mine <= 100) + " (+ ≤ 0.1 ms)") if q != "max" else None)
-    row("(c) chunks timed", str, lambda r: r["c"]["chunk_delay_us"]["count"])
-    row("(c) stream errors", str, lambda r: r["c"]["errors"])
+    rounds = t["c_rounds"]
+    n = len(rounds["llmproxy"])
+
+    def crow(label, fmt, value, verdict=None):
+        mine, translated = value(rounds["llmproxy"]), value(rounds[TRANSLATED])
+        ratio_text = f"{translated / mine:.2f}×" if isinstance(mine, (int, float)) and mine else "–"
+        rows.append([label, fmt(mine), fmt(translated), ratio_text, verdict(mine, translated) if verdict else ""])
+
+    median = lambda values: sorted(values)[len(values) // 2]
+    for q in ("p50", "p99"):
+        crow(f"(c) chunk delay {q} ms, median of {n} interleaved rounds", ms,
+             lambda rs, q=q: median([x["chunk_delay_us"][q] for x in rs]),
+             lambda mine, tr: judge(tr - mine <= 100) + " (+ ≤ 0.1 ms)")
+        crow(f"(c) chunk delay {q} ms, each round", lambda v: v, lambda rs, q=q: " / ".join(
+            ms(x["chunk_delay_us"][q]) for x in rs))
+    crow("(c) chunk delay max ms", ms, lambda rs: max(x["chunk_delay_us"]["max"] for x in rs))
+    crow("(c) chunks timed", str, lambda rs: sum(x["chunk_delay_us"]["count"] for x in rs))
+    crow("(c) stream errors", str, lambda rs: sum(x["errors"] for x in rs))
     head = ["metric", "llmproxy (pass-through)", "llmproxy provider: anthropic", "translated/pass-through", "target"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
@@ -622,9 +645,11 @@ def main():
     args = parser.parse_args()
     if args.smoke:
         args.seconds, args.warmup, args.streams = 1, 1, 20
+        args.rounds, args.round_streams = 1, 20
         args.held, args.held_chunks, args.held_delay_ms, args.ramp = 200, 3, 200, 2000
     else:
         args.seconds, args.warmup, args.streams = 10, 3, 500
+        args.rounds, args.round_streams = 5, 300
         args.held, args.held_chunks, args.held_delay_ms, args.ramp = 10_000, 15, 1000, 2500
     out = Path(args.out) if args.out else (ROOT / "target/bench" if args.smoke else BENCH)
     out.mkdir(parents=True, exist_ok=True)
@@ -703,9 +728,12 @@ request is translated from Chat Completions into Anthropic's Messages API
 and each answer back. (a) and (b): the static upstream answers
 `/v1/messages` with the mock's own Anthropic answer; (c): the mock streams
 Anthropic's events, its words stamped with their send time, so a chunk's
-delay includes its translation. Targets: CPU per request ≤ 2× pass-through,
-and translation adding ≤ 0.1 ms to a chunk (the translated chunk delay
-minus the pass-through one, at p50 and p99).
+delay includes its translation; a tenth of a millisecond is below this VM's
+run-to-run noise, so a pass-through and a translating llmproxy serve at
+once (both on core 0) and the probe alternates between them, round by
+round, and the rounds' medians are compared. Targets: CPU per request ≤ 2×
+pass-through, and translation adding ≤ 0.1 ms to a chunk (the translated
+median minus the pass-through one, at p50 and p99).
 
 {translated}
 """
