@@ -352,6 +352,13 @@ enum Item {
     },
 }
 
+/// A borrowed value as a tree (`null` when absent): for the few fields
+/// kept across a stream's events (ids, names, the model).
+fn decode(raw: Option<&RawValue>) -> Value {
+    raw.and_then(|r| serde_json::from_str(r.get()).ok())
+        .unwrap_or(Value::Null)
+}
+
 /// A JSON string token's text.
 fn decoded(token: &RawValue) -> Result<std::borrow::Cow<'_, str>, String> {
     serde_json::from_str(token.get())
@@ -506,10 +513,6 @@ impl StreamTranslator {
         }
         if !self.started {
             self.started = true;
-            let decode = |raw: Option<&RawValue>| {
-                raw.and_then(|r| serde_json::from_str::<Value>(r.get()).ok())
-                    .unwrap_or(Value::Null)
-            };
             self.id = response_id(&decode(chunk.id));
             self.model = decode(chunk.model);
             self.created = decode(chunk.created);
@@ -597,10 +600,6 @@ impl StreamTranslator {
         let function = call.function.as_ref();
         if !matches!(&self.open, Some(Item::Call { index: open, .. }) if *open == index) {
             self.close(out);
-            let decode = |raw: Option<&RawValue>| {
-                raw.and_then(|r| serde_json::from_str::<Value>(r.get()).ok())
-                    .unwrap_or(Value::Null)
-            };
             let call_id = decode(call.id);
             let name = decode(function.and_then(|f| f.name));
             let item = call_item(&call_id, &name, "", "in_progress");
